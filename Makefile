@@ -1,0 +1,40 @@
+# One command per job on a fresh machine: `make test` builds its own virtual environment, installs the package,
+# prepares the data and runs every check. Variables can be overridden: `make test VENV=/opt/venv`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED_CIFAR ?= ../shared/data/cifar10
+export ADAAD_DATA ?= $(CURDIR)/data
+export PYTHONHASHSEED := 0
+
+.PHONY: install data check-nbdev nbtest pytest test test-slow
+
+$(BIN)/.installed: settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+install: $(BIN)/.installed
+
+# CIFAR-10: the standard folder under $ADAAD_DATA; on the offline build machines it is rebuilt from ../shared.
+data: install
+	@if [ -d "$(ADAAD_DATA)/cifar-10-batches-py" ]; then echo "data: $(ADAAD_DATA)/cifar-10-batches-py"; \
+	elif [ -f "$(SHARED_CIFAR)/build_cifar10.py" ]; then $(BIN)/python $(SHARED_CIFAR)/build_cifar10.py "$(ADAAD_DATA)" >/dev/null && echo "data: rebuilt from $(SHARED_CIFAR)"; \
+	else echo "data: no CIFAR-10 under $(ADAAD_DATA) and no $(SHARED_CIFAR): data-dependent tests will be skipped"; fi
+
+check-nbdev: install
+	bash tools/check_nbdev.sh $(BIN)
+
+nbtest: install data
+	cd nbs && ../$(BIN)/nbdev_test --n_workers 2 --path .
+
+pytest: install data
+	$(BIN)/python -m pytest
+
+test: check-nbdev nbtest pytest
+
+test-slow: install data
+	$(BIN)/python -m pytest -m slow

@@ -1,0 +1,54 @@
+"Shared fixtures: the CIFAR-10 folder (skipped with a reason where absent) and a small naturally trained model."
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    "A run in which no test passed is a failure, not a success (e.g. everything skipped)."
+    rep = session.config.pluginmanager.get_plugin('terminalreporter')
+    if rep is not None and exitstatus == 0 and not rep.stats.get('passed'):
+        session.exitstatus = 5
+
+
+@pytest.fixture(scope='session')
+def data_root():
+    "The folder that holds `cifar-10-batches-py` ($ADAAD_DATA, else ./data); skip where it is absent."
+    root = Path(os.environ.get('ADAAD_DATA', ROOT / 'data'))
+    if not (root / 'cifar-10-batches-py').is_dir():
+        pytest.skip(f'no CIFAR-10 under {root}: run `make data` (rebuilds it from ../shared/data/cifar10)')
+    return root
+
+
+@pytest.fixture(scope='session')
+def cifar_test(data_root):
+    "The first 1,000 CIFAR-10 test images (byte-exact in the shared rebuild), on the CPU."
+    from adaad.data import load_cifar, first_n
+    return first_n(load_cifar('cifar10', 'test', root=data_root, device='cpu'), 1000)
+
+
+@pytest.fixture(scope='session')
+def cifar_train(data_root):
+    from adaad.data import load_cifar
+    return load_cifar('cifar10', 'train', root=data_root, device='cpu')
+
+
+@pytest.fixture(scope='session')
+def natural_model(cifar_train):
+    "A small WideResNet (wrn-10-2) trained naturally for about a minute on 5,000 training images."
+    from adaad.data import balanced_subset, batches
+    from adaad.models import create_model
+    torch.manual_seed(0)
+    model = create_model('wrn-10-2', num_classes=10)
+    sub = balanced_subset(cifar_train, 5000, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    model.train()
+    for epoch in range(6):
+        for xb, yb in batches(sub, 128, shuffle=True, augment=epoch > 1, seed=0, epoch=epoch):
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    return model.eval()
