@@ -109,9 +109,11 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, cifar_train):
 @pytest.mark.slow
 def test_pgd_at_teacher_is_more_robust_than_natural(tmp_path, cifar_train, cifar_test):
     "A few CPU minutes of PGD-AT give measurably higher PGD-10 accuracy than natural training of the same net."
-    tr = balanced_subset(cifar_train, 5000, seed=0); va = first_n(cifar_test, 500)
+    tr = balanced_subset(cifar_train, 2000, seed=0); va = first_n(cifar_test, 300)
     res = {}
     for m in ('natural', 'pgd-at'):
-        cfg = TrainConfig(method=m, student='wrn-10-2', epochs=8, batch_size=128, lr=0.05, milestones=(6,), steps=3, step_size=3 / 255, val_n=500, val_every=8)
+        cfg = TrainConfig(method=m, student='wrn-10-2', epochs=6, batch_size=64, lr=0.05, milestones=(5,), steps=2,
+                          step_size=5 / 255, val_n=300, val_every=6)
         res[m] = validate(train(cfg, out_dir=tmp_path / m, device='cpu', progress=False, data=(tr, va))['model'], va)
+    # measured once (2 shared CPU cores): natural 39.0% clean / 6.3% PGD-10, PGD-AT 33.3% / 24.3%
     assert res['pgd-at'][1] > res['natural'][1] + 10, res
