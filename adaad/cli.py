@@ -136,3 +136,7 @@ def main(argv=None):
             print(json.dumps(r.row()))
     except (ValueError, FileNotFoundError) as e:
         print(f'adaad {a.cmd}: error: {e}', file=sys.stderr); sys.exit(2)
+
+# %% ../nbs/08_cli.ipynb #829c1736
+#| eval: false
+if __name__ == '__main__': main()
