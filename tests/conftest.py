@@ -15,6 +15,14 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 5
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    "Tiny models gain nothing from intra-op threads, and lose a lot when another process holds a core."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='session')
 def data_root():
     "The folder that holds `cifar-10-batches-py` ($ADAAD_DATA, else ./data); skip where it is absent."

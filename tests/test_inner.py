@@ -13,12 +13,7 @@ from adaad.inner import (INNERS, TEACHER_INNERS, adaad_inner, adaad_objective, a
 EPS = 8 / 255
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny models gain nothing from intra-op threads, and lose a lot when another process holds a core."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny(c=10, seed=0):

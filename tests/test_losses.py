@@ -8,12 +8,7 @@ from adaad.losses import (adaad_loss, adaad_reduction, adaiad_loss, akd_chen_los
                           introspection_term, kl, mmard_loss, pgd_at_loss, reliability_weights, rslad_loss, trades_loss,
                           triangle_term)
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny models gain nothing from intra-op threads, and lose a lot when another process holds a core."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ---- hand references: lists of floats, no torch ----

@@ -12,12 +12,7 @@ from adaad.methods import (ALIASES, METHODS, Logits, Method, get_method, known_m
                            training_loss)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny models gain nothing from intra-op threads, and lose a lot when another process holds a core."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny(c=10, seed=0):
