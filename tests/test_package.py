@@ -1,0 +1,45 @@
+"The package: importable without the notebook tooling, buildable as a wheel, every module exported from a notebook."
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = '''
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in {"nbdev", "jupyter", "jupyter_client", "ipykernel", "IPython", "papermill", "execnb", "matplotlib", "seaborn"}:
+            raise ImportError("blocked for this test: " + name)
+sys.meta_path.insert(0, Block())
+import adaad, adaad.data, adaad.models, adaad.attacks, adaad.evaluate, adaad.inner, adaad.losses, adaad.methods, adaad.train, adaad.cli
+print(adaad.__version__)
+'''
+
+
+def test_import_needs_no_notebook_tooling():
+    out = subprocess.run([sys.executable, '-c', BLOCK], capture_output=True, text=True, cwd='/')
+    assert out.returncode == 0, out.stderr
+
+
+def test_every_module_comes_from_a_notebook():
+    for f in (ROOT / 'adaad').glob('*.py'):
+        if f.name in ('__init__.py', '_modidx.py'): continue
+        head = f.read_text().splitlines()[:4]
+        src = next((l.split('File to edit: ')[1].rstrip('.') for l in head if 'File to edit:' in l), None)
+        assert src and (ROOT / 'adaad' / src).resolve().is_file(), f'{f.name} is not exported from a notebook'
+
+
+def test_wheel_builds(tmp_path):
+    out = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(tmp_path), str(ROOT)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    whl = next(tmp_path.glob('adaad-*.whl'))
+    names = zipfile.ZipFile(whl).namelist()
+    assert {'adaad/train.py', 'adaad/attacks.py'} <= set(names)
+    meta = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith('METADATA'))).decode()
+    reqs = [l for l in meta.splitlines() if l.startswith('Requires-Dist:')]
+    assert any('pyautoattack' in r and 'extra' not in r for r in reqs)
+    assert all('extra == "dev"' in r for r in reqs if any(t in r for t in ('nbdev', 'papermill', 'jupyter', 'matplotlib')))
+    ep = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith('entry_points.txt'))).decode()
+    assert 'adaad = adaad.cli:main' in ep
