@@ -20,7 +20,7 @@ from .models import atomic_save, create_model, extract_state_dict, read_checkpoi
 from .attacks import pgd
 from . import methods as M
 
-# %% ../nbs/07_train.ipynb #093d3878
+# %% ../nbs/07_train.ipynb #4ff22d41
 @dataclass
 class TrainConfig:
     "Every setting of a training run; `None` means the method's official default."
@@ -63,6 +63,13 @@ class TrainConfig:
         if self.eps is not None and not (0 < self.eps <= 1): raise ValueError(f'eps must be in (0, 1], got {self.eps!r}')
         if self.step_size is not None and not self.step_size > 0: raise ValueError(f'step_size must be > 0, got {self.step_size!r}')
         if not self.lr > 0: raise ValueError(f'lr must be > 0, got {self.lr!r}')
+        if not 0 <= self.momentum < 1: raise ValueError(f'momentum must be in [0, 1), got {self.momentum!r}')
+        if not (isinstance(self.save_every, int) and self.save_every >= 0): raise ValueError(f'save_every must be an int >= 0 (0: epoch ends only), got {self.save_every!r}')
+        if self.milestones is not None and not (isinstance(self.milestones, (list, tuple)) and all(isinstance(m, int) and m >= 1 for m in self.milestones)):
+            raise ValueError(f'milestones must be a list of epochs (ints >= 1), got {self.milestones!r}')
+        try:
+            with torch.device('meta'): create_model(self.student, 10)
+        except ValueError as e: raise ValueError(f'student: {e}') from None
         if self.weight_decay is not None and self.weight_decay < 0: raise ValueError(f'weight_decay must be >= 0, got {self.weight_decay!r}')
         if self.val_source not in ('holdout', 'test'): raise ValueError(f"val_source must be 'holdout' or 'test', got {self.val_source!r}")
         if self.dataset not in ('cifar10', 'cifar100'): raise ValueError(f"dataset must be 'cifar10' or 'cifar100', got {self.dataset!r}")
@@ -203,7 +210,7 @@ def dist_info():
     if world > 1: return dist.get_rank(), world, int(os.environ.get('LOCAL_RANK', 0))
     return 0, 1, 0
 
-# %% ../nbs/07_train.ipynb #0099fd9a
+# %% ../nbs/07_train.ipynb #0211d16b
 def _log(path, row):
     with open(path, 'a') as f: f.write(json.dumps(row) + '\n')
 
@@ -217,6 +224,10 @@ def train(cfg, teacher=None, out_dir='runs/run', device=None, time_limit=None, p
     """Train a student with `cfg` (resuming from `out_dir/last.pt` if present); returns a summary dict.
     `time_limit` (seconds) checkpoints and returns early with status 'paused'; run again to continue."""
     cfg = resolve(cfg)
+    if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
+        raise ValueError(f'time_limit must be a number of seconds > 0 (or None), got {time_limit!r}')
+    if data is not None and not (isinstance(data, (tuple, list)) and len(data) == 2 and all(hasattr(d, 'x') and hasattr(d, 'y') for d in data)):
+        raise ValueError(f'data must be a pair (train split, validation split) of CifarSplit-like objects, got {type(data).__name__}')
     meth = M.get_method(cfg.method)
     if meth.needs_teacher and teacher is None: raise ValueError(f'method {cfg.method!r} needs a teacher; pass teacher=')
     rank, world, local = dist_info()

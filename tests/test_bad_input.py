@@ -1,0 +1,260 @@
+"""Bad input: every public entry point, tried with invalid values, answers with an error that names the parameter and
+what it accepts. Hypothesis covers the large input spaces (budgets, step counts, shapes, ranges)."""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from adaad.attacks import autoattack, cw_l2, fgsm, pgd, square
+from adaad.evaluate import evaluate, resolve_suite, wilson_ci
+from adaad.models import atomic_save, create_model, load_model
+from adaad.train import TrainConfig, train
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def toy(n=4, c=10):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, c, 4, 4, generator=g)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, c))
+    return model.eval(), x, x.mean((2, 3)).argmax(1)
+
+
+MODEL, X, Y = toy()
+BAD_EPS = st.one_of(st.floats(max_value=0., allow_nan=False), st.floats(min_value=1., exclude_min=True),
+                    st.just(float('nan')))
+EPS_MSG = r'eps must be in \(0, 1\]'
+
+
+# ---- attacks ----------------------------------------------------------------------------------------------------------
+@SETTINGS
+@given(eps=BAD_EPS, attack=st.sampled_from([fgsm, pgd]))
+def test_attack_eps_outside_unit_interval(eps, attack):
+    with pytest.raises(ValueError, match=EPS_MSG): attack(MODEL, X, Y, eps=eps)
+
+
+@SETTINGS
+@given(steps=st.integers(max_value=0))
+def test_pgd_and_cw_steps_below_one(steps):
+    with pytest.raises(ValueError, match=r'steps must be an integer >= 1'): pgd(MODEL, X, Y, steps=steps)
+    with pytest.raises(ValueError, match=r'steps must be an integer >= 1'): cw_l2(MODEL, X, Y, steps=steps)
+
+
+@pytest.mark.parametrize('steps', [2.5, '10', True])
+def test_pgd_steps_not_an_integer(steps):
+    with pytest.raises(TypeError, match=r'steps must be an integer >= 1'): pgd(MODEL, X, Y, steps=steps)
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 4), min_size=0, max_size=6).filter(lambda s: len(s) != 4))
+def test_images_of_the_wrong_rank(shape):
+    with pytest.raises(ValueError, match=r'x must be a 4-D tensor \(N, C, H, W\), got shape'):
+        fgsm(MODEL, torch.rand(shape), Y)
+
+
+@SETTINGS
+@given(lo=st.floats(-10, -1e-3), hi=st.floats(1.001, 10), which=st.booleans())
+def test_images_out_of_range(lo, hi, which):
+    x = X.clone(); x[0, 0, 0, 0] = lo if which else hi
+    with pytest.raises(ValueError, match=r'x must be in \[0, 1\], got values in'): pgd(MODEL, x, Y)
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), -float('inf')])
+def test_non_finite_images(value):
+    x = X.clone(); x[1, 2, 3, 0] = value
+    with pytest.raises(ValueError, match=r'x must be finite, got 1 NaN/inf values'): fgsm(MODEL, x, Y)
+    with pytest.raises(ValueError, match=r'x must be finite'): evaluate(MODEL, x, Y, progress=False)
+
+
+def test_uint8_images_to_an_attack_say_how_to_convert():
+    with pytest.raises(TypeError, match=r'x must be a floating-point tensor.*x\.float\(\) / 255'):
+        pgd(MODEL, (X * 255).to(torch.uint8), Y)
+
+
+@pytest.mark.parametrize('y,err,msg', [
+    (torch.tensor([0, 1]), ValueError, r'y must have shape \(N,\) = \(4,\) to match x'),
+    (torch.tensor([0., 1., 2., 3.]), TypeError, r'y must be an integer tensor'),
+    (torch.tensor([0, -1, 2, 3]), ValueError, r'y must hold class indices >= 0'),
+    ([0, 1, 2, 3], TypeError, r'y must be an integer torch\.Tensor')])
+def test_bad_labels(y, err, msg):
+    with pytest.raises(err, match=msg): pgd(MODEL, X, y)
+
+
+def test_labels_beyond_the_model_classes():
+    with pytest.raises(ValueError, match=r'y must hold class indices in \[0, 10\)|classes'): pgd(MODEL, X, torch.tensor([0, 1, 2, 10]))
+
+
+@pytest.mark.parametrize('kw,msg', [(dict(alpha=0.), r'alpha must be a finite number > 0'),
+                                    (dict(alpha=-1 / 255), r'alpha must be a finite number > 0'),
+                                    (dict(restarts=0), r'restarts must be an integer >= 1'),
+                                    (dict(loss='mse'), r'loss'),
+                                    (dict(seed=-1), r'seed must be an integer >= 0')])
+def test_bad_pgd_options(kw, msg):
+    with pytest.raises((ValueError, TypeError), match=msg): pgd(MODEL, X, Y, **kw)
+
+
+@pytest.mark.parametrize('fn,kw,msg', [
+    (autoattack, dict(version='fast'), r"version must be one of \['standard', 'plus', 'rand', 'custom'\], got 'fast'"),
+    (autoattack, dict(version='custom', attacks=['pgd']), r'attacks must be a non-empty list drawn from'),
+    (autoattack, dict(attacks=['apgd-ce']), r"attacks must be a list drawn from .* exactly when version='custom'"),
+    (square, dict(n_queries=0), r'n_queries must be an integer >= 1'),
+    (cw_l2, dict(c=-0.1), r'c must be a finite number > 0'),
+    (cw_l2, dict(kappa=-1.), r'kappa must be a finite number >= 0')])
+def test_bad_attack_options(fn, kw, msg):
+    with pytest.raises(ValueError, match=msg): fn(MODEL, X, Y, **kw)
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('kw,err,msg', [
+    (dict(suite='fast'), ValueError, r"suite must be one of \['paper', 'quick'\]"),
+    (dict(suite=['clean', 'pgd7']), ValueError, r"unknown attack 'pgd7': accepted names are"),
+    (dict(suite=[]), ValueError, r'suite must be one of .* or a non-empty list'),
+    (dict(suite=['clean', 'clean']), ValueError, r'must not name an attack twice'),
+    (dict(batch_size=0), ValueError, r'batch_size must be an integer >= 1, got 0'),
+    (dict(seed=-3), ValueError, r'seed must be an integer >= 0'),
+    (dict(suite='quick', cw2=dict(steps=1)), ValueError, r'overrides name attacks not in the suite'),
+    (dict(suite='quick', pgd10=5), TypeError, r'override pgd10 must be a dict')])
+def test_bad_evaluate_options(kw, err, msg):
+    with pytest.raises(err, match=msg): evaluate(MODEL, X, Y, progress=False, **kw)
+
+
+@SETTINGS
+@given(eps=BAD_EPS)
+def test_evaluate_eps_outside_unit_interval(eps):
+    with pytest.raises(ValueError, match=EPS_MSG): resolve_suite('paper', eps=eps)
+
+
+def test_bad_confidence_interval_counts():
+    with pytest.raises(ValueError, match=r'k must be in \[0, n\] = \[0, 5\], got 6'): wilson_ci(6, 5)
+    with pytest.raises(ValueError, match=r'n must be an integer >= 1, got 0'): wilson_ci(0, 0)
+
+
+# ---- models and checkpoints ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('name', ['resnet50', 'wrn-34', 'vit', ''])
+def test_unknown_model_name_lists_the_known_ones(name):
+    with pytest.raises(ValueError, match=r"unknown model name .*; known: mobilenetv2, preact_resnet18, resnet18, wrn-D-W"):
+        create_model(name)
+
+
+@SETTINGS
+@given(n=st.one_of(st.integers(max_value=1), st.floats(allow_nan=False), st.text(max_size=3)))
+def test_bad_class_counts(n):
+    with pytest.raises(ValueError, match=r'num_classes must be an int >= 2'): create_model('wrn-10-1', n)
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    atomic_save(create_model('wrn-10-1').state_dict(), tmp_path / 'w.pt')
+    with pytest.raises(ValueError, match=r"checkpoint w\.pt does not fit model 'mobilenetv2'"): load_model('mobilenetv2', tmp_path / 'w.pt')
+    with pytest.raises(ValueError, match=r"does not fit model 'wrn-10-1'.*shape mismatches.*\[100, 64\] vs model"):
+        atomic_save(create_model('wrn-10-1', 100).state_dict(), tmp_path / 'c100.pt'); load_model('wrn-10-1', tmp_path / 'c100.pt')
+
+
+def test_missing_checkpoint_and_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'checkpoint not found: .*nope\.pt'): load_model('wrn-10-1', tmp_path / 'nope.pt')
+    (tmp_path / 'text.pt').write_text('hello')
+    with pytest.raises(ValueError, match=r'refusing to load .*text\.pt'): load_model('wrn-10-1', tmp_path / 'text.pt')
+
+
+# ---- data -------------------------------------------------------------------------------------------------------------
+def test_unknown_dataset_and_split(tmp_path):
+    from adaad.data import load_cifar
+    with pytest.raises(ValueError, match=r"mnist"): load_cifar('mnist', 'train', root=tmp_path)
+    with pytest.raises(ValueError, match=r"valid"): load_cifar('cifar10', 'valid', root=tmp_path)
+
+
+def test_empty_and_wrong_data_root(tmp_path):
+    from adaad.data import load_cifar
+    with pytest.raises(FileNotFoundError, match=r'cifar-10-batches-py'): load_cifar('cifar10', 'test', root=tmp_path)
+    (tmp_path / 'cifar-10-batches-py').mkdir()
+    with pytest.raises(FileNotFoundError, match=r'is incomplete: missing \[.test_batch.\]'): load_cifar('cifar10', 'test', root=tmp_path)
+    (tmp_path / 'cifar-10-batches-py' / 'test_batch').write_bytes(b'not a pickle')
+    with pytest.raises(ValueError, match=r'corrupt CIFAR file .*test_batch'): load_cifar('cifar10', 'test', root=tmp_path)
+
+
+# ---- training ---------------------------------------------------------------------------------------------------------
+@SETTINGS
+@given(eps=BAD_EPS)
+def test_train_config_eps(eps):
+    with pytest.raises(ValueError, match=EPS_MSG): TrainConfig(eps=eps).validate()
+
+
+@pytest.mark.parametrize('field,value,msg', [
+    ('method', 'adaad2', r"method must be one of \[.*'adaad'.*\], got 'adaad2'"),
+    ('student', 'resnet19', r"student: unknown model name 'resnet19'; known:"),
+    ('dataset', 'svhn', r"dataset must be 'cifar10' or 'cifar100', got 'svhn'"),
+    ('lr', 0., r'lr must be > 0, got 0'), ('lr', float('nan'), r'lr must be > 0'),
+    ('weight_decay', -1e-4, r'weight_decay must be >= 0'),
+    ('epochs', 0, r'epochs must be an int >= 1, got 0'), ('steps', -2, r'steps must be an int >= 1'),
+    ('batch_size', 2.5, r'batch_size must be an int >= 1'), ('val_n', 0, r'val_n must be an int >= 1'),
+    ('step_size', 0., r'step_size must be > 0'), ('save_every', -1, r'save_every must be an int >= 0 .*, got -1'),
+    ('momentum', -0.5, r'momentum must be in \[0, 1\)'), ('milestones', (0, 'x'), r'milestones must be'),
+    ('val_source', 'train', r"val_source must be 'holdout' or 'test'")])
+def test_bad_train_config(field, value, msg):
+    with pytest.raises(ValueError, match=msg): TrainConfig(**{field: value}).validate()
+
+
+def _split(n, classes=10):
+    from adaad.data import CifarSplit
+    return CifarSplit(torch.zeros(n, 3, 32, 32, dtype=torch.uint8), torch.arange(n) % classes, classes)
+
+
+def test_teacher_with_other_class_count_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"teacher has 100 classes but dataset 'cifar10' has 10"):
+        train(TrainConfig(method='adaad', student='wrn-10-1', epochs=1), teacher=create_model('wrn-10-1', 100),
+              out_dir=tmp_path, device='cpu', progress=False, data=(_split(8), _split(8)))
+
+
+def test_train_time_limit_and_data(tmp_path):
+    cfg = TrainConfig(method='natural', student='wrn-10-1', epochs=1)
+    with pytest.raises(ValueError, match=r'time_limit must be a number of seconds > 0 .*, got -5'):
+        train(cfg, out_dir=tmp_path, device='cpu', progress=False, data=(_split(8), _split(8)), time_limit=-5)
+    with pytest.raises(ValueError, match=r'data must be a pair \(train split, validation split\)'):
+        train(cfg, out_dir=tmp_path, device='cpu', progress=False, data=_split(8))
+
+
+def test_empty_data_root_for_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'cifar-10-batches-py'):
+        train(TrainConfig(method='natural', student='wrn-10-1', epochs=1, data_root=str(tmp_path)), out_dir=tmp_path / 'r',
+              device='cpu', progress=False)
+
+
+# ---- command line -----------------------------------------------------------------------------------------------------
+def _cli(args, capsys):
+    from adaad.cli import main
+    with pytest.raises(SystemExit) as e: main(args)
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize('args,msg', [
+    (['train', '--eps=-8/255'], r'--eps: .*must be in \(0, 1\]'),
+    (['train', '--eps', '1/0'], r'--eps: .*not a number or fraction'),
+    (['train', '--step-size', '2'], r'--step-size: .*must be in \(0, 1\]'),
+    (['train', '--batch-size', '0'], r'--batch-size: .*must be >= 1'),
+    (['train', '--epochs', 'ten'], r'--epochs: .*not an integer'),
+    (['train', '--dataset', 'mnist'], r"--dataset: invalid choice: 'mnist'"),
+    (['train', '--val-source', 'x'], r"--val-source: invalid choice"),
+    (['eval', '--ckpt', 'x.pt', '--arch', 'resnet18', '--n', '0'], r'--n: .*must be >= 1'),
+    (['eval', '--ckpt', 'x.pt', '--arch', 'resnet18', '--eps', '300/255'], r'--eps: .*must be in \(0, 1\]'),
+    (['teacher', '--arch', 'resnet18', '--method', 'natural'], r"--method for a teacher must be 'pgd-at' or 'trades'")])
+def test_cli_refuses_bad_options_by_name(args, msg, capsys):
+    code, err = _cli(args, capsys)
+    assert code == 2 and re.search(msg, err), err
+
+
+def test_cli_errors_from_the_library_name_the_parameter(tmp_path, capsys):
+    atomic_save(create_model('wrn-10-1').state_dict(), tmp_path / 'w.pt')
+    code, err = _cli(['eval', '--ckpt', str(tmp_path / 'w.pt'), '--arch', 'wrn-10-2', '--data-root', str(tmp_path)], capsys)
+    assert code == 2 and "does not fit model 'wrn-10-2'" in err, err
+    code, err = _cli(['eval', '--ckpt', str(tmp_path / 'w.pt'), '--arch', 'wrn-10-1', '--data-root', str(tmp_path)], capsys)
+    assert code == 2 and 'cifar-10-batches-py' in err, err
+    code, err = _cli(['eval', '--ckpt', str(tmp_path / 'missing.pt'), '--arch', 'wrn-10-1'], capsys)
+    assert code == 2 and 'checkpoint not found' in err, err
+    for args, msg in [(['--save-every', '-1'], 'save_every must be an int >= 0'), (['--lr', '-0.1'], 'lr must be > 0'),
+                      (['--time-limit', '0'], 'time_limit must be a number of seconds > 0'),
+                      (['--student', 'resnet19'], "student: unknown model name 'resnet19'")]:
+        code, err = _cli(['teacher', '--method', 'pgd-at', '--out', str(tmp_path / 'r'), '--data-root', str(tmp_path)] + args
+                         if args[0] != '--student' else ['train', '--method', 'natural', '--data-root', str(tmp_path)] + args, capsys)
+        assert code == 2 and msg in err, (args, err)
