@@ -13,6 +13,8 @@ from adaad.evaluate import evaluate, resolve_suite, wilson_ci
 from adaad.models import atomic_save, create_model, load_model
 from adaad.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -11,6 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 from adaad.evaluate import (EvalResult, captured_log, evaluate, loss_flags, order_flags, results_table, square_flags)
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 def toy(n=32, c=10, seed=0):
     "A linear model that tells the brightest of 10 channels (10 classes), and points it classifies correctly."

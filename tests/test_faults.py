@@ -19,6 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / 'adaad'
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 # ---- the worker: a tiny deterministic PGD-AT run that checkpoints after every step --------------------------------
 def tiny_data(n=96, val=32, seed=0):
