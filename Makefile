@@ -8,7 +8,7 @@ SHARED_CIFAR ?= ../shared/data/cifar10
 export ADAAD_DATA ?= $(CURDIR)/data
 export PYTHONHASHSEED := 0
 
-.PHONY: install data check-nbdev nbtest pytest test test-slow
+.PHONY: install data check-nbdev nbtest pytest test test-slow repro repro-eps
 
 $(BIN)/.installed: settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,21 @@ test: check-nbdev nbtest pytest
 
 test-slow: install data
 	$(BIN)/python -m pytest -m slow
+
+# The paper's table with a preset (smoke, cpu-small, gpu-small, paper): `make repro PRESET=smoke`. The notebook's own
+# defaults are cut down for the notebook tests; here students and methods are the preset's (None). The executed
+# notebook goes to results/<preset>/repro_table.ipynb, the numbers to results/<preset>/ (see nbs/09_repro.ipynb).
+PRESET ?= smoke
+REPRO_ARGS ?=
+repro: install data
+	mkdir -p results/$(PRESET)
+	$(BIN)/papermill nbs/repro_table.ipynb results/$(PRESET)/repro_table.ipynb --cwd nbs -k python3 \
+		-p preset $(PRESET) -p scratch False -y '{"methods": null, "students": null}' $(REPRO_ARGS)
+
+# The inner-eps sweep (AdaAD, RN-18 row of the preset), its figure in figures/eps_sweep.{png,pdf}.
+EPS_LIST ?= [2, 4, 6, 8, 10, 12, 14, 16]
+EPS_STEPS ?= 10
+repro-eps: install data
+	mkdir -p results/$(PRESET)-eps-sweep figures
+	$(BIN)/papermill nbs/repro_eps_sweep.ipynb results/$(PRESET)-eps-sweep/repro_eps_sweep.ipynb --cwd nbs -k python3 \
+		-p preset $(PRESET) -p scratch False -y '{"eps_list": $(EPS_LIST), "steps": $(EPS_STEPS), "figure": "$(CURDIR)/figures/eps_sweep"}' $(REPRO_ARGS)

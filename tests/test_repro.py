@@ -1,0 +1,64 @@
+"The reproduction notebooks, executed under papermill with a tiny preset: outputs parse, a second run reuses the first."
+import json
+from pathlib import Path
+
+import pytest
+
+from adaad.repro import PAPER_TABLE, PRESETS, preset_config, paper_comparison, load_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(nb, out, params):
+    papermill = pytest.importorskip('papermill')
+    papermill.execute_notebook(str(ROOT / 'nbs' / nb), str(out), kernel_name='python3', cwd=str(ROOT / 'nbs'),
+                               parameters=params, progress_bar=False)
+    return json.loads(Path(out).read_text())
+
+
+def _outputs(nb_json):
+    return '\n'.join(''.join(o.get('text', '')) + ''.join(o.get('data', {}).get('text/plain', ''))
+                     for c in nb_json['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', []))
+
+
+def test_presets_are_data():
+    assert set(PRESETS) == {'smoke', 'cpu-small', 'gpu-small', 'paper'}
+    assert json.dumps(PRESETS)  # plain data only
+    assert PRESETS['paper']['n_test'] == 10000 and PRESETS['paper']['teacher']['name'] == 'Chen2021LTD_WRN34_20'
+    assert sum(len(v) for v in PAPER_TABLE.values()) == 16
+    with pytest.raises(ValueError, match='preset must be one of'): preset_config('huge')
+
+
+def test_table_and_sweep_notebooks(tmp_path, data_root):
+    tiny = dict(preset='smoke', methods=['natural', 'adaad'], students={'RN-18': 'wrn-10-1'}, train_n=64, n_test=40,
+                data_root=str(data_root), out_dir=str(tmp_path / 'res'), runs_dir=str(tmp_path / 'runs'))
+    nb = _run('repro_table.ipynb', tmp_path / 't1.ipynb', tiny)
+    assert 'only show that the pipeline works' in _outputs(nb)
+    res = load_results(tmp_path / 'res')
+    assert res['status'] == 'done' and res['reduced'] and [r['method'] for r in res['rows']] == ['teacher', 'natural', 'adaad']
+    for r in res['rows']:
+        assert set(r['cells']) == set(PRESETS['smoke']['suite']) and r['n'] == 40
+        for c in r['cells'].values():
+            assert c['ci95'][0] <= c['acc'] <= c['ci95'][1] and c['correct'] == round(c['acc'] * 40 / 100)
+    assert res['git']['commit'] and res['hardware']['torch'] and 'official' in res['data']
+    for f in ('table.md', 'table.tex', 'vs_paper.md'): assert (tmp_path / 'res' / f).stat().st_size > 0
+    assert 'Reduced-scale run' in (tmp_path / 'res' / 'vs_paper.md').read_text()
+    ckpt = Path(res['runs']['RN-18/adaad']) / 'final.pt'
+    mtime = ckpt.stat().st_mtime_ns
+
+    _run('repro_table.ipynb', tmp_path / 't2.ipynb', tiny)   # second run: trainings and evaluations are reused
+    res2 = load_results(tmp_path / 'res')
+    assert ckpt.stat().st_mtime_ns == mtime
+    assert all(r['eval_cached'] for r in res2['rows'])
+    assert all((r['train'].get('train_wall_s') or 0.) == 0. for r in res2['rows'])
+    assert [r['cells'] for r in res2['rows']] == [r['cells'] for r in res['rows']]
+
+    sweep = dict(preset='smoke', eps_list=[4, 8], steps=2, train_n=64, n_test=40, data_root=str(data_root),
+                 out_dir=str(tmp_path / 'sweep'), runs_dir=str(tmp_path / 'runs'), figure=str(tmp_path / 'fig' / 'eps_sweep'))
+    _run('repro_eps_sweep.ipynb', tmp_path / 's1.ipynb', sweep)
+    sw = json.loads((tmp_path / 'sweep' / 'eps_sweep.json').read_text())
+    assert sw['status'] == 'done' and [p['eps_255'] for p in sw['points']] == [4, 8]
+    assert sw['teacher']['wall_s'] == 0.   # the table's teacher run was reused
+    for p in sw['points']:
+        for c in p['cells'].values(): assert c['ci95'][0] <= c['acc'] <= c['ci95'][1]
+    assert (tmp_path / 'fig' / 'eps_sweep.png').stat().st_size > 0 and (tmp_path / 'fig' / 'eps_sweep.pdf').exists()
