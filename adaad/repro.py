@@ -6,8 +6,8 @@
 __all__ = ['PAPER_COLUMNS', 'PAPER_TABLE', 'PAPER_METHODS', 'PAPER_TEACHER', 'PRESETS', 'COLUMN_NAMES', 'preset_config',
            'train_config', 'config_dict', 'repo_root', 'default_data_root', 'git_info', 'hardware_info', 'file_sha256',
            'tensor_sha256', 'cached_eval', 'autoattack_reduced', 'eval_suite', 'obtain_teacher', 'run_table',
-           'logged_train_s', 'markdown_table', 'latex_table', 'paper_comparison', 'write_outputs', 'load_results',
-           'run_eps_sweep', 'plot_eps_sweep']
+           'logged_train_s', 'markdown_table', 'latex_table', 'paper_comparison', 'write_outputs', 'rewrite_tables',
+           'load_results', 'run_eps_sweep', 'plot_eps_sweep']
 
 # %% ../nbs/09_repro.ipynb #0f990e61
 import copy, dataclasses, hashlib, json, math, os, platform, subprocess, time
@@ -330,7 +330,7 @@ def _row(label, arch, method, r, cache, info):
     return dict(student=label, arch=arch, method=method, n=r.n, cells=cells, worst=r.worst, flags=r.flags,
                 eval_cached=cache['cached'], eval_wall_s=cache['wall_s'], train=info)
 
-# %% ../nbs/09_repro.ipynb #d020932f
+# %% ../nbs/09_repro.ipynb #dffe567a
 COLUMN_NAMES = dict(clean='Clean', fgsm='FGSM', pgd10='PGD-10', pgd20='PGD-20', cw2='CW2', cwinf='CWinf', aa='AA', square='Square')
 
 def _label(row):
@@ -347,6 +347,8 @@ def markdown_table(res):
     for r in res['rows']:
         cells = [f"{r['cells'][c]['acc']:.2f} [{r['cells'][c]['ci95'][0]:.1f}, {r['cells'][c]['ci95'][1]:.1f}]" for c in cols]
         lines.append(f"| {_label(r)} | {r['method']} | " + ' | '.join(cells) + ' |')
+    flagged = [f"- {_label(r)} {r['method']}: {'; '.join(r['flags'])}" for r in res['rows'] if r.get('flags')]
+    if flagged: lines += ['', 'Flags raised by the evaluation\'s own checks (e.g. a weak reduced AA above PGD-10):'] + flagged
     if res['status'] != 'done': lines += ['', f"Status: **{res['status']}** (rows missing; run again to continue)."]
     return '\n'.join(lines) + '\n'
 
@@ -389,6 +391,10 @@ def write_outputs(res, out):
     _write(out / 'table.md', markdown_table(res))
     _write(out / 'table.tex', latex_table(res))
     _write(out / 'vs_paper.md', paper_comparison(res))
+
+def rewrite_tables(path):
+    "Rewrite table.md, table.tex and vs_paper.md from an existing results.json (no training, no evaluation)."
+    res = load_results(path); write_outputs(res, Path(path) if Path(path).is_dir() else Path(path).parent); return res
 
 def load_results(path):
     "A results dict written by `run_table` (path to results.json or its folder)."
@@ -444,7 +450,7 @@ def run_eps_sweep(preset='smoke', eps_list=(2, 4, 6, 8, 10, 12, 14, 16), steps=1
     _write(out / 'eps_sweep.json', json.dumps(_plain(res), indent=1) + '\n')
     return res
 
-# %% ../nbs/09_repro.ipynb #5803a89b
+# %% ../nbs/09_repro.ipynb #ff642eb6
 def plot_eps_sweep(results, out_prefix=None, show=False):
     "Clean and AA accuracy against the inner eps, with 95% CI bands, from an eps_sweep.json (path or dict); saves .png and .pdf."
     import matplotlib; matplotlib.use('Agg') if not show else None
@@ -463,6 +469,9 @@ def plot_eps_sweep(results, out_prefix=None, show=False):
     title = f"{res['method']} {res['student']} ({res['arch']}), preset {res['preset']}"
     if res.get('reduced'): title += ' [reduced scale]'
     ax.set_title(title, fontsize=8); ax.legend(fontsize=8); ax.grid(alpha=0.3)
+    if res.get('preset') == 'smoke':
+        ax.text(0.5, 0.5, 'SMOKE RUN: pipeline check only', transform=ax.transAxes, ha='center', va='center',
+                fontsize=12, color='grey', alpha=0.5, rotation=20)
     fig.tight_layout()
     if out_prefix:
         Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
