@@ -450,7 +450,7 @@ def run_eps_sweep(preset='smoke', eps_list=(2, 4, 6, 8, 10, 12, 14, 16), steps=1
     _write(out / 'eps_sweep.json', json.dumps(_plain(res), indent=1) + '\n')
     return res
 
-# %% ../nbs/09_repro.ipynb #ff642eb6
+# %% ../nbs/09_repro.ipynb #150c4ab2
 def plot_eps_sweep(results, out_prefix=None, show=False):
     "Clean and AA accuracy against the inner eps, with 95% CI bands, from an eps_sweep.json (path or dict); saves .png and .pdf."
     import matplotlib; matplotlib.use('Agg') if not show else None
@@ -458,7 +458,8 @@ def plot_eps_sweep(results, out_prefix=None, show=False):
     res = json.loads(Path(results).read_text()) if not isinstance(results, dict) else results
     pts = sorted(res['points'], key=lambda p: p['eps_255'])
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    for col, lab, colour in (('clean', 'clean', 'tab:blue'), ('aa', 'AutoAttack (8/255)', 'tab:red')):
+    aa_label = 'reduced AutoAttack (8/255)' if (res.get('config') or {}).get('aa') else 'AutoAttack (8/255)'
+    for col, lab, colour in (('clean', 'clean', 'tab:blue'), ('aa', aa_label, 'tab:red')):
         if not pts: break
         e = [p['eps_255'] for p in pts]
         ax.plot(e, [p['cells'][col]['acc'] for p in pts], 'o-', color=colour, label=lab)
