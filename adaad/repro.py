@@ -213,7 +213,7 @@ def eval_suite(cfg):
 
 def _suite_key(suite): return [s if isinstance(s, str) else s.config() for s in suite]
 
-# %% ../nbs/09_repro.ipynb #5d59b974
+# %% ../nbs/09_repro.ipynb #af25cbd8
 def obtain_teacher(spec, runs_dir, data, device, seed=0, data_root=None, time_limit=None, progress=False):
     "(teacher model or None if its training paused, info dict) for teacher spec `spec`."
     spec = dict(spec); src = spec.get('source')
@@ -229,7 +229,7 @@ def obtain_teacher(spec, runs_dir, data, device, seed=0, data_root=None, time_li
     out = Path(runs_dir) / f"teacher-{spec['arch']}-{tc.method}"
     _check_reuse(out, tc)
     r = train(tc, out_dir=out, device=device, time_limit=time_limit, progress=progress, data=_run_data(tc, data, device))
-    info = dict(spec, run=str(out), status=r['status'], wall_s=r['wall_s'], train_s_logged=logged_train_s(out), best=r['best'])
+    info = dict(spec, run=str(out), status=r['status'], wall_s=r['wall_s'], train_wall_s=r['wall_s'], train_s_logged=logged_train_s(out), best=r['best'])
     if r['status'] != 'done': return None, info
     ckpt = out / 'best_pgd.pt' if (out / 'best_pgd.pt').exists() else out / 'final.pt'
     info['ckpt'] = str(ckpt)
