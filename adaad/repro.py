@@ -41,7 +41,7 @@ PAPER_TABLE = {  # methods.md §7.1: CIFAR-10, teacher WRN-34-20 (LTD), eps 8/25
 PAPER_METHODS = ('pgd-at', 'trades', 'ard', 'iad', 'rslad', 'akd', 'adaad', 'adaiad')
 PAPER_TEACHER = dict(name='Chen2021LTD_WRN34_20', clean=86.03, aa=57.71)  # RobustBench's reported numbers (methods.md §7.1)
 
-# %% ../nbs/09_repro.ipynb #688a922a
+# %% ../nbs/09_repro.ipynb #761ffb62
 PRESETS = {
     'smoke': dict(
         scale='smoke test: numbers only show that the pipeline runs, they say nothing about the methods',
@@ -57,14 +57,14 @@ PRESETS = {
         aa=dict(attacks=['apgd-ce'], n_iter=20, n_restarts=1),
         eval_batch=100, amp=False, channels_last=False),
     'cpu-small': dict(
-        scale='reduced scale (small stand-in networks, 2,000 training images, 2 epochs, 3 inner steps): not comparable to the paper',
-        teacher=dict(source='train', arch='wrn-10-2', method='pgd-at', epochs=5, train_n=4000, batch_size=128, lr=0.1,
-                     milestones=(4,), steps=3, step_size=3/255, val_n=500),
+        scale='reduced scale (small stand-in networks, 6,000 training images, 4 epochs, 3 inner steps): not comparable to the paper',
+        teacher=dict(source='train', arch='wrn-10-2', method='pgd-at', epochs=10, train_n=10000, batch_size=128, lr=0.1,
+                     milestones=(8,), steps=3, step_size=3/255, val_n=500),
         students={'RN-18': 'wrn-16-1', 'MN-V2': 'wrn-10-1'},
         methods=('natural',) + PAPER_METHODS,
-        train=dict(epochs=2, train_n=2000, batch_size=128, lr=0.1, milestones=(1,), steps=3, step_size=3/255, val_n=500,
+        train=dict(epochs=4, train_n=6000, batch_size=128, lr=0.1, milestones=(3,), steps=3, step_size=3/255, val_n=500,
                    val_steps=5),
-        method_kwargs={'iad': dict(begin=1), 'adaiad': dict(begin=1)},
+        method_kwargs={'iad': dict(begin=2), 'adaiad': dict(begin=2)},
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)),
         aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=20, n_restarts=1, n_target_classes=3),
