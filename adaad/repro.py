@@ -213,7 +213,7 @@ def eval_suite(cfg):
 
 def _suite_key(suite): return [s if isinstance(s, str) else s.config() for s in suite]
 
-# %% ../nbs/09_repro.ipynb #af25cbd8
+# %% ../nbs/09_repro.ipynb #0727442e
 def obtain_teacher(spec, runs_dir, data, device, seed=0, data_root=None, time_limit=None, progress=False):
     "(teacher model or None if its training paused, info dict) for teacher spec `spec`."
     spec = dict(spec); src = spec.get('source')
@@ -240,6 +240,8 @@ def _check_reuse(out, tc):
     f = Path(out) / 'config.json'
     if f.exists():
         old, new = json.loads(f.read_text()), config_dict(tc)
+        defaults = {k.name: _plain(k.default) for k in dataclasses.fields(TrainConfig) if k.default is not dataclasses.MISSING}
+        old = {**{k: defaults[k] for k in set(new) - set(old) if k in defaults}, **old}   # fields added since that run
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != 'data_root')
         if diff: raise ValueError(f'{out} holds a run with other settings ({", ".join(diff)}); use another runs_dir or delete it')
 

@@ -7,7 +7,7 @@ __all__ = ['TrainConfig', 'resolve', 'lr_at', 'run_data', 'rng_state', 'set_rng_
            'save_rotating', 'load_resume', 'clean_temporaries', 'check_finite_weights', 'NonFiniteWatch', 'validate',
            'dist_info', 'train', 'load_teacher']
 
-# %% ../nbs/07_train.ipynb #edaf7649
+# %% ../nbs/07_train.ipynb #67d524fa
 import dataclasses, json, math, os, random, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 from .data import CifarSplit, balanced_indices, balanced_subset, batches, default_device, first_n, load_cifar
 from .models import atomic_save, create_model, extract_state_dict, read_checkpoint
 from .attacks import pgd
+from .fast import prepare_teacher
 from . import methods as M
 
-# %% ../nbs/07_train.ipynb #4ff22d41
+# %% ../nbs/07_train.ipynb #a02574cb
 @dataclass
 class TrainConfig:
     "Every setting of a training run; `None` means the method's official default."
@@ -48,12 +49,16 @@ class TrainConfig:
     seed: int = 0
     amp: bool = False                  # bf16 autocast for the networks' forward/backward
     channels_last: bool = False
+    fold_teacher: bool = True          # fold the frozen teacher's BatchNorms into its convolutions (exact up to rounding)
+    compile: bool = False              # torch.compile the student and the teacher
     save_every: int = 0                # also checkpoint every N steps inside an epoch (0: epoch ends only)
     data_root: str | None = None
 
     def validate(self):
         "Raise a ValueError naming the first bad field."
         if self.method not in M.known_methods(): raise ValueError(f'method must be one of {sorted(M.known_methods())}, got {self.method!r}')
+        for k in ('faithful', 'drop_last', 'amp', 'channels_last', 'fold_teacher', 'compile'):
+            if not isinstance(getattr(self, k), bool): raise ValueError(f'{k} must be True or False, got {getattr(self, k)!r}')
         for k in ('epochs', 'steps', 'train_n'):
             v = getattr(self, k)
             if v is not None and not (isinstance(v, int) and v >= 1): raise ValueError(f'{k} must be an int >= 1, got {v!r}')
@@ -210,7 +215,7 @@ def dist_info():
     if world > 1: return dist.get_rank(), world, int(os.environ.get('LOCAL_RANK', 0))
     return 0, 1, 0
 
-# %% ../nbs/07_train.ipynb #0211d16b
+# %% ../nbs/07_train.ipynb #09091cde
 def _log(path, row):
     with open(path, 'a') as f: f.write(json.dumps(row) + '\n')
 
@@ -238,6 +243,7 @@ def train(cfg, teacher=None, out_dir='runs/run', device=None, time_limit=None, p
         teacher = teacher.to(device).eval().requires_grad_(False)
         with torch.no_grad(): tc = teacher(val.x[:1].float() / 255).shape[1]
         if tc != train_set.num_classes: raise ValueError(f'teacher has {tc} classes but dataset {cfg.dataset!r} has {train_set.num_classes}')
+        teacher = prepare_teacher(teacher, fold_bn=cfg.fold_teacher, channels_last=cfg.channels_last, compile=cfg.compile)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.student, train_set.num_classes).to(device)
     if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
@@ -257,6 +263,7 @@ def train(cfg, teacher=None, out_dir='runs/run', device=None, time_limit=None, p
         (out / 'config.json').write_text(json.dumps({k: _plain(v) for k, v in asdict(cfg).items()}, indent=1))
         _trim_log(out / 'metrics.jsonl', start_epoch)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == 'cuda' else None) if world > 1 else model
+    if cfg.compile: net = torch.compile(net)
     t0, status = time.time(), 'done'
     for epoch in range(start_epoch, cfg.epochs):
         for g in opt.param_groups: g['lr'] = lr_at(epoch, cfg.lr, cfg.milestones, cfg.single_decay)
