@@ -1,0 +1,259 @@
+"""Training-step and evaluation throughput of adaad against the official-style reference in `naive.py`, in one process.
+
+    python bench/bench.py --device cpu --pairs small                       # the CPU benchmark (a few minutes on 2 cores)
+    python bench/bench.py --device cuda --pairs r18-wrn34-10 r18-wrn34-20 mnv2-wrn34-10 small
+
+Each row: method, pair, variant, device, images/s, speedup over `naive` (same pair, method and batch size, measured in
+the same process), the FLOPs of one image's step (performance.md §2 accounting: 2F per forward+input-gradient, 3F per
+forward+full backward), the achieved TFLOP/s and its fraction of the peak measured here (bf16 matrix product on a GPU,
+fp32 on a CPU). Variants:
+- `naive`: `naive.py`, the official scripts' way (eager fp32 NCHW, every official pass, PIL per-image augmentation).
+- `ours`: `adaad.methods.training_loss` as the trainer runs it by default (frozen BN-folded teacher, dead branches
+  skipped, batched augmentation on the device), fp32.
+- `fast`: `ours` + channels_last + bf16 autocast of the networks (+ `torch.compile` with `--compile`).
+Writes `bench/results/<date>-<device>.json` (rows + provenance) and `.md` (the table), atomically.
+"""
+import argparse, datetime, json, math, os, platform, subprocess, sys, time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import naive  # noqa: E402
+from adaad.data import batches, balanced_subset, load_cifar, first_n  # noqa: E402
+from adaad.fast import prepare_teacher  # noqa: E402
+from adaad.methods import training_loss  # noqa: E402
+from adaad.models import create_model  # noqa: E402
+
+PAIRS = {'r18-wrn34-10': ('resnet18', 'wrn-34-10'), 'r18-wrn34-20': ('resnet18', 'wrn-34-20'),
+         'mnv2-wrn34-10': ('mobilenetv2', 'wrn-34-10'), 'small': ('wrn-16-1', 'wrn-10-2')}
+METHODS = ('adaad', 'adaiad', 'rslad', 'ard', 'pgd-at')
+K = naive.STEPS
+
+
+# ---------------------------------------------------------------- FLOPs
+def forward_flops(model):
+    "Forward FLOPs of one 32x32 image: 2 x the multiply-accumulates of every Conv2d and Linear (the thop convention)."
+    macs = []
+    def hook(m, inp, out):
+        if isinstance(m, torch.nn.Conv2d):
+            macs.append(out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1])
+        elif isinstance(m, torch.nn.Linear): macs.append(out.numel() * m.in_features)
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad(): model.eval()(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
+    for h in hs: h.remove()
+    return 2 * sum(macs)
+
+
+def step_flops(method, fs, ft, impl):
+    "FLOPs of one image's training step (performance.md §2.2): `impl` 'naive' = the official passes, else ours."
+    inner = {'adaad': 2 * K * (fs + ft), 'adaiad': 2 * K * (fs + ft), 'rslad': 2 * K * fs + ft, 'ard': 2 * K * fs,
+             'pgd-at': 2 * K * fs}[method]
+    if impl == 'naive':
+        outer = {'adaad': 6 * fs + 2 * ft, 'adaiad': 6 * fs + ft, 'rslad': 6 * fs, 'ard': 6 * fs + ft, 'pgd-at': 4 * fs}[method]
+    else:   # alpha = 1: no clean student pass where its weight is 0; AdaIAD after the warm-up needs S(x)
+        outer = {'adaad': 3 * fs + ft, 'adaiad': 6 * fs + ft, 'rslad': 6 * fs, 'ard': 3 * fs + ft, 'pgd-at': 3 * fs}[method]
+    return inner + outer
+
+
+# ---------------------------------------------------------------- timing
+def sync(device):
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+
+
+def measure_peak(device, dtype, n=None, reps=10):
+    "Achieved TFLOP/s of an n x n x n matrix product (the machine's measured peak for `dtype`)."
+    n = n or (8192 if device.type == 'cuda' else 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2): a @ b
+    sync(device); t = time.perf_counter()
+    for _ in range(reps): a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def timed(step, n_iter, warmup, device):
+    "Seconds per call of `step()` after `warmup` calls."
+    for _ in range(warmup): step()
+    sync(device); t = time.perf_counter()
+    for _ in range(n_iter): step()
+    sync(device)
+    return (time.perf_counter() - t) / n_iter
+
+
+# ---------------------------------------------------------------- the variants
+def naive_runner(method, student, teacher, train, bs, device, workers):
+    "One official-style step per call, batches from the PIL DataLoader (moved to the device as the official code does)."
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loader = naive.naive_loader(train.x.cpu(), train.y.cpu(), bs, workers)
+    state = {'it': iter(loader)}
+    step_fn = naive.STEPS_BY_METHOD[method]
+    def step():
+        try: x, y = next(state['it'])
+        except StopIteration: state['it'] = iter(loader); x, y = next(state['it'])
+        step_fn(student, teacher, opt, x.to(device), y.to(device))
+    return step
+
+
+def ours_runner(method, student, teacher, train, bs, device, amp=False, channels_last=False):
+    "One `training_loss` step per call as `adaad.train.train` runs it, batches from `adaad.data.batches` on the device."
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    kw = dict(begin=0) if method == 'adaiad' else {}          # AdaIAD after its warm-up, like the naive step
+    state = {'epoch': 0, 'it': batches(train, bs, shuffle=True, augment=True, drop_last=True)}
+    def step():
+        try: x, y = next(state['it'])
+        except StopIteration:
+            state['epoch'] += 1
+            state['it'] = batches(train, bs, shuffle=True, augment=True, drop_last=True, epoch=state['epoch'])
+            x, y = next(state['it'])
+        if channels_last: x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = training_loss(method, student, teacher, x, y, num_classes=10, **kw)
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    return step
+
+
+def bench_pair(pair, methods, args, device, peak, train):
+    "Rows for every method and variant of `pair`."
+    s_arch, t_arch = PAIRS[pair]
+    torch.manual_seed(0)
+    t_base = create_model(t_arch).to(device).eval()
+    fs, ft = forward_flops(create_model(s_arch).to(device)), forward_flops(t_base)
+    rows = []
+    for method in methods:
+        res = {}
+        for variant in args.variants:
+            torch.manual_seed(0)
+            student = create_model(s_arch).to(device)
+            if variant == 'naive':
+                step = naive_runner(method, student, t_base, train, args.batch_size, device, args.workers)
+            else:
+                fast = variant == 'fast'
+                if fast: student = student.to(memory_format=torch.channels_last)
+                teacher = prepare_teacher(t_base, channels_last=fast, compile=fast and args.compile)
+                net = torch.compile(student) if fast and args.compile else student
+                step = ours_runner(method, net, teacher, train, args.batch_size, device, amp=fast and args.amp,
+                                   channels_last=fast)
+            sec = timed(step, args.iters, args.warmup, device)
+            ips = args.batch_size / sec
+            fl = step_flops(method, fs, ft, 'naive' if variant == 'naive' else 'ours')
+            res[variant] = ips
+            rows.append(dict(kind='train_step', method=method, pair=pair, student=s_arch, teacher=t_arch, variant=variant,
+                             device=str(device), batch_size=args.batch_size, images_per_s=round(ips, 2),
+                             speedup=round(ips / res['naive'], 3) if 'naive' in res else None,
+                             gflop_per_image=round(fl / 1e9, 3), tflops=round(fl * ips / 1e12, 4),
+                             peak_fraction=round(fl * ips / 1e12 / peak, 4),
+                             amp=variant == 'fast' and args.amp, channels_last=variant == 'fast',
+                             compile=variant == 'fast' and args.compile))
+            print(json.dumps(rows[-1]), flush=True)
+            del step, student
+    return rows
+
+
+def bench_eval(args, device, test):
+    "Images/s of PGD-10, CW2 (the paper suite's settings, `--cw-steps` iterations) and AutoAttack on the pair's student."
+    from adaad.attacks import autoattack, cw_l2, pgd
+    s_arch = PAIRS[args.eval_pair][0]
+    torch.manual_seed(0)
+    model = create_model(s_arch).to(device).eval()
+    x, y = test.x[:args.eval_n].float().div(255).to(device), test.y[:args.eval_n].to(device)
+    aa = dict(version='standard') if args.aa == 'standard' else dict(version='custom', attacks=['apgd-ce', 'apgd-t'])
+    jobs = {'pgd10': lambda: pgd(model, x, y, steps=10, seed=0),
+            f'cw2-{args.cw_steps}': lambda: cw_l2(model, x, y, steps=args.cw_steps),
+            f'aa-{args.aa}': lambda: autoattack(model, x, y, batch_size=args.eval_batch, **aa)}
+    rows = []
+    for name, job in jobs.items():
+        sync(device); t = time.perf_counter(); job(); sync(device)
+        sec = time.perf_counter() - t
+        rows.append(dict(kind='eval', attack=name, student=s_arch, device=str(device), n=len(x),
+                         images_per_s=round(len(x) / sec, 2), seconds=round(sec, 2),
+                         note='untrained network: AA time depends on how many points stay robust'))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def provenance(device, peak, peak_kind):
+    root = HERE.parent
+    git = lambda *a: subprocess.run(['git', *a], cwd=root, capture_output=True, text=True).stdout.strip()
+    hw = dict(platform=platform.platform(), cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+              torch_threads=torch.get_num_threads(), torch=torch.__version__)
+    if device.type == 'cuda': hw['gpu'] = torch.cuda.get_device_name(device)
+    return dict(commit=git('rev-parse', 'HEAD'), dirty=bool(git('status', '--porcelain', '--untracked-files=no')),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), hardware=hw,
+                peak_tflops=round(peak, 3), peak_kind=peak_kind)
+
+
+def markdown(res):
+    "The rows as markdown tables."
+    p = res['provenance']
+    out = [f"Benchmark on {p['hardware'].get('gpu', p['hardware']['cpu'])} ({p['hardware']['torch_threads']} threads), "
+           f"commit {p['commit'][:10]}{' (dirty)' if p['dirty'] else ''}, {p['date']}; measured peak "
+           f"{p['peak_tflops']} TFLOP/s ({p['peak_kind']}); batch {res['args']['batch_size']}.", '',
+           '| method | pair | variant | images/s | speedup vs naive | GFLOP/image | TFLOP/s | fraction of peak |',
+           '|---|---|---|---|---|---|---|---|']
+    for r in (r for r in res['rows'] if r['kind'] == 'train_step'):
+        speedup = '' if r['speedup'] is None else f"{r['speedup']:.2f}x"
+        out.append(f"| {r['method']} | {r['pair']} ({r['student']} <- {r['teacher']}) | {r['variant']} | {r['images_per_s']} | "
+                   f"{speedup} | {r['gflop_per_image']} | {r['tflops']} | {100 * r['peak_fraction']:.1f}% |")
+    ev = [r for r in res['rows'] if r['kind'] == 'eval']
+    if ev:
+        out += ['', '| attack | student | images | images/s | seconds |', '|---|---|---|---|---|']
+        out += [f"| {r['attack']} | {r['student']} | {r['n']} | {r['images_per_s']} | {r['seconds']} |" for r in ev]
+    return '\n'.join(out) + '\n'
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(f'.{path.name}.tmp'); tmp.write_text(text); os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    ap.add_argument('--pairs', nargs='+', default=['small'], choices=sorted(PAIRS))
+    ap.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
+    ap.add_argument('--variants', nargs='+', default=['naive', 'ours', 'fast'], choices=['naive', 'ours', 'fast'])
+    ap.add_argument('--batch-size', type=int, default=128)
+    ap.add_argument('--iters', type=int, default=None, help='timed steps per row (default: 20 on a GPU, 3 on a CPU)')
+    ap.add_argument('--warmup', type=int, default=None, help='untimed steps first (default: 5 on a GPU, 1 on a CPU)')
+    ap.add_argument('--workers', type=int, default=None, help='naive DataLoader workers (default: 4 on a GPU, 0 on a CPU)')
+    ap.add_argument('--no-amp', dest='amp', action='store_false', help='fast variant without bf16')
+    ap.add_argument('--compile', action='store_true', help='fast variant with torch.compile')
+    ap.add_argument('--train-n', type=int, default=5000, help='training images the loaders draw from')
+    ap.add_argument('--eval', action='store_true', help='also time PGD-10, CW2 and AutoAttack')
+    ap.add_argument('--eval-pair', default='small', choices=sorted(PAIRS))
+    ap.add_argument('--eval-n', type=int, default=1000)
+    ap.add_argument('--eval-batch', type=int, default=500)
+    ap.add_argument('--cw-steps', type=int, default=1000)
+    ap.add_argument('--aa', default='standard', choices=['standard', 'reduced'])
+    ap.add_argument('--data-root', default=os.environ.get('ADAAD_DATA', str(HERE.parent / 'data')))
+    ap.add_argument('--out', default=str(HERE / 'results'))
+    ap.add_argument('--tag', default='')
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == 'cuda'
+    args.iters = args.iters or (20 if gpu else 3); args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    args.workers = args.workers if args.workers is not None else (4 if gpu else 0)
+    if gpu: torch.backends.cudnn.benchmark = True; torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
+    peak_kind = 'bf16 matmul 8192^3' if gpu else 'fp32 matmul 1024^3'
+    peak = measure_peak(device, torch.bfloat16 if gpu else torch.float32)
+    train = balanced_subset(load_cifar('cifar10', 'train', root=args.data_root, device='cpu'), args.train_n, seed=0).to(device)
+    res = dict(args=vars(args), provenance=provenance(device, peak, peak_kind), rows=[])
+    if not gpu: res['provenance']['peak_bf16_tflops'] = round(measure_peak(device, torch.bfloat16), 3)
+    print(json.dumps(res['provenance']), flush=True)
+    t0 = time.time()
+    for pair in args.pairs: res['rows'] += bench_pair(pair, args.methods, args, device, peak, train)
+    if args.eval:
+        test = first_n(load_cifar('cifar10', 'test', root=args.data_root, device='cpu'), args.eval_n)
+        res['rows'] += bench_eval(args, device, test)
+    res['wall_s'] = round(time.time() - t0, 1)
+    out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
+    stem = f"{res['provenance']['date'][:10]}-{device.type}{'-' + args.tag if args.tag else ''}"
+    write_atomic(out / f'{stem}.json', json.dumps(res, indent=1) + '\n')
+    write_atomic(out / f'{stem}.md', markdown(res))
+    print(markdown(res))
+    return res
+
+
+if __name__ == '__main__':
+    main()
