@@ -8,7 +8,7 @@ SHARED_CIFAR ?= ../shared/data/cifar10
 export ADAAD_DATA ?= $(CURDIR)/data
 export PYTHONHASHSEED := 0
 
-.PHONY: install data check-nbdev nbtest pytest test test-slow repro repro-eps
+.PHONY: install data check-nbdev nbtest pytest test test-slow repro repro-eps bench
 
 $(BIN)/.installed: settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,3 +58,8 @@ repro-eps: install data
 	mkdir -p results/$(PRESET)-eps-sweep figures
 	$(BIN)/papermill nbs/repro_eps_sweep.ipynb results/$(PRESET)-eps-sweep/repro_eps_sweep.ipynb --cwd nbs -k python3 \
 		-p preset $(PRESET) -p scratch False -y '{"eps_list": $(EPS_LIST), "steps": $(EPS_STEPS), "figure": "$(EPS_FIGURE)"}' $(REPRO_ARGS)
+
+# Throughput benchmarks (not tests): bench/results/<date>-<device>.{json,md}. See bench/README.md.
+BENCH_ARGS ?= --pairs small --eval --eval-n 200 --cw-steps 100 --aa reduced
+bench: install data
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
