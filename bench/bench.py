@@ -196,11 +196,30 @@ def markdown(res):
         speedup = '' if r['speedup'] is None else f"{r['speedup']:.2f}x"
         out.append(f"| {r['method']} | {r['pair']} ({r['student']} <- {r['teacher']}) | {r['variant']} | {r['images_per_s']} | "
                    f"{speedup} | {r['gflop_per_image']} | {r['tflops']} | {100 * r['peak_fraction']:.1f}% |")
+    proj = projections(res['rows'])
+    if proj:
+        out += ['', 'Projected training time of one run at the official schedule (50,000 images per epoch, validation not '
+                'counted; 8 GPUs assumes linear DDP scaling, not measured):', '',
+                '| method | pair | variant | epochs | hours, 1 device | hours, 8 GPUs |', '|---|---|---|---|---|---|']
+        out += [f"| {p['method']} | {p['pair']} | {p['variant']} | {p['epochs']} | {p['hours_1']:.1f} | {p['hours_8']:.1f} |"
+                for p in proj]
     ev = [r for r in res['rows'] if r['kind'] == 'eval']
     if ev:
         out += ['', '| attack | student | images | images/s | seconds |', '|---|---|---|---|---|']
         out += [f"| {r['attack']} | {r['student']} | {r['n']} | {r['images_per_s']} | {r['seconds']} |" for r in ev]
     return '\n'.join(out) + '\n'
+
+
+def projections(rows):
+    "Hours of one official-schedule run per (method, pair, variant) from the measured images/s."
+    from adaad.methods import get_method
+    out = []
+    for r in rows:
+        if r['kind'] != 'train_step' or r['variant'] == 'naive': continue
+        epochs = get_method(r['method']).epochs
+        h = epochs * 50_000 / r['images_per_s'] / 3600
+        out.append(dict(method=r['method'], pair=r['pair'], variant=r['variant'], epochs=epochs, hours_1=h, hours_8=h / 8))
+    return out
 
 
 def write_atomic(path, text):
@@ -247,6 +266,7 @@ def main(argv=None):
         test = first_n(load_cifar('cifar10', 'test', root=args.data_root, device='cpu'), args.eval_n)
         res['rows'] += bench_eval(args, device, test)
     res['wall_s'] = round(time.time() - t0, 1)
+    res['projections'] = projections(res['rows'])
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     stem = f"{res['provenance']['date'][:10]}-{device.type}{'-' + args.tag if args.tag else ''}"
     write_atomic(out / f'{stem}.json', json.dumps(res, indent=1) + '\n')

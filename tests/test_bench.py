@@ -52,4 +52,7 @@ def test_markdown_table_has_every_row():
     res = dict(rows=rows, args=dict(batch_size=8), provenance=dict(hardware=dict(cpu='x', torch_threads=2), commit='0' * 40,
                                                                    dirty=False, date='d', peak_tflops=1., peak_kind='k'))
     md = bench.markdown(res)
-    assert md.count('| adaad |') == 2 and '2.00x' in md and '20.0%' in md
+    assert '| adaad | small (a <- b) | naive | 1.0 |' in md and '| adaad | small (a <- b) | fast | 1.0 | 2.00x |' in md
+    assert '20.0%' in md
+    # one AdaAD run: 200 epochs x 50,000 images at 1 image/s
+    assert f"| adaad | small | fast | 200 | {200 * 50_000 / 3600:.1f} | {200 * 50_000 / 3600 / 8:.1f} |" in md
