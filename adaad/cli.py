@@ -31,7 +31,7 @@ def _kv(s):
     try: return k, json.loads(v)
     except json.JSONDecodeError: return k, v
 
-# %% ../nbs/08_cli.ipynb #68788c05
+# %% ../nbs/08_cli.ipynb #9577d7da
 def _train_args(p, default_method):
     from adaad.methods import known_methods
     D = 'method default'
@@ -56,6 +56,9 @@ def _train_args(p, default_method):
     p.add_argument('--seed', type=int, default=0, help='(default: %(default)s)')
     p.add_argument('--amp', action='store_true', help='bf16 autocast for forward/backward (default: off)')
     p.add_argument('--channels-last', action='store_true', help='channels_last memory format (default: off)')
+    p.add_argument('--compile', action='store_true', help='torch.compile student and teacher (default: off)')
+    p.add_argument('--no-fold-teacher', dest='fold_teacher', action='store_false',
+                   help="keep the teacher's BatchNorms unfolded (default: folded into the convolutions, exact up to rounding)")
     p.add_argument('--save-every', type=int, default=0, help='also checkpoint every N steps (default: %(default)s, epoch ends only)')
     p.add_argument('--time-limit', type=float, default=None, help='seconds; checkpoint and stop, rerun to resume (default: none)')
     p.add_argument('--device', default=None, help='cpu, cuda, cuda:1 ... (default: cuda if available)')
@@ -91,14 +94,15 @@ def parser():
     e.add_argument('--no-progress', action='store_true')
     return ap
 
-# %% ../nbs/08_cli.ipynb #ffcd60a8
+# %% ../nbs/08_cli.ipynb #81ca2ba6
 def _config(a, student):
     from adaad.train import TrainConfig
     return TrainConfig(method=a.method, student=student, dataset=a.dataset, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                        weight_decay=a.weight_decay, milestones=tuple(a.milestones) if a.milestones is not None else None,
                        eps=a.eps, step_size=a.step_size, steps=a.steps, method_kwargs=dict(a.set), faithful=a.faithful,
                        train_n=a.train_n, val_n=a.val_n, val_source=a.val_source, val_every=a.val_every, seed=a.seed,
-                       amp=a.amp, channels_last=a.channels_last, save_every=a.save_every, data_root=a.data_root).validate()
+                       amp=a.amp, channels_last=a.channels_last, compile=a.compile, fold_teacher=a.fold_teacher,
+                       save_every=a.save_every, data_root=a.data_root).validate()
 
 def _run_train(a, student, teacher):
     from adaad.train import train

@@ -109,7 +109,7 @@ def preset_config(preset='smoke', **changes):
         else: cfg[k] = copy.deepcopy(v)
     return cfg
 
-# %% ../nbs/09_repro.ipynb #e19a41b3
+# %% ../nbs/09_repro.ipynb #646b67d9
 def train_config(cfg, method, arch, seed=0, data_root=None, **changes):
     "The `TrainConfig` of `method` for student `arch` under preset dict `cfg`."
     t = {k: v for k, v in cfg['train'].items() if v is not None}
@@ -117,7 +117,8 @@ def train_config(cfg, method, arch, seed=0, data_root=None, **changes):
     mk = dict(cfg.get('method_kwargs', {}).get(method, {}))
     if get_method(method).steps == 0: t = {k: v for k, v in t.items() if k not in ('steps', 'step_size', 'eps')}
     return TrainConfig(method=method, student=arch, seed=seed, data_root=data_root, method_kwargs=mk,
-                       amp=cfg.get('amp', False), channels_last=cfg.get('channels_last', False), **t)
+                       amp=cfg.get('amp', False), channels_last=cfg.get('channels_last', False),
+                       compile=cfg.get('compile', False), **t)
 
 def _plain(o):
     if isinstance(o, (list, tuple)): return [_plain(v) for v in o]
