@@ -67,3 +67,12 @@ def test_teacher_train_eval_end_to_end(tmp_path, data_root, capsys):
 def test_console_script_installed():
     out = subprocess.run([sys.executable, '-m', 'adaad.cli', '--help'], capture_output=True, text=True)
     assert out.returncode == 0 and 'train' in out.stdout and 'teacher' in out.stdout
+
+
+@pytest.mark.parametrize('flags, compile_, fold', [([], False, True), (['--compile', '--no-fold-teacher'], True, False)])
+def test_speed_flags_reach_the_config(flags, compile_, fold):
+    from adaad.cli import _config
+    a = parser().parse_args(['train', '--method', 'adaad', '--student', 'wrn-10-1', '--teacher', 't.pt',
+                             '--teacher-arch', 'wrn-10-1', *flags])
+    c = _config(a, 'wrn-10-1')
+    assert (c.compile, c.fold_teacher) == (compile_, fold)
