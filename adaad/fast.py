@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['SYNC_CALLS', 'fold_batchnorm', 'count_batchnorms', 'prepare_teacher', 'Autocast', 'amp_check', 'SyncWatch']
 
-# %% ../nbs/10_fast.ipynb #03ddbaaf
-import copy, warnings
+# %% ../nbs/10_fast.ipynb #a9cd63c4
+import copy
 import torch
 import torch.nn as nn
 import torch.fx as fx
