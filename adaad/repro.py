@@ -6,8 +6,8 @@
 __all__ = ['PAPER_COLUMNS', 'PAPER_TABLE', 'PAPER_METHODS', 'PAPER_TEACHER', 'PRESETS', 'COLUMN_NAMES', 'preset_config',
            'train_config', 'config_dict', 'repo_root', 'default_data_root', 'git_info', 'hardware_info', 'file_sha256',
            'tensor_sha256', 'cached_eval', 'autoattack_reduced', 'eval_suite', 'obtain_teacher', 'run_table',
-           'logged_train_s', 'markdown_table', 'latex_table', 'paper_comparison', 'write_outputs', 'rewrite_tables',
-           'load_results', 'run_eps_sweep', 'plot_eps_sweep']
+           'selected_checkpoint', 'logged_train_s', 'markdown_table', 'latex_table', 'paper_comparison',
+           'write_outputs', 'rewrite_tables', 'load_results', 'run_eps_sweep', 'plot_eps_sweep']
 
 # %% ../nbs/09_repro.ipynb #0f990e61
 import copy, dataclasses, hashlib, json, math, os, platform, subprocess, time
@@ -259,7 +259,7 @@ def _run_data(tc, train_full, device):
     if tc.train_n: tr = balanced_subset(tr, tc.train_n, seed=tc.seed)
     return tr.to(device), val.to(device)
 
-# %% ../nbs/09_repro.ipynb #68e2f169
+# %% ../nbs/09_repro.ipynb #0c3ea86b
 def run_table(preset='smoke', teacher=None, students=None, methods=None, epochs=None, data_root=None, n_test=None,
               suite=None, out_dir=None, runs_dir=None, seed=0, device=None, time_limit=None, progress=False,
               attack_overrides=None, train_n=None):
@@ -305,7 +305,7 @@ def run_table(preset='smoke', teacher=None, students=None, methods=None, epochs=
                 tr = train(tc, teacher=tmodel if get_method(method).needs_teacher else None, out_dir=run_dir, device=device,
                            time_limit=left(), progress=progress, data=_run_data(tc, train_full, device))
                 if tr['status'] != 'done': res['status'] = 'paused'; break
-                ck = run_dir / f"{cfg['checkpoint']}.pt"
+                ck = run_dir / f"{selected_checkpoint(cfg, method)}.pt"
                 if not ck.exists(): ck = run_dir / 'final.pt'
                 model = tr['model']
                 if ck.name != 'final.pt':
@@ -320,6 +320,11 @@ def run_table(preset='smoke', teacher=None, students=None, methods=None, epochs=
     res['wall_s'] = time.time() - t_start
     write_outputs(res, out)
     return res
+
+def selected_checkpoint(cfg, method):
+    "The checkpoint a row evaluates: the preset's, except that a run without attack (natural) is selected by clean accuracy."
+    if cfg['checkpoint'] == 'best_pgd' and get_method(method).steps == 0: return 'best_clean'
+    return cfg['checkpoint']
 
 def logged_train_s(run_dir):
     "Training seconds summed over the epochs logged in `run_dir/metrics.jsonl` (also for runs reused from an earlier call)."

@@ -62,3 +62,12 @@ def test_table_and_sweep_notebooks(tmp_path, data_root):
     for p in sw['points']:
         for c in p['cells'].values(): assert c['ci95'][0] <= c['acc'] <= c['ci95'][1]
     assert (tmp_path / 'fig' / 'eps_sweep.png').stat().st_size > 0 and (tmp_path / 'fig' / 'eps_sweep.pdf').exists()
+
+
+def test_natural_rows_are_selected_by_clean_accuracy():
+    "Selecting a naturally trained network by PGD accuracy picks its barely trained first epoch; clean accuracy is used."
+    from adaad.repro import PRESETS, selected_checkpoint
+    cfg = PRESETS['cpu-small']
+    assert selected_checkpoint(cfg, 'natural') == 'best_clean'
+    assert selected_checkpoint(cfg, 'adaad') == selected_checkpoint(cfg, 'pgd-at') == 'best_pgd'
+    assert selected_checkpoint(PRESETS['smoke'], 'natural') == 'final'
