@@ -5,8 +5,8 @@
 
 Each row: method, pair, variant, device, images/s, speedup over `naive` (same pair, method and batch size, measured in
 the same process), the FLOPs of one image's step (performance.md §2 accounting: 2F per forward+input-gradient, 3F per
-forward+full backward), the achieved TFLOP/s and its fraction of the peak measured here (bf16 matrix product on a GPU,
-fp32 on a CPU). Variants:
+forward+full backward), the achieved TFLOP/s and its fraction of the peak measured here (a bf16 matrix product on a
+GPU; on a CPU an fp32 one for the fp32 rows and a bf16 one for the bf16 rows). Variants:
 - `naive`: `naive.py`, the official scripts' way (eager fp32 NCHW, every official pass, PIL per-image augmentation).
 - `ours`: `adaad.methods.training_loss` as the trainer runs it by default (frozen BN-folded teacher, dead branches
   skipped, batched augmentation on the device), fp32.
@@ -64,7 +64,7 @@ def sync(device):
 
 def measure_peak(device, dtype, n=None, reps=10):
     "Achieved TFLOP/s of an n x n x n matrix product (the machine's measured peak for `dtype`)."
-    n = n or (8192 if device.type == 'cuda' else 1024)
+    n = n or (8192 if device.type == 'cuda' else 2048)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2): a @ b
     sync(device); t = time.perf_counter()
@@ -114,9 +114,10 @@ def ours_runner(method, student, teacher, train, bs, device, amp=False, channels
     return step
 
 
-def bench_pair(pair, methods, args, device, peak, train):
-    "Rows for every method and variant of `pair`."
+def bench_pair(pair, methods, args, device, peaks, train):
+    "Rows for every method and variant of `pair`; each row's peak fraction is against the peak of the precision it runs in."
     s_arch, t_arch = PAIRS[pair]
+    peak_of = lambda variant: peaks['bf16'] if device.type == 'cuda' or (variant == 'fast' and args.amp) else peaks['fp32']
     torch.manual_seed(0)
     t_base = create_model(t_arch).to(device).eval()
     fs, ft = forward_flops(create_model(s_arch).to(device)), forward_flops(t_base)
@@ -143,7 +144,7 @@ def bench_pair(pair, methods, args, device, peak, train):
                              device=str(device), batch_size=args.batch_size, images_per_s=round(ips, 2),
                              speedup=round(ips / res['naive'], 3) if 'naive' in res else None,
                              gflop_per_image=round(fl / 1e9, 3), tflops=round(fl * ips / 1e12, 4),
-                             peak_fraction=round(fl * ips / 1e12 / peak, 4),
+                             peak_fraction=round(fl * ips / 1e12 / peak_of(variant), 4),
                              amp=variant == 'fast' and args.amp, channels_last=variant == 'fast',
                              compile=variant == 'fast' and args.compile))
             print(json.dumps(rows[-1]), flush=True)
@@ -173,7 +174,7 @@ def bench_eval(args, device, test):
     return rows
 
 
-def provenance(device, peak, peak_kind):
+def provenance(device, peak_kind):
     root = HERE.parent
     git = lambda *a: subprocess.run(['git', *a], cwd=root, capture_output=True, text=True).stdout.strip()
     hw = dict(platform=platform.platform(), cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
@@ -181,7 +182,7 @@ def provenance(device, peak, peak_kind):
     if device.type == 'cuda': hw['gpu'] = torch.cuda.get_device_name(device)
     return dict(commit=git('rev-parse', 'HEAD'), dirty=bool(git('status', '--porcelain', '--untracked-files=no')),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), hardware=hw,
-                peak_tflops=round(peak, 3), peak_kind=peak_kind)
+                peaks_tflops={}, peak_kind=peak_kind)
 
 
 def markdown(res):
@@ -189,14 +190,15 @@ def markdown(res):
     p = res['provenance']
     out = [f"Benchmark on {p['hardware'].get('gpu', p['hardware']['cpu'])} ({p['hardware']['torch_threads']} threads), "
            f"commit {p['commit'][:10]}{' (dirty)' if p['dirty'] else ''}, {p['date']}; measured peak "
-           f"{p['peak_tflops']} TFLOP/s ({p['peak_kind']}); batch {res['args']['batch_size']}.", '',
+           f"{', '.join(f'{k} {v}' for k, v in p['peaks_tflops'].items())} TFLOP/s ({p['peak_kind']}); "
+           f"batch {res['args']['batch_size']}.", '',
            '| method | pair | variant | images/s | speedup vs naive | GFLOP/image | TFLOP/s | fraction of peak |',
            '|---|---|---|---|---|---|---|---|']
     for r in (r for r in res['rows'] if r['kind'] == 'train_step'):
         speedup = '' if r['speedup'] is None else f"{r['speedup']:.2f}x"
         out.append(f"| {r['method']} | {r['pair']} ({r['student']} <- {r['teacher']}) | {r['variant']} | {r['images_per_s']} | "
                    f"{speedup} | {r['gflop_per_image']} | {r['tflops']} | {100 * r['peak_fraction']:.1f}% |")
-    proj = projections(res['rows'])
+    proj = res.get('projections') or []
     if proj:
         out += ['', 'Projected training time of one run at the official schedule (50,000 images per epoch, validation not '
                 'counted; 8 GPUs assumes linear DDP scaling, not measured):', '',
@@ -233,8 +235,9 @@ def main(argv=None):
     ap.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
     ap.add_argument('--variants', nargs='+', default=['naive', 'ours', 'fast'], choices=['naive', 'ours', 'fast'])
     ap.add_argument('--batch-size', type=int, default=128)
-    ap.add_argument('--iters', type=int, default=None, help='timed steps per row (default: 20 on a GPU, 3 on a CPU)')
-    ap.add_argument('--warmup', type=int, default=None, help='untimed steps first (default: 5 on a GPU, 1 on a CPU)')
+    ap.add_argument('--iters', type=int, default=None, help='timed steps per row (default: 20 on a GPU, 4 on a CPU)')
+    ap.add_argument('--warmup', type=int, default=None, help='untimed steps first (default: 5 on a GPU, 2 on a CPU: '
+                    'oneDNN builds its bf16 kernels during the first steps)')
     ap.add_argument('--workers', type=int, default=None, help='naive DataLoader workers (default: 4 on a GPU, 0 on a CPU)')
     ap.add_argument('--no-amp', dest='amp', action='store_false', help='fast variant without bf16')
     ap.add_argument('--compile', action='store_true', help='fast variant with torch.compile')
@@ -251,22 +254,23 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == 'cuda'
-    args.iters = args.iters or (20 if gpu else 3); args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    args.iters = args.iters or (20 if gpu else 4); args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     args.workers = args.workers if args.workers is not None else (4 if gpu else 0)
     if gpu: torch.backends.cudnn.benchmark = True; torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
-    peak_kind = 'bf16 matmul 8192^3' if gpu else 'fp32 matmul 1024^3'
-    peak = measure_peak(device, torch.bfloat16 if gpu else torch.float32)
+    peaks = {'bf16': measure_peak(device, torch.bfloat16)}
+    if not gpu: peaks['fp32'] = measure_peak(device, torch.float32)
+    peak_kind = 'bf16 matmul 8192^3' if gpu else 'matmul 2048^3: fp32 for the fp32 rows, bf16 for the bf16 rows'
     train = balanced_subset(load_cifar('cifar10', 'train', root=args.data_root, device='cpu'), args.train_n, seed=0).to(device)
-    res = dict(args=vars(args), provenance=provenance(device, peak, peak_kind), rows=[])
-    if not gpu: res['provenance']['peak_bf16_tflops'] = round(measure_peak(device, torch.bfloat16), 3)
+    res = dict(args=vars(args), provenance=provenance(device, peak_kind), rows=[])
+    res['provenance']['peaks_tflops'] = {k: round(v, 3) for k, v in peaks.items()}
     print(json.dumps(res['provenance']), flush=True)
     t0 = time.time()
-    for pair in args.pairs: res['rows'] += bench_pair(pair, args.methods, args, device, peak, train)
+    for pair in args.pairs: res['rows'] += bench_pair(pair, args.methods, args, device, peaks, train)
     if args.eval:
         test = first_n(load_cifar('cifar10', 'test', root=args.data_root, device='cpu'), args.eval_n)
         res['rows'] += bench_eval(args, device, test)
     res['wall_s'] = round(time.time() - t0, 1)
-    res['projections'] = projections(res['rows'])
+    res['projections'] = projections(res['rows']) if gpu else []   # a CPU's hours say nothing about the paper scale
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     stem = f"{res['provenance']['date'][:10]}-{device.type}{'-' + args.tag if args.tag else ''}"
     write_atomic(out / f'{stem}.json', json.dumps(res, indent=1) + '\n')

@@ -50,7 +50,8 @@ def test_markdown_table_has_every_row():
                  speedup=None if v == 'naive' else 2., gflop_per_image=1., tflops=0.1, peak_fraction=0.2)
             for v in ('naive', 'fast')]
     res = dict(rows=rows, args=dict(batch_size=8), provenance=dict(hardware=dict(cpu='x', torch_threads=2), commit='0' * 40,
-                                                                   dirty=False, date='d', peak_tflops=1., peak_kind='k'))
+                                                                   dirty=False, date='d', peaks_tflops=dict(bf16=1.), peak_kind='k'))
+    res['projections'] = bench.projections(rows)
     md = bench.markdown(res)
     assert '| adaad | small (a <- b) | naive | 1.0 |' in md and '| adaad | small (a <- b) | fast | 1.0 | 2.00x |' in md
     assert '20.0%' in md
