@@ -129,7 +129,7 @@ def config_dict(tc):
     "The JSON form of a resolved `TrainConfig` (as `train` writes it to `config.json`)."
     return _plain(dataclasses.asdict(resolve(tc)))
 
-# %% ../nbs/09_repro.ipynb #7b9e1143
+# %% ../nbs/09_repro.ipynb #0f7d1362
 def repo_root():
     "The repository that holds this package (for default paths and the git commit)."
     return Path(__file__).resolve().parents[1]
@@ -138,15 +138,18 @@ def default_data_root(data_root=None):
     "`data_root`, else $ADAAD_DATA, else the repository's `data` folder (so notebooks run from `nbs/` find it)."
     return str(data_root or os.environ.get('ADAAD_DATA') or repo_root() / 'data')
 
-def git_info(root=None):
-    "The commit and whether the working tree differs from it (None where git is unavailable)."
-    root = root or repo_root()
+def git_info(root=None, outputs=()):
+    """The commit, whether tracked files differ from it (`dirty`) and which (`dirty_files`), leaving out `outputs`:
+    the run's own output folders, which papermill and the run itself write before this is read."""
+    root = Path(root or repo_root())
     try:
         commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=20).stdout.strip()
-        dirty = bool(subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True,
-                                    text=True, timeout=20).stdout.strip())
-        return dict(commit=commit or None, dirty=dirty)
-    except (OSError, subprocess.SubprocessError): return dict(commit=None, dirty=None)
+        lines = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True,
+                               text=True, timeout=20).stdout.splitlines()
+        skip = [str(Path(o).resolve().relative_to(root.resolve())) for o in outputs if Path(o).resolve().is_relative_to(root.resolve())]
+        files = [l[3:] for l in lines if l[3:] and not any(l[3:] == s or l[3:].startswith(s.rstrip('/') + '/') for s in skip)]
+        return dict(commit=commit or None, dirty=bool(files), dirty_files=files)
+    except (OSError, subprocess.SubprocessError): return dict(commit=None, dirty=None, dirty_files=None)
 
 def hardware_info(device=None):
     "CPU/GPU names, thread count and library versions."
@@ -259,7 +262,7 @@ def _run_data(tc, train_full, device):
     if tc.train_n: tr = balanced_subset(tr, tc.train_n, seed=tc.seed)
     return tr.to(device), val.to(device)
 
-# %% ../nbs/09_repro.ipynb #0c3ea86b
+# %% ../nbs/09_repro.ipynb #261e2fb5
 def run_table(preset='smoke', teacher=None, students=None, methods=None, epochs=None, data_root=None, n_test=None,
               suite=None, out_dir=None, runs_dir=None, seed=0, device=None, time_limit=None, progress=False,
               attack_overrides=None, train_n=None):
@@ -281,7 +284,7 @@ def run_table(preset='smoke', teacher=None, students=None, methods=None, epochs=
     res = dict(preset=name, scale=cfg['scale'], reduced=name != 'paper', status='done', config=_plain(cfg),
                parameters=dict(preset=name, seed=seed, data_root=str(data_root) if data_root else None, device=str(device),
                                time_limit=time_limit, out_dir=str(out), runs_dir=str(runs)),
-               git=git_info(), hardware=hardware_info(device),
+               git=git_info(outputs=[out]), hardware=hardware_info(device),
                data=dict(train=_plain(train_full.source), test=_plain(test.source), n_test=len(test),
                          official=bool(test.source.get('official')),
                          exact_note=('official archive' if test.source.get('official') else
@@ -409,7 +412,7 @@ def load_results(path):
     p = Path(path); p = p / 'results.json' if p.is_dir() else p
     return json.loads(p.read_text())
 
-# %% ../nbs/09_repro.ipynb #c9f7ade2
+# %% ../nbs/09_repro.ipynb #f4fb7962
 def run_eps_sweep(preset='smoke', eps_list=(2, 4, 6, 8, 10, 12, 14, 16), steps=10, student='RN-18', method='adaad',
                   teacher=None, epochs=None, data_root=None, n_test=None, out_dir=None, runs_dir=None, seed=0, device=None,
                   time_limit=None, progress=False, attack_overrides=None, train_n=None):
@@ -430,7 +433,7 @@ def run_eps_sweep(preset='smoke', eps_list=(2, 4, 6, 8, 10, 12, 14, 16), steps=1
     ev = dict(suite=eval_suite(dict(cfg, suite=suite)), overrides={k: v for k, v in cfg['attack_overrides'].items() if k in suite},
               batch_size=cfg['eval_batch'], device=device, progress=progress, seed=seed)
     res = dict(preset=name, scale=cfg['scale'], reduced=name != 'paper', status='done', student=student, arch=arch,
-               method=method, steps=steps, eval_eps=8 / 255, out_dir=str(out), runs_dir=str(runs), config=_plain(cfg), git=git_info(), hardware=hardware_info(device),
+               method=method, steps=steps, eval_eps=8 / 255, out_dir=str(out), runs_dir=str(runs), config=_plain(cfg), git=git_info(outputs=[out]), hardware=hardware_info(device),
                data=dict(test=_plain(test.source), n_test=len(test), official=bool(test.source.get('official'))), points=[])
     tmodel, tinfo = obtain_teacher(cfg['teacher'], runs, train_full, device, seed, data_root, left(), progress)
     res['teacher'] = tinfo

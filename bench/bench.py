@@ -180,7 +180,10 @@ def provenance(device, peak_kind):
     hw = dict(platform=platform.platform(), cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
               torch_threads=torch.get_num_threads(), torch=torch.__version__)
     if device.type == 'cuda': hw['gpu'] = torch.cuda.get_device_name(device)
-    return dict(commit=git('rev-parse', 'HEAD'), dirty=bool(git('status', '--porcelain', '--untracked-files=no')),
+    status = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True, text=True).stdout
+    changed = [l[3:] for l in status.splitlines() if l[3:]]
+    changed = [f for f in changed if not f.startswith('bench/results/')]   # this script's own outputs
+    return dict(commit=git('rev-parse', 'HEAD'), dirty=bool(changed), dirty_files=changed,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), hardware=hw,
                 peaks_tflops={}, peak_kind=peak_kind)
 

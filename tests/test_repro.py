@@ -71,3 +71,20 @@ def test_natural_rows_are_selected_by_clean_accuracy():
     assert selected_checkpoint(cfg, 'natural') == 'best_clean'
     assert selected_checkpoint(cfg, 'adaad') == selected_checkpoint(cfg, 'pgd-at') == 'best_pgd'
     assert selected_checkpoint(PRESETS['smoke'], 'natural') == 'final'
+
+
+def test_git_info_names_changed_files_but_not_the_runs_outputs(tmp_path):
+    "A re-run rewrites its own tracked outputs before provenance is read: those do not make the tree dirty, code does."
+    import subprocess
+    from adaad.repro import git_info
+    run = lambda *a: subprocess.run(['git', *a], cwd=tmp_path, check=True, capture_output=True)
+    run('init', '-q'); run('config', 'user.email', 'a@b'); run('config', 'user.name', 'a')
+    (tmp_path / 'results' / 'p').mkdir(parents=True); (tmp_path / 'results' / 'p' / 'results.json').write_text('{}')
+    (tmp_path / 'code.py').write_text('x = 1\n')
+    run('add', '.'); run('commit', '-qm', 'c')
+    (tmp_path / 'results' / 'p' / 'results.json').write_text('{"new": 1}')
+    g = git_info(tmp_path, outputs=[tmp_path / 'results' / 'p'])
+    assert g['dirty'] is False and g['dirty_files'] == [] and len(g['commit']) == 40
+    (tmp_path / 'code.py').write_text('x = 2\n')
+    g = git_info(tmp_path, outputs=[tmp_path / 'results' / 'p'])
+    assert g['dirty'] is True and g['dirty_files'] == ['code.py']
