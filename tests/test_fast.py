@@ -157,3 +157,14 @@ def test_compiled_networks_match_eager():
         res.append((loss.detach(), torch.autograd.grad(loss, list(s.parameters()))))
     torch.testing.assert_close(res[1][0], res[0][0], atol=1e-6, rtol=1e-4)
     for a, b in zip(res[1][1], res[0][1]): torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_train_with_compile_writes_plain_checkpoints(data_root, tmp_path):
+    "compile=True end to end (inductor on the CPU, about 30 s): the run finishes and final.pt loads into an uncompiled model."
+    from adaad.models import load_model
+    cfg = _tiny_cfg(compile=True, drop_last=True, data_root=str(data_root))
+    r = train(cfg, teacher=create_model('wrn-10-1').eval(), out_dir=tmp_path, device='cpu', progress=False)
+    assert r['status'] == 'done'
+    m = load_model('wrn-10-1', tmp_path / 'final.pt')
+    assert all(torch.isfinite(v).all() for v in m.state_dict().values() if v.is_floating_point())
