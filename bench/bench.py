@@ -13,7 +13,7 @@ GPU; on a CPU an fp32 one for the fp32 rows and a bf16 one for the bf16 rows). V
 - `fast`: `ours` + channels_last + bf16 autocast of the networks (+ `torch.compile` with `--compile`).
 Writes `bench/results/<date>-<device>.json` (rows + provenance) and `.md` (the table), atomically.
 """
-import argparse, datetime, json, math, os, platform, subprocess, sys, time
+import argparse, datetime, json, os, sys, time
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from adaad.data import batches, balanced_subset, load_cifar, first_n  # noqa: E4
 from adaad.fast import prepare_teacher  # noqa: E402
 from adaad.methods import training_loss  # noqa: E402
 from adaad.models import create_model  # noqa: E402
+from adaad.repro import git_info, hardware_info  # noqa: E402
 
 PAIRS = {'r18-wrn34-10': ('resnet18', 'wrn-34-10'), 'r18-wrn34-20': ('resnet18', 'wrn-34-20'),
          'mnv2-wrn34-10': ('mobilenetv2', 'wrn-34-10'), 'small': ('wrn-16-1', 'wrn-10-2')}
@@ -175,23 +176,15 @@ def bench_eval(args, device, test):
 
 
 def provenance(device, peak_kind):
-    root = HERE.parent
-    git = lambda *a: subprocess.run(['git', *a], cwd=root, capture_output=True, text=True).stdout.strip()
-    hw = dict(platform=platform.platform(), cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-              torch_threads=torch.get_num_threads(), torch=torch.__version__)
-    if device.type == 'cuda': hw['gpu'] = torch.cuda.get_device_name(device)
-    status = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True, text=True).stdout
-    changed = [l[3:] for l in status.splitlines() if l[3:]]
-    changed = [f for f in changed if not f.startswith('bench/results/')]   # this script's own outputs
-    return dict(commit=git('rev-parse', 'HEAD'), dirty=bool(changed), dirty_files=changed,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), hardware=hw,
-                peaks_tflops={}, peak_kind=peak_kind)
+    "Commit (changed tracked files named, this script's results left out), date, hardware: as `adaad.repro` records them."
+    return dict(**git_info(outputs=[HERE / 'results']), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                hardware=hardware_info(device), peaks_tflops={}, peak_kind=peak_kind)
 
 
 def markdown(res):
     "The rows as markdown tables."
     p = res['provenance']
-    out = [f"Benchmark on {p['hardware'].get('gpu', p['hardware']['cpu'])} ({p['hardware']['torch_threads']} threads), "
+    out = [f"Benchmark on {p['hardware'].get('gpu', p['hardware']['processor'])} ({p['hardware']['torch_threads']} threads), "
            f"commit {p['commit'][:10]}{' (dirty)' if p['dirty'] else ''}, {p['date']}; measured peak "
            f"{', '.join(f'{k} {v}' for k, v in p['peaks_tflops'].items())} TFLOP/s ({p['peak_kind']}); "
            f"batch {res['args']['batch_size']}.", '',

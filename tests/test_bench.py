@@ -49,7 +49,7 @@ def test_markdown_table_has_every_row():
     rows = [dict(kind='train_step', method='adaad', pair='small', student='a', teacher='b', variant=v, images_per_s=1.,
                  speedup=None if v == 'naive' else 2., gflop_per_image=1., tflops=0.1, peak_fraction=0.2)
             for v in ('naive', 'fast')]
-    res = dict(rows=rows, args=dict(batch_size=8), provenance=dict(hardware=dict(cpu='x', torch_threads=2), commit='0' * 40,
+    res = dict(rows=rows, args=dict(batch_size=8), provenance=dict(hardware=dict(processor='x', torch_threads=2), commit='0' * 40,
                                                                    dirty=False, date='d', peaks_tflops=dict(bf16=1.), peak_kind='k'))
     res['projections'] = bench.projections(rows)
     md = bench.markdown(res)
