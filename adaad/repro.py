@@ -129,7 +129,7 @@ def config_dict(tc):
     "The JSON form of a resolved `TrainConfig` (as `train` writes it to `config.json`)."
     return _plain(dataclasses.asdict(resolve(tc)))
 
-# %% ../nbs/09_repro.ipynb #0f7d1362
+# %% ../nbs/09_repro.ipynb #8375d802
 def repo_root():
     "The repository that holds this package (for default paths and the git commit)."
     return Path(__file__).resolve().parents[1]
@@ -140,16 +140,30 @@ def default_data_root(data_root=None):
 
 def git_info(root=None, outputs=()):
     """The commit, whether tracked files differ from it (`dirty`) and which (`dirty_files`), leaving out `outputs`:
-    the run's own output folders, which papermill and the run itself write before this is read."""
+    the run's own output folders, which papermill and the run itself write before this is read. Outside a git
+    checkout (a copy of the tree on another machine) it reads the JSON file named by $ADAAD_GIT_INFO, which whoever
+    copied the tree wrote there (`tools/gpu_carry.sh` does); without either, every field is None."""
     root = Path(root or repo_root())
+    git = lambda *a: subprocess.run(['git', *a], cwd=root, capture_output=True, text=True, timeout=20)
     try:
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=20).stdout.strip()
-        lines = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True,
-                               text=True, timeout=20).stdout.splitlines()
-        skip = [str(Path(o).resolve().relative_to(root.resolve())) for o in outputs if Path(o).resolve().is_relative_to(root.resolve())]
-        files = [l[3:] for l in lines if l[3:] and not any(l[3:] == s or l[3:].startswith(s.rstrip('/') + '/') for s in skip)]
-        return dict(commit=commit or None, dirty=bool(files), dirty_files=files)
-    except (OSError, subprocess.SubprocessError): return dict(commit=None, dirty=None, dirty_files=None)
+        head = git('rev-parse', 'HEAD')
+        if head.returncode == 0 and head.stdout.strip():
+            lines = git('status', '--porcelain', '--untracked-files=no').stdout.splitlines()
+            skip = [str(Path(o).resolve().relative_to(root.resolve())) for o in outputs if Path(o).resolve().is_relative_to(root.resolve())]
+            files = [l[3:] for l in lines if l[3:] and not any(l[3:] == s or l[3:].startswith(s.rstrip('/') + '/') for s in skip)]
+            return dict(commit=head.stdout.strip(), dirty=bool(files), dirty_files=files)
+    except (OSError, subprocess.SubprocessError): pass
+    return _recorded_git_info()
+
+def _recorded_git_info():
+    "The provenance that $ADAAD_GIT_INFO's JSON file recorded when the tree was copied, marked with its source."
+    path = os.environ.get('ADAAD_GIT_INFO')
+    if not path: return dict(commit=None, dirty=None, dirty_files=None)
+    try: rec = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e: raise ValueError(f"ADAAD_GIT_INFO={path!r} is not a readable JSON file: {e}") from e
+    if not isinstance(rec, dict) or not isinstance(rec.get('commit'), str):
+        raise ValueError(f"ADAAD_GIT_INFO={path!r} must hold a JSON object with a string 'commit' (and 'dirty', 'dirty_files')")
+    return dict(commit=rec['commit'], dirty=rec.get('dirty'), dirty_files=rec.get('dirty_files'), source=f'recorded in {path}')
 
 def hardware_info(device=None):
     "CPU/GPU names, thread count and library versions."

@@ -10,10 +10,14 @@ GPU; on a CPU an fp32 one for the fp32 rows and a bf16 one for the bf16 rows). V
 - `naive`: `naive.py`, the official scripts' way (eager fp32 NCHW, every official pass, PIL per-image augmentation).
 - `ours`: `adaad.methods.training_loss` as the trainer runs it by default (frozen BN-folded teacher, dead branches
   skipped, batched augmentation on the device), fp32.
-- `fast`: `ours` + channels_last + bf16 autocast of the networks (+ `torch.compile` with `--compile`).
+- `fast`: `ours` + channels_last + bf16 autocast of the networks (+ `torch.compile` with `--compile`; CUDA graphs with
+  `--compile-mode reduce-overhead`).
+Every row also counts the host synchronisations of one step (`host_syncs`: tensor calls that copy a value to the host,
+seen by `adaad.fast.SyncWatch`; on a GPU `cuda_syncs`: what `torch.cuda.set_sync_debug_mode('warn')` reports), and
+each run checks issue #5's targets (`TARGETS`).
 Writes `bench/results/<date>-<device>.json` (rows + provenance) and `.md` (the table), atomically.
 """
-import argparse, datetime, json, os, sys, time
+import argparse, contextlib, datetime, json, os, sys, time
 from pathlib import Path
 
 import torch
@@ -22,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import naive  # noqa: E402
 from adaad.data import batches, balanced_subset, load_cifar, first_n  # noqa: E402
-from adaad.fast import prepare_teacher  # noqa: E402
+from adaad.fast import SyncWatch, prepare_teacher  # noqa: E402
 from adaad.methods import training_loss  # noqa: E402
 from adaad.models import create_model  # noqa: E402
 from adaad.repro import git_info, hardware_info  # noqa: E402
@@ -31,6 +35,9 @@ PAIRS = {'r18-wrn34-10': ('resnet18', 'wrn-34-10'), 'r18-wrn34-20': ('resnet18',
          'mnv2-wrn34-10': ('mobilenetv2', 'wrn-34-10'), 'small': ('wrn-16-1', 'wrn-10-2')}
 METHODS = ('adaad', 'adaiad', 'rslad', 'ard', 'pgd-at')
 K = naive.STEPS
+# Issue #5's targets: the `fast` variant's speedup over `naive` and its fraction of the measured peak
+TARGETS = (dict(device='cuda', method='adaad', pair='r18-wrn34-20', variant='fast', speedup=3.0, peak_fraction=0.35),
+           dict(device='cpu', method=None, pair='small', variant='fast', speedup=1.5, peak_fraction=None))
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -74,6 +81,27 @@ def measure_peak(device, dtype, n=None, reps=10):
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
 
 
+def host_syncs(step, device, watch=True):
+    """One call of `step`, counting its host synchronisations: tensor calls in the training computation (the batch
+    already fetched) that copy a value to the host (`SyncWatch`; `watch=False` for compiled code, which a
+    TorchFunctionMode would recompile) and, on a GPU, every synchronising CUDA call of the whole step, data included,
+    that `torch.cuda.set_sync_debug_mode('warn')` reports. Returns (count or None, CUDA count or None, examples)."""
+    import warnings
+    cuda = device.type == 'cuda'
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        if cuda: sync(device); torch.cuda.set_sync_debug_mode('warn')
+        try:
+            w = SyncWatch() if watch else None
+            step(w)
+        finally:
+            if cuda: torch.cuda.set_sync_debug_mode('default')
+    cuda_msgs = [str(c.message) for c in caught if 'synchroniz' in str(c.message)]
+    names = w.calls if watch else []
+    examples = sorted(set(names) | {m.splitlines()[0][:120] for m in cuda_msgs})[:5]
+    return (len(names) if watch else None), (len(cuda_msgs) if cuda else None), examples
+
+
 def timed(step, n_iter, warmup, device):
     "Seconds per call of `step()` after `warmup` calls."
     for _ in range(warmup): step()
@@ -90,10 +118,11 @@ def naive_runner(method, student, teacher, train, bs, device, workers):
     loader = naive.naive_loader(train.x.cpu(), train.y.cpu(), bs, workers)
     state = {'it': iter(loader)}
     step_fn = naive.STEPS_BY_METHOD[method]
-    def step():
+    def step(watch=None):
         try: x, y = next(state['it'])
         except StopIteration: state['it'] = iter(loader); x, y = next(state['it'])
-        step_fn(student, teacher, opt, x.to(device), y.to(device))
+        x, y = x.to(device), y.to(device)
+        with watch or contextlib.nullcontext(): step_fn(student, teacher, opt, x, y)
     return step
 
 
@@ -102,16 +131,17 @@ def ours_runner(method, student, teacher, train, bs, device, amp=False, channels
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     kw = dict(begin=0) if method == 'adaiad' else {}          # AdaIAD after its warm-up, like the naive step
     state = {'epoch': 0, 'it': batches(train, bs, shuffle=True, augment=True, drop_last=True)}
-    def step():
+    def step(watch=None):
         try: x, y = next(state['it'])
         except StopIteration:
             state['epoch'] += 1
             state['it'] = batches(train, bs, shuffle=True, augment=True, drop_last=True, epoch=state['epoch'])
             x, y = next(state['it'])
         if channels_last: x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = training_loss(method, student, teacher, x, y, num_classes=10, **kw)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        with watch or contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss, _ = training_loss(method, student, teacher, x, y, num_classes=10, **kw)
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     return step
 
 
@@ -133,11 +163,14 @@ def bench_pair(pair, methods, args, device, peaks, train):
             else:
                 fast = variant == 'fast'
                 if fast: student = student.to(memory_format=torch.channels_last)
-                teacher = prepare_teacher(t_base, channels_last=fast, compile=fast and args.compile)
-                net = torch.compile(student) if fast and args.compile else student
-                step = ours_runner(method, net, teacher, train, args.batch_size, device, amp=fast and args.amp,
+                teacher = prepare_teacher(t_base, channels_last=fast)
+                if fast and args.compile:
+                    teacher, student = (torch.compile(m, mode=args.compile_mode) for m in (teacher, student))
+                step = ours_runner(method, student, teacher, train, args.batch_size, device, amp=fast and args.amp,
                                    channels_last=fast)
             sec = timed(step, args.iters, args.warmup, device)
+            compiled = variant == 'fast' and args.compile
+            syncs, cuda_syncs, sync_examples = host_syncs(step, device, watch=not compiled)
             ips = args.batch_size / sec
             fl = step_flops(method, fs, ft, 'naive' if variant == 'naive' else 'ours')
             res[variant] = ips
@@ -147,7 +180,8 @@ def bench_pair(pair, methods, args, device, peaks, train):
                              gflop_per_image=round(fl / 1e9, 3), tflops=round(fl * ips / 1e12, 4),
                              peak_fraction=round(fl * ips / 1e12 / peak_of(variant), 4),
                              amp=variant == 'fast' and args.amp, channels_last=variant == 'fast',
-                             compile=variant == 'fast' and args.compile))
+                             compile=args.compile_mode if compiled else False, host_syncs=syncs, cuda_syncs=cuda_syncs,
+                             sync_examples=sync_examples))
             print(json.dumps(rows[-1]), flush=True)
             del step, student
     return rows
@@ -184,16 +218,23 @@ def provenance(device, peak_kind):
 def markdown(res):
     "The rows as markdown tables."
     p = res['provenance']
-    out = [f"Benchmark on {p['hardware'].get('gpu', p['hardware']['processor'])} ({p['hardware']['torch_threads']} threads), "
-           f"commit {p['commit'][:10]}{' (dirty)' if p['dirty'] else ''}, {p['date']}; measured peak "
+    hw = p['hardware']          # files from before 2026-11-21's review name the processor `cpu`
+    out = [f"Benchmark on {hw.get('gpu') or hw.get('processor') or hw.get('cpu')} ({hw['torch_threads']} threads), "
+           f"commit {(p['commit'] or 'unknown')[:10]}{' (dirty)' if p['dirty'] else ''}, {p['date']}; measured peak "
            f"{', '.join(f'{k} {v}' for k, v in p['peaks_tflops'].items())} TFLOP/s ({p['peak_kind']}); "
            f"batch {res['args']['batch_size']}.", '',
-           '| method | pair | variant | images/s | speedup vs naive | GFLOP/image | TFLOP/s | fraction of peak |',
-           '|---|---|---|---|---|---|---|---|']
+           '| method | pair | variant | images/s | speedup vs naive | GFLOP/image | TFLOP/s | fraction of peak | host syncs/step |',
+           '|---|---|---|---|---|---|---|---|---|']
     for r in (r for r in res['rows'] if r['kind'] == 'train_step'):
         speedup = '' if r['speedup'] is None else f"{r['speedup']:.2f}x"
-        out.append(f"| {r['method']} | {r['pair']} ({r['student']} <- {r['teacher']}) | {r['variant']} | {r['images_per_s']} | "
-                   f"{speedup} | {r['gflop_per_image']} | {r['tflops']} | {100 * r['peak_fraction']:.1f}% |")
+        variant = r['variant'] + (f" (compile {r['compile']})" if r.get('compile') else '')
+        out.append(f"| {r['method']} | {r['pair']} ({r['student']} <- {r['teacher']}) | {variant} | {r['images_per_s']} | "
+                   f"{speedup} | {r['gflop_per_image']} | {r['tflops']} | {100 * r['peak_fraction']:.1f}% | {syncs_cell(r)} |")
+    checks = res.get('targets') or []
+    if checks:
+        out += ['', "Issue #5's targets (the `fast` row against `naive` in the same process):", '',
+                '| target | row | measured | met |', '|---|---|---|---|']
+        out += [f"| {c['target']} | {c['row']} | {c['measured']} | {'yes' if c['met'] else 'no'} |" for c in checks]
     proj = res.get('projections') or []
     if proj:
         out += ['', 'Projected training time of one run at the official schedule (50,000 images per epoch, validation not '
@@ -206,6 +247,28 @@ def markdown(res):
         out += ['', '| attack | student | images | images/s | seconds |', '|---|---|---|---|---|']
         out += [f"| {r['attack']} | {r['student']} | {r['n']} | {r['images_per_s']} | {r['seconds']} |" for r in ev]
     return '\n'.join(out) + '\n'
+
+
+def syncs_cell(r):
+    "'n' host syncs of one step (SyncWatch), '+ m CUDA' where the GPU's sync debug mode counted; '' when not counted."
+    parts = [str(r['host_syncs'])] if r.get('host_syncs') is not None else []
+    if r.get('cuda_syncs') is not None: parts.append(f"{r['cuda_syncs']} CUDA")
+    return ' / '.join(parts)
+
+
+def check_targets(rows, device_type):
+    """Issue #5's targets on this run's rows: for each target of `device_type`, every matching `fast` row with its
+    measured speedup (and fraction of peak) and whether it meets the target. A target with no matching row is left out."""
+    out = []
+    for t in (t for t in TARGETS if t['device'] == device_type):
+        for r in rows:
+            if r['kind'] != 'train_step' or r['variant'] != t['variant'] or r['pair'] != t['pair'] or r['speedup'] is None: continue
+            if t['method'] and r['method'] != t['method']: continue
+            want = f"speedup >= {t['speedup']}x" + (f", peak >= {100 * t['peak_fraction']:.0f}%" if t['peak_fraction'] else '')
+            got = f"{r['speedup']:.2f}x" + (f", {100 * r['peak_fraction']:.1f}%" if t['peak_fraction'] else '')
+            met = r['speedup'] >= t['speedup'] and (t['peak_fraction'] is None or r['peak_fraction'] >= t['peak_fraction'])
+            out.append(dict(target=want, row=f"{r['method']} {r['pair']} {r['variant']}", measured=got, met=met))
+    return out
 
 
 def projections(rows):
@@ -227,7 +290,8 @@ def write_atomic(path, text):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    ap.add_argument('--pairs', nargs='+', default=['small'], choices=sorted(PAIRS))
+    ap.add_argument('--pairs', nargs='*', default=['small'], choices=sorted(PAIRS),
+                    help='pairs to time (none with --eval: evaluation throughput only)')
     ap.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
     ap.add_argument('--variants', nargs='+', default=['naive', 'ours', 'fast'], choices=['naive', 'ours', 'fast'])
     ap.add_argument('--batch-size', type=int, default=128)
@@ -237,6 +301,8 @@ def main(argv=None):
     ap.add_argument('--workers', type=int, default=None, help='naive DataLoader workers (default: 4 on a GPU, 0 on a CPU)')
     ap.add_argument('--no-amp', dest='amp', action='store_false', help='fast variant without bf16')
     ap.add_argument('--compile', action='store_true', help='fast variant with torch.compile')
+    ap.add_argument('--compile-mode', default='default', choices=['default', 'reduce-overhead', 'max-autotune'],
+                    help="torch.compile's mode with --compile ('reduce-overhead' replays CUDA graphs)")
     ap.add_argument('--train-n', type=int, default=5000, help='training images the loaders draw from')
     ap.add_argument('--eval', action='store_true', help='also time PGD-10, CW2 and AutoAttack')
     ap.add_argument('--eval-pair', default='small', choices=sorted(PAIRS))
@@ -252,13 +318,16 @@ def main(argv=None):
     gpu = device.type == 'cuda'
     args.iters = args.iters or (20 if gpu else 4); args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     args.workers = args.workers if args.workers is not None else (4 if gpu else 0)
-    if gpu: torch.backends.cudnn.benchmark = True; torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
+    # cudnn.benchmark as the official AdaAD/ARD scripts set it; TF32 left at PyTorch's defaults (cuDNN convolutions in
+    # TF32, matrix products not), which is what the official "fp32" code gets on this GPU
+    if gpu: torch.backends.cudnn.benchmark = True
     peaks = {'bf16': measure_peak(device, torch.bfloat16)}
     if not gpu: peaks['fp32'] = measure_peak(device, torch.float32)
     peak_kind = 'bf16 matmul 8192^3' if gpu else 'matmul 2048^3: fp32 for the fp32 rows, bf16 for the bf16 rows'
     train = balanced_subset(load_cifar('cifar10', 'train', root=args.data_root, device='cpu'), args.train_n, seed=0).to(device)
     res = dict(args=vars(args), provenance=provenance(device, peak_kind), rows=[])
     res['provenance']['peaks_tflops'] = {k: round(v, 3) for k, v in peaks.items()}
+    res['provenance']['tf32'] = dict(cudnn=torch.backends.cudnn.allow_tf32, matmul=torch.backends.cuda.matmul.allow_tf32)
     print(json.dumps(res['provenance']), flush=True)
     t0 = time.time()
     for pair in args.pairs: res['rows'] += bench_pair(pair, args.methods, args, device, peaks, train)
@@ -267,6 +336,7 @@ def main(argv=None):
         res['rows'] += bench_eval(args, device, test)
     res['wall_s'] = round(time.time() - t0, 1)
     res['projections'] = projections(res['rows']) if gpu else []   # a CPU's hours say nothing about the paper scale
+    res['targets'] = check_targets(res['rows'], device.type)
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     stem = f"{res['provenance']['date'][:10]}-{device.type}{'-' + args.tag if args.tag else ''}"
     write_atomic(out / f'{stem}.json', json.dumps(res, indent=1) + '\n')

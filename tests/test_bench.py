@@ -57,3 +57,49 @@ def test_markdown_table_has_every_row():
     assert '20.0%' in md
     # one AdaAD run: 200 epochs x 50,000 images at 1 image/s
     assert f"| adaad | small | fast | 200 | {200 * 50_000 / 3600:.1f} | {200 * 50_000 / 3600 / 8:.1f} |" in md
+
+
+def _row(method='adaad', pair='r18-wrn34-20', variant='fast', speedup=3.2, peak_fraction=0.4, device='cuda'):
+    return dict(kind='train_step', method=method, pair=pair, student='s', teacher='t', variant=variant, device=device,
+                images_per_s=10., speedup=speedup, gflop_per_image=1., tflops=1., peak_fraction=peak_fraction)
+
+
+def test_targets_are_checked_on_the_rows_they_name():
+    "The GPU target needs both the speedup and the fraction of peak, and only on AdaAD R18 <- WRN-34-20's fast row."
+    met, = bench.check_targets([_row(), _row(method='rslad', speedup=1.0)], 'cuda')
+    assert met['met'] and '3.20x' in met['measured'] and '40.0%' in met['measured']
+    assert not bench.check_targets([_row(peak_fraction=0.3)], 'cuda')[0]['met']
+    assert not bench.check_targets([_row(speedup=2.9)], 'cuda')[0]['met']
+    assert bench.check_targets([_row(pair='small')], 'cuda') == []                   # no such row: nothing claimed
+    cpu = bench.check_targets([_row(pair='small', method=m, speedup=sp, device='cpu') for m, sp in
+                               (('adaad', 2.0), ('ard', 1.4))], 'cpu')
+    assert [c['met'] for c in cpu] == [True, False]
+
+
+def test_report_merges_files_and_keeps_each_provenance(tmp_path):
+    "One table from per-pair files; each file's commit stays visible; a tree copied without git says 'unknown'."
+    import json
+    import report
+    prov = lambda commit: dict(hardware=dict(gpu='H', processor='x', torch_threads=1), commit=commit, dirty=False, date='d',
+                               peaks_tflops=dict(bf16=1.), peak_kind='k')
+    files = []
+    for i, (pair, commit) in enumerate((('r18-wrn34-20', 'a' * 40), ('r18-wrn34-10', None))):
+        res = dict(args=dict(batch_size=8, device='cuda'), provenance=prov(commit), rows=[_row(pair=pair)], wall_s=1.)
+        files.append(tmp_path / f'{i}.json'); files[-1].write_text(json.dumps(res))
+    md = report.main([str(f) for f in files] + ['--out', str(tmp_path / 'all.md')])
+    assert 'commit aaaaaaaaaa' in md and 'commit unknown' in md
+    assert md.count('| adaad | r18-wrn34-') == 2 and '| speedup >= 3.0x, peak >= 35% | adaad r18-wrn34-20 fast |' in md
+    assert (tmp_path / 'all.md').read_text() == md
+    (tmp_path / 'bad.json').write_text('{"rows": []}')
+    with pytest.raises(SystemExit, match='not a bench.py result'): report.main([str(tmp_path / 'bad.json')])
+
+
+def test_host_syncs_counts_only_the_watched_computation():
+    "Calls inside the step's watch count; the data fetch before it (CPU augmentation in naive's loader) does not."
+    def step(watch=None):
+        torch.ones(1).item()                      # the loader's side
+        with watch:
+            t = torch.arange(3.)
+            t.sum().item(); t.tolist()
+    n, cuda, examples = bench.host_syncs(step, torch.device('cpu'))
+    assert (n, cuda, examples) == (2, None, ['item', 'tolist'])

@@ -88,3 +88,19 @@ def test_git_info_names_changed_files_but_not_the_runs_outputs(tmp_path):
     (tmp_path / 'code.py').write_text('x = 2\n')
     g = git_info(tmp_path, outputs=[tmp_path / 'results' / 'p'])
     assert g['dirty'] is True and g['dirty_files'] == ['code.py']
+
+
+def test_git_info_outside_a_checkout_reads_the_recorded_provenance(tmp_path, monkeypatch):
+    "A copied tree (the GPU machine gets no .git) takes the commit recorded at copy time, or says it does not know."
+    import json
+    from adaad.repro import git_info
+    monkeypatch.delenv('ADAAD_GIT_INFO', raising=False)
+    monkeypatch.setenv('GIT_CEILING_DIRECTORIES', str(tmp_path.parent))
+    assert git_info(tmp_path) == dict(commit=None, dirty=None, dirty_files=None)
+    rec = tmp_path / 'git.json'
+    rec.write_text(json.dumps(dict(commit='a' * 40, dirty=True, dirty_files=['x.py'])))
+    monkeypatch.setenv('ADAAD_GIT_INFO', str(rec))
+    g = git_info(tmp_path)
+    assert (g['commit'], g['dirty'], g['dirty_files']) == ('a' * 40, True, ['x.py']) and str(rec) in g['source']
+    rec.write_text('{"dirty": false}')
+    with pytest.raises(ValueError, match='ADAAD_GIT_INFO'): git_info(tmp_path)
