@@ -29,7 +29,7 @@ from adaad.data import batches, balanced_subset, load_cifar, first_n  # noqa: E4
 from adaad.fast import SyncWatch, prepare_teacher  # noqa: E402
 from adaad.methods import training_loss  # noqa: E402
 from adaad.models import create_model  # noqa: E402
-from adaad.repro import git_info, hardware_info  # noqa: E402
+from adaad.repro import file_sha256, git_info, hardware_info  # noqa: E402
 
 PAIRS = {'r18-wrn34-10': ('resnet18', 'wrn-34-10'), 'r18-wrn34-20': ('resnet18', 'wrn-34-20'),
          'mnv2-wrn34-10': ('mobilenetv2', 'wrn-34-10'), 'small': ('wrn-16-1', 'wrn-10-2')}
@@ -188,11 +188,18 @@ def bench_pair(pair, methods, args, device, peaks, train):
 
 
 def bench_eval(args, device, test):
-    "Images/s of PGD-10, CW2 (the paper suite's settings, `--cw-steps` iterations) and AutoAttack on the pair's student."
+    """Images/s of PGD-10, CW2 (the paper suite's settings, `--cw-steps` iterations) and AutoAttack on the pair's student:
+    untrained, or the weights of `--eval-checkpoint` (AutoAttack's time depends on how many points stay robust)."""
     from adaad.attacks import autoattack, cw_l2, pgd
+    from adaad.models import load_checkpoint
     s_arch = PAIRS[args.eval_pair][0]
     torch.manual_seed(0)
-    model = create_model(s_arch).to(device).eval()
+    model = create_model(s_arch)
+    if args.eval_checkpoint: load_checkpoint(model, args.eval_checkpoint)
+    model = model.to(device).eval()
+    digest = file_sha256(args.eval_checkpoint) if args.eval_checkpoint else None
+    note = (f'checkpoint {args.eval_checkpoint}' if args.eval_checkpoint else
+            'untrained network: AA time depends on how many points stay robust')
     x, y = test.x[:args.eval_n].float().div(255).to(device), test.y[:args.eval_n].to(device)
     aa = dict(version='standard') if args.aa == 'standard' else dict(version='custom', attacks=['apgd-ce', 'apgd-t'])
     jobs = {'pgd10': lambda: pgd(model, x, y, steps=10, seed=0),
@@ -200,11 +207,11 @@ def bench_eval(args, device, test):
             f'aa-{args.aa}': lambda: autoattack(model, x, y, batch_size=args.eval_batch, **aa)}
     rows = []
     for name, job in jobs.items():
+        if name.split('-')[0] not in args.eval_attacks: continue
         sync(device); t = time.perf_counter(); job(); sync(device)
         sec = time.perf_counter() - t
         rows.append(dict(kind='eval', attack=name, student=s_arch, device=str(device), n=len(x),
-                         images_per_s=round(len(x) / sec, 2), seconds=round(sec, 2),
-                         note='untrained network: AA time depends on how many points stay robust'))
+                         images_per_s=round(len(x) / sec, 2), seconds=round(sec, 2), note=note, checkpoint_sha256=digest))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -244,9 +251,16 @@ def markdown(res):
                 for p in proj]
     ev = [r for r in res['rows'] if r['kind'] == 'eval']
     if ev:
-        out += ['', '| attack | student | images | images/s | seconds |', '|---|---|---|---|---|']
-        out += [f"| {r['attack']} | {r['student']} | {r['n']} | {r['images_per_s']} | {r['seconds']} |" for r in ev]
+        out += ['', '| attack | student | weights | images | images/s | seconds |', '|---|---|---|---|---|---|']
+        out += [f"| {r['attack']} | {r['student']} | {weights_cell(r)} | {r['n']} | {r['images_per_s']} | {r['seconds']} |"
+                for r in ev]
     return '\n'.join(out) + '\n'
+
+
+def weights_cell(r):
+    "'untrained' or the checkpoint the eval row attacked."
+    note = r.get('note', '')
+    return note[len('checkpoint '):] if note.startswith('checkpoint ') else 'untrained'
 
 
 def syncs_cell(r):
@@ -307,6 +321,9 @@ def main(argv=None):
     ap.add_argument('--eval', action='store_true', help='also time PGD-10, CW2 and AutoAttack')
     ap.add_argument('--eval-pair', default='small', choices=sorted(PAIRS))
     ap.add_argument('--eval-n', type=int, default=1000)
+    ap.add_argument('--eval-attacks', nargs='+', default=['pgd10', 'cw2', 'aa'], choices=['pgd10', 'cw2', 'aa'])
+    ap.add_argument('--eval-checkpoint', default=None, help="weights for the eval student (the eval pair's student "
+                    'architecture), e.g. a trained run\'s best_pgd.pt; untrained when not given')
     ap.add_argument('--eval-batch', type=int, default=500)
     ap.add_argument('--cw-steps', type=int, default=1000)
     ap.add_argument('--aa', default='standard', choices=['standard', 'reduced'])
@@ -314,6 +331,8 @@ def main(argv=None):
     ap.add_argument('--out', default=str(HERE / 'results'))
     ap.add_argument('--tag', default='')
     args = ap.parse_args(argv)
+    if args.eval_checkpoint and not Path(args.eval_checkpoint).is_file():
+        ap.error(f'--eval-checkpoint: no file {args.eval_checkpoint!r}')
     device = torch.device(args.device)
     gpu = device.type == 'cuda'
     args.iters = args.iters or (20 if gpu else 4); args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
