@@ -229,10 +229,12 @@ def markdown(res):
     out = [f"Benchmark on {hw.get('gpu') or hw.get('processor') or hw.get('cpu')} ({hw['torch_threads']} threads), "
            f"commit {(p['commit'] or 'unknown')[:10]}{' (dirty)' if p['dirty'] else ''}, {p['date']}; measured peak "
            f"{', '.join(f'{k} {v}' for k, v in p['peaks_tflops'].items())} TFLOP/s ({p['peak_kind']}); "
-           f"batch {res['args']['batch_size']}.", '',
-           '| method | pair | variant | images/s | speedup vs naive | GFLOP/image | TFLOP/s | fraction of peak | host syncs/step |',
-           '|---|---|---|---|---|---|---|---|---|']
-    for r in (r for r in res['rows'] if r['kind'] == 'train_step'):
+           f"batch {res['args']['batch_size']}."]
+    train = [r for r in res['rows'] if r['kind'] == 'train_step']
+    if train:
+        out += ['', '| method | pair | variant | images/s | speedup vs naive | GFLOP/image | TFLOP/s | fraction of peak | host syncs/step |',
+                '|---|---|---|---|---|---|---|---|---|']
+    for r in train:
         speedup = '' if r['speedup'] is None else f"{r['speedup']:.2f}x"
         variant = r['variant'] + (f" (compile {r['compile']})" if r.get('compile') else '')
         out.append(f"| {r['method']} | {r['pair']} ({r['student']} <- {r['teacher']}) | {variant} | {r['images_per_s']} | "

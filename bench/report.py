@@ -43,7 +43,7 @@ def merge(results):
     merged['projections'] = [q for _, res in results for q in res.get('projections') or []]
     merged['targets'] = [t for _, res in results
                          for t in bench.check_targets(res['rows'], torch_device_type(res))]
-    body = bench.markdown(merged).split('\n', 2)[2]   # the tables, without the first source's provenance line
+    body = bench.markdown(merged).split('\n', 1)[1].lstrip('\n')   # the tables, without the first file's provenance line
     return '\n'.join(lines) + '\n\n' + body
 
 
