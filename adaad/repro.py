@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['PAPER_COLUMNS', 'PAPER_TABLE', 'PAPER_METHODS', 'PAPER_TEACHER', 'PRESETS', 'COLUMN_NAMES', 'preset_config',
            'train_config', 'config_dict', 'repo_root', 'default_data_root', 'git_info', 'hardware_info', 'file_sha256',
-           'tensor_sha256', 'cached_eval', 'autoattack_reduced', 'eval_suite', 'obtain_teacher', 'run_table',
-           'selected_checkpoint', 'logged_train_s', 'markdown_table', 'latex_table', 'paper_comparison',
+           'tensor_sha256', 'cached_eval', 'autoattack_reduced', 'eval_suite', 'teacher_file', 'obtain_teacher',
+           'run_table', 'selected_checkpoint', 'logged_train_s', 'markdown_table', 'latex_table', 'paper_comparison',
            'write_outputs', 'rewrite_tables', 'load_results', 'run_eps_sweep', 'plot_eps_sweep']
 
 # %% ../nbs/09_repro.ipynb #0f990e61
@@ -41,7 +41,7 @@ PAPER_TABLE = {  # methods.md §7.1: CIFAR-10, teacher WRN-34-20 (LTD), eps 8/25
 PAPER_METHODS = ('pgd-at', 'trades', 'ard', 'iad', 'rslad', 'akd', 'adaad', 'adaiad')
 PAPER_TEACHER = dict(name='Chen2021LTD_WRN34_20', clean=86.03, aa=57.71)  # RobustBench's reported numbers (methods.md §7.1)
 
-# %% ../nbs/09_repro.ipynb #761ffb62
+# %% ../nbs/09_repro.ipynb #aefa8edf
 PRESETS = {
     'smoke': dict(
         scale='smoke test: numbers only show that the pipeline runs, they say nothing about the methods',
@@ -81,6 +81,18 @@ PRESETS = {
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides={}, aa=None,
         eval_batch=500, amp=True, channels_last=True),
+    'cpu-long': dict(
+        scale='reduced scale (the cpu-small teacher and RN-18 stand-in, 16 epochs in bf16 instead of 4 in fp32): not comparable to the paper',
+        teacher=dict(source='checkpoint', arch='wrn-10-2', path='runs/repro/cpu-small/teacher-wrn-10-2-pgd-at/best_pgd.pt'),
+        students={'RN-18': 'wrn-16-1'},
+        methods=('pgd-at', 'ard', 'rslad', 'adaad', 'adaiad'),
+        train=dict(epochs=16, train_n=6000, batch_size=128, lr=0.1, milestones=(12,), steps=3, step_size=3/255, val_n=500,
+                   val_steps=5),
+        method_kwargs={'adaiad': dict(begin=5)},
+        checkpoint='best_pgd', n_test=1000,
+        suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)),
+        aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=20, n_restarts=1, n_target_classes=3),
+        eval_batch=250, amp=True, channels_last=True),
     'paper': dict(
         scale='paper scale (official settings)',
         teacher=dict(source='robustbench', name='Chen2021LTD_WRN34_20',
@@ -231,16 +243,25 @@ def eval_suite(cfg):
 
 def _suite_key(suite): return [s if isinstance(s, str) else s.config() for s in suite]
 
-# %% ../nbs/09_repro.ipynb #0727442e
+# %% ../nbs/09_repro.ipynb #88a5abe7
+def teacher_file(path, hint):
+    """`path` as given, else, when relative, under the repository root (presets name files from there, and the
+    notebooks run from `nbs/`); a clear error naming both places and `hint` when neither exists."""
+    p = Path(path)
+    if p.exists(): return p.resolve()
+    if not p.is_absolute() and (repo_root() / p).exists(): return (repo_root() / p).resolve()
+    where = f'{p.resolve()}' + ('' if p.is_absolute() else f' or {repo_root() / p}')
+    raise FileNotFoundError(f'teacher file {path} is missing (looked for {where}): {hint}')
+
 def obtain_teacher(spec, runs_dir, data, device, seed=0, data_root=None, time_limit=None, progress=False):
     "(teacher model or None if its training paused, info dict) for teacher spec `spec`."
     spec = dict(spec); src = spec.get('source')
     if src == 'robustbench':
-        p = Path(spec['path'])
-        if not p.exists(): raise FileNotFoundError(f"teacher file {p} is missing: download {spec['name']} (see README, 'Teachers')")
+        p = teacher_file(spec['path'], f"download {spec['name']} (see README, 'Teachers')")
         return load_teacher(p, robustbench=spec['name'], device=device), dict(spec, ckpt=str(p), wall_s=0.)
     if src == 'checkpoint':
-        return load_teacher(spec['path'], arch=spec['arch'], device=device), dict(spec, ckpt=str(spec['path']), wall_s=0.)
+        p = teacher_file(spec['path'], 'train it first (a preset that names another preset\'s run says which)')
+        return load_teacher(p, arch=spec['arch'], device=device), dict(spec, ckpt=str(p), wall_s=0.)
     if src != 'train': raise ValueError(f"teacher source must be 'robustbench', 'checkpoint' or 'train', got {src!r}")
     t = {k: v for k, v in spec.items() if k not in ('source', 'arch', 'method')}
     tc = TrainConfig(method=spec.get('method', 'pgd-at'), student=spec['arch'], seed=seed, data_root=data_root, **t)

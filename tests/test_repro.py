@@ -22,7 +22,7 @@ def _outputs(nb_json):
 
 
 def test_presets_are_data():
-    assert set(PRESETS) == {'smoke', 'cpu-small', 'gpu-small', 'paper'}
+    assert set(PRESETS) == {'smoke', 'cpu-small', 'cpu-long', 'gpu-small', 'paper'}
     assert json.dumps(PRESETS)  # plain data only
     assert PRESETS['paper']['n_test'] == 10000 and PRESETS['paper']['teacher']['name'] == 'Chen2021LTD_WRN34_20'
     assert sum(len(v) for v in PAPER_TABLE.values()) == 16
@@ -88,6 +88,18 @@ def test_git_info_names_changed_files_but_not_the_runs_outputs(tmp_path):
     (tmp_path / 'code.py').write_text('x = 2\n')
     g = git_info(tmp_path, outputs=[tmp_path / 'results' / 'p'])
     assert g['dirty'] is True and g['dirty_files'] == ['code.py']
+
+
+def test_teacher_file_is_found_from_the_notebooks_folder_too(tmp_path, monkeypatch):
+    "Presets name teacher files from the repository root; `make repro` runs the notebook from nbs/."
+    from adaad.repro import repo_root, teacher_file
+    monkeypatch.chdir(repo_root() / 'nbs')
+    assert teacher_file('settings.ini', 'x') == (repo_root() / 'settings.ini').resolve()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 't.pt').write_text('')
+    assert teacher_file('t.pt', 'x') == (tmp_path / 't.pt').resolve()           # where the code runs comes first
+    with pytest.raises(FileNotFoundError, match=r'nope\.pt is missing .*train it first'):
+        teacher_file('runs/nope.pt', 'train it first')
 
 
 def test_git_info_outside_a_checkout_reads_the_recorded_provenance(tmp_path, monkeypatch):
