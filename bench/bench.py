@@ -333,6 +333,7 @@ def main(argv=None):
     ap.add_argument('--out', default=str(HERE / 'results'))
     ap.add_argument('--tag', default='')
     args = ap.parse_args(argv)
+    if not args.pairs and not args.eval: ap.error('--pairs: give at least one of %s, or --eval' % ', '.join(sorted(PAIRS)))
     if args.eval_checkpoint and not Path(args.eval_checkpoint).is_file():
         ap.error(f'--eval-checkpoint: no file {args.eval_checkpoint!r}')
     device = torch.device(args.device)

@@ -103,3 +103,11 @@ def test_host_syncs_counts_only_the_watched_computation():
             t.sum().item(); t.tolist()
     n, cuda, examples = bench.host_syncs(step, torch.device('cpu'))
     assert (n, cuda, examples) == (2, None, ['item', 'tolist'])
+
+
+def test_bench_refuses_a_run_with_nothing_to_time(capsys):
+    "No pair and no --eval would write an empty result file: the error names --pairs and the accepted pairs."
+    with pytest.raises(SystemExit):
+        bench.main(['--pairs'])
+    err = capsys.readouterr().err
+    assert '--pairs' in err and 'r18-wrn34-20' in err and '--eval' in err
