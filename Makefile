@@ -41,7 +41,7 @@ test-slow: install data
 
 # The paper's table with a preset (smoke, cpu-small, cpu-long, gpu-small, paper): `make repro PRESET=smoke`. The notebook's own
 # defaults are cut down for the notebook tests; here students and methods are the preset's (None). The executed
-# notebook goes to results/<preset>/repro_table.ipynb, the numbers to results/<preset>/ (see nbs/09_repro.ipynb).
+# notebook goes to results/<preset>/repro_table.ipynb, the numbers to results/<preset>/ (see nbs/14_repro.ipynb).
 PRESET ?= smoke
 REPRO_ARGS ?=
 repro: install data

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Round-trip notebooks and percent-format scripts, an editing aid (the notebook stays the source of truth).
 
-    python tools/nbpy.py to-py nbs/02_attacks.ipynb /tmp/02_attacks.py   # edit the script ...
-    python tools/nbpy.py to-nb /tmp/02_attacks.py nbs/02_attacks.ipynb   # ... and write the notebook back
+    python tools/nbpy.py to-py nbs/04_attacks.ipynb /tmp/04_attacks.py   # edit the script ...
+    python tools/nbpy.py to-nb /tmp/04_attacks.py nbs/04_attacks.ipynb   # ... and write the notebook back
 
 Cells are separated by lines `# %%` (code) or `# %% [markdown]`; `tags=["parameters"]` after the marker sets
 the cell's tags. Markdown lines carry a leading `# `. Outputs are dropped: run the notebook to make them.
