@@ -10,20 +10,22 @@ export PYTHONHASHSEED := 0
 
 .PHONY: install data check-nbdev nbtest pytest test test-slow repro repro-eps bench
 
-$(BIN)/.installed: settings.ini setup.py
+LOCK ?= requirements-lock.txt
+$(BIN)/.installed: settings.ini setup.py $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
 install: $(BIN)/.installed
 
-# CIFAR-10: the standard folder under $ADAAD_DATA; on the offline build machines it is rebuilt from ../shared.
+# CIFAR-10: the standard folder under $ADAAD_DATA; on the offline build machines it is rebuilt from their local copy
+# (SHARED_CIFAR), elsewhere downloaded through torchvision. The tests need it: without it `make data` fails.
 data: install
 	@if [ -d "$(ADAAD_DATA)/cifar-10-batches-py" ]; then echo "data: $(ADAAD_DATA)/cifar-10-batches-py"; \
 	elif [ -f "$(SHARED_CIFAR)/build_cifar10.py" ]; then $(BIN)/python $(SHARED_CIFAR)/build_cifar10.py "$(ADAAD_DATA)" >/dev/null && echo "data: rebuilt from $(SHARED_CIFAR)"; \
-	else echo "data: no CIFAR-10 under $(ADAAD_DATA) and no $(SHARED_CIFAR): data-dependent tests will be skipped"; fi
+	else $(BIN)/python -c "from adaad.data import load_cifar; load_cifar('cifar10', 'test', root='$(ADAAD_DATA)', download=True)" && echo "data: downloaded to $(ADAAD_DATA)"; fi
 
 check-nbdev: install
 	bash tools/check_nbdev.sh $(BIN)
@@ -39,15 +41,21 @@ test: check-nbdev nbtest pytest
 test-slow: install data
 	$(BIN)/python -m pytest -m slow
 
-# The paper's table with a preset (smoke, cpu-small, cpu-long, gpu-small, paper): `make repro PRESET=smoke`. The notebook's own
-# defaults are cut down for the notebook tests; here students and methods are the preset's (None). The executed
-# notebook goes to results/<preset>/repro_table.ipynb, the numbers to results/<preset>/ (see nbs/14_repro.ipynb).
+# The paper's table with a preset (smoke, cpu-small, cpu-long, cpu-strong, gpu-small, paper): `make repro PRESET=smoke`. The
+# notebook's own defaults are cut down for the notebook tests; here students and methods are the preset's (None). A
+# fresh run goes to the ignored folder runs/results/<preset>/ (the executed notebook, the numbers, the figures) and is
+# compared with the committed results/<preset>/ (vs_committed.md there); `make repro PRESET=... COMMIT=1` writes into
+# results/<preset>/ itself (and the training-curve figure into figures/) (see nbs/15_repro.ipynb).
 PRESET ?= smoke
 REPRO_ARGS ?=
+COMMIT ?=
+REPRO_OUT = $(if $(COMMIT),results/$(PRESET),runs/results/$(PRESET))
+REPRO_CURVES = $(if $(COMMIT),$(if $(filter smoke,$(PRESET)),$(CURDIR)/$(REPRO_OUT)/training_curves,$(CURDIR)/figures/training_curves_$(PRESET)),$(CURDIR)/$(REPRO_OUT)/training_curves)
 repro: install data
-	mkdir -p results/$(PRESET)
-	$(BIN)/papermill nbs/repro_table.ipynb results/$(PRESET)/repro_table.ipynb --cwd nbs -k python3 \
-		-p preset $(PRESET) -p scratch False -y '{"methods": null, "students": null}' $(REPRO_ARGS)
+	mkdir -p $(REPRO_OUT)
+	$(BIN)/papermill nbs/repro_table.ipynb $(REPRO_OUT)/repro_table.ipynb --cwd nbs -k python3 \
+		-p preset $(PRESET) -p scratch False -p out_dir $(CURDIR)/$(REPRO_OUT) -p curves $(REPRO_CURVES) \
+		-p committed $(if $(COMMIT),None,$(CURDIR)/results/$(PRESET)) -y '{"methods": null, "students": null}' $(REPRO_ARGS)
 
 # The inner-eps sweep (AdaAD, RN-18 row of the preset), its figure in figures/eps_sweep.{png,pdf}
 # (results/smoke-eps-sweep/ for the smoke preset, whose numbers only check the pipeline).

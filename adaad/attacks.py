@@ -4,15 +4,16 @@
 
 # %% auto #0
 __all__ = ['LOSSES', 'AA_VERSIONS', 'AA_ATTACKS', 'ATTACKS', 'project_linf', 'frozen_eval', 'check_images', 'check_labels',
-           'check_eps', 'check_int', 'check_positive', 'check_attack_args', 'ce_loss', 'cw_margin', 'input_grad',
-           'fgsm', 'pgd', 'cw_l2', 'autoattack', 'square']
+           'check_eps', 'check_attack_args', 'ce_loss', 'cw_margin', 'input_grad', 'fgsm', 'pgd', 'cw_l2', 'autoattack',
+           'square']
 
-# %% ../nbs/04_attacks.ipynb #a656ba9f
+# %% ../nbs/04_attacks.ipynb #ec7ee26c
 import numbers, sys
 from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .core import check_int, check_positive, is_real as _is_real
 
 # %% ../nbs/04_attacks.ipynb #c375e94b
 def project_linf(x_adv, x, eps):
@@ -32,7 +33,7 @@ def frozen_eval(*models):
             m.train(training)
             for p, f in zip(m.parameters(), flags): p.requires_grad_(f)
 
-# %% ../nbs/04_attacks.ipynb #626c4bdc
+# %% ../nbs/04_attacks.ipynb #32e9a4a4
 def _shape(t): return tuple(t.shape)
 
 def check_images(x, name='x'):
@@ -61,27 +62,11 @@ def check_labels(y, x, name='y'):
     if y.min().item() < 0: raise ValueError(f"{name} must hold class indices >= 0, got min {y.min().item()}")
     return y.to(device=x.device, dtype=torch.long)
 
-def _is_real(v): return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
 def check_eps(eps, name='eps'):
     "Raise unless `eps` is a number in (0, 1]."
     if not _is_real(eps): raise TypeError(f"{name} must be a number in (0, 1], got {eps!r}")
     if not 0 < eps <= 1: raise ValueError(f"{name} must be in (0, 1], got {eps}")
     return float(eps)
-
-def check_int(v, name, low=1):
-    "Raise unless `v` is an integer >= `low`."
-    if not isinstance(v, numbers.Integral) or isinstance(v, bool):
-        raise TypeError(f"{name} must be an integer >= {low}, got {v!r}")
-    if v < low: raise ValueError(f"{name} must be an integer >= {low}, got {v}")
-    return int(v)
-
-def check_positive(v, name, zero_ok=False):
-    "Raise unless `v` is a finite number > 0 (>= 0 with `zero_ok`)."
-    what = '>= 0' if zero_ok else '> 0'
-    if not _is_real(v): raise TypeError(f"{name} must be a finite number {what}, got {v!r}")
-    if not (v >= 0 if zero_ok else v > 0) or v == float('inf'): raise ValueError(f"{name} must be a finite number {what}, got {v}")
-    return float(v)
 
 # %% ../nbs/04_attacks.ipynb #0f80ecc2
 _UNSET = object()

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['EPS', 'SPECS', 'SUITES', 'ORDER', 'WHITE_BOX_MULTI', 'AttackSpec', 'resolve_suite', 'wilson_ci', 'order_flags',
-           'square_flags', 'loss_flags', 'captured_log', 'EvalResult', 'evaluate', 'results_table']
+           'square_flags', 'loss_flags', 'captured_log', 'EvalResult', 'shards', 'evaluate', 'results_table']
 
-# %% ../nbs/05_evaluate.ipynb #afb75746
+# %% ../nbs/05_evaluate.ipynb #42f76071
 import csv, dataclasses, inspect, io, json, logging, os, time, uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
-from .attacks import (autoattack, check_eps, check_images, check_int, check_labels, cw_l2, fgsm,
+from .core import atomic_write, check_int, content_digest, plain, tensor_sha256
+from .stats import per_class
+from .attacks import (autoattack, check_eps, check_images, check_labels, cw_l2, fgsm,
                            frozen_eval, pgd, square)
 
 # %% ../nbs/05_evaluate.ipynb #5a82c037
@@ -130,19 +132,7 @@ def captured_log(name='auto-attack'):
     try: yield h.messages
     finally: lg.removeHandler(h)
 
-# %% ../nbs/05_evaluate.ipynb #00dc23bc
-def _atomic_write(path, text):
-    "Write `text` to `path` through a temporary file in the same folder and `os.replace`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
-    try:
-        with open(tmp, 'w', newline='') as f: f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True); raise
-    return path
-
-# %% ../nbs/05_evaluate.ipynb #494eb152
+# %% ../nbs/05_evaluate.ipynb #d76eff59
 @dataclass(repr=False)
 class EvalResult:
     "Accuracies (percent) under each attack on `n` points, with per-example correctness, 95% Wilson CIs, worst case, flags and timings."
@@ -156,10 +146,11 @@ class EvalResult:
     seconds: dict
     config: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
+    per_class: dict = field(default_factory=dict)
 
     @classmethod
-    def from_correct(cls, correct, seconds=None, config=None, flags=(), diagnostics=None):
-        "Build the result from per-example correctness {attack: bool tensor}; flags from order, Square and `flags`."
+    def from_correct(cls, correct, seconds=None, config=None, flags=(), diagnostics=None, labels=None, num_classes=None):
+        "Build the result from per-example correctness {attack: bool tensor} (and `labels`: per-class counts); flags from order, Square and `flags`."
         if not correct: raise ValueError("correct must map at least one attack name to per-example correctness, got {}")
         correct = {k: torch.as_tensor(v, dtype=torch.bool).cpu() for k, v in correct.items()}
         if len({len(c) for c in correct.values()}) != 1:
@@ -168,9 +159,10 @@ class EvalResult:
         worst = torch.stack(list(correct.values())).all(0)
         pct = lambda c: 100 * c.sum().item() / n
         accuracy = {k: pct(c) for k, c in correct.items()}
+        classes = {} if labels is None else {k: per_class(c, labels, num_classes) for k, c in {**correct, 'worst': worst}.items()}
         return cls(n, accuracy, correct, {k: wilson_ci(int(c.sum()), n) for k, c in correct.items()}, pct(worst),
                    worst, order_flags(accuracy) + square_flags(accuracy) + list(flags), dict(seconds or {}),
-                   dict(config or {}), dict(diagnostics or {}))
+                   dict(config or {}), dict(diagnostics or {}), classes)
 
     @property
     def ok(self):
@@ -186,7 +178,7 @@ class EvalResult:
         return dict(n=self.n, accuracy=self.accuracy, ci95={k: list(v) for k, v in self.ci95.items()},
                     worst=self.worst, flags=self.flags, seconds=self.seconds, config=self.config,
                     correct={k: v.tolist() for k, v in self.correct.items()}, worst_correct=self.worst_correct.tolist(),
-                    diagnostics=self.diagnostics)
+                    diagnostics=self.diagnostics, per_class=self.per_class)
 
     @classmethod
     def from_dict(cls, d):
@@ -194,11 +186,11 @@ class EvalResult:
         as_bool = lambda v: torch.tensor(v, dtype=torch.bool)
         return cls(d['n'], dict(d['accuracy']), {k: as_bool(v) for k, v in d['correct'].items()},
                    {k: tuple(v) for k, v in d['ci95'].items()}, d['worst'], as_bool(d['worst_correct']),
-                   list(d['flags']), dict(d['seconds']), dict(d['config']), dict(d.get('diagnostics', {})))
+                   list(d['flags']), dict(d['seconds']), dict(d['config']), dict(d.get('diagnostics', {})), dict(d.get('per_class', {})))
 
     def to_json(self, path):
         "Write `to_dict()` as JSON to `path`, atomically."
-        return _atomic_write(path, json.dumps(self.to_dict(), indent=1) + '\n')
+        return atomic_write(path, json.dumps(self.to_dict(), indent=1) + '\n')
 
     @classmethod
     def from_json(cls, path):
@@ -214,7 +206,7 @@ class EvalResult:
                         int(self.correct[k].sum()), self.n, f"{self.seconds.get(k, float('nan')):.3f}"])
         lo, hi = wilson_ci(int(self.worst_correct.sum()), self.n)
         w.writerow(['worst', f'{self.worst:.4f}', f'{lo:.4f}', f'{hi:.4f}', int(self.worst_correct.sum()), self.n, ''])
-        return _atomic_write(path, buf.getvalue())
+        return atomic_write(path, buf.getvalue())
 
     def __repr__(self):
         cols = ', '.join(f'{k}={v:.2f}% [{self.ci95[k][0]:.1f}, {self.ci95[k][1]:.1f}]' for k, v in self.accuracy.items())
@@ -266,26 +258,81 @@ def _run_whole(spec, model, x, y, batch_size, device, seed, progress):
         bar.update(len(x))
     return _correct(model, xa, y, batch_size, device), ({'warnings': list(msgs)} if msgs else {})
 
-# %% ../nbs/05_evaluate.ipynb #db7a1aca
-def evaluate(model, x, y=None, suite='quick', batch_size=200, device=None, progress=True, seed=0, eps=None, **overrides):
+# %% ../nbs/05_evaluate.ipynb #d6a55bff
+def shards(n, batch_size, shard_size=None):
+    "The (start, stop) image ranges of an evaluation of `n` images in shards of `shard_size` (a multiple of `batch_size`)."
+    shard_size = n if shard_size is None else check_int(shard_size, 'shard_size')
+    if shard_size < n and shard_size % batch_size:
+        raise ValueError(f'shard_size ({shard_size}) must be a multiple of batch_size ({batch_size}) so that the batches, '
+                         'and so the seeds, of a sharded evaluation are those of an unsharded one')
+    return [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
+
+def _rank_world():
+    "(rank, world size) of an initialised process group, else (0, 1)."
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+def _piece(spec, model, x, y, start, stop, k, batch_size, device, seed, progress, folder, key):
+    "The (correct, seconds, diagnostics) of one (attack, shard) piece, read from `folder` when its key matches."
+    f = None if folder is None else Path(folder) / f'{spec.name}-{start}-{stop}.json'
+    if f is not None and f.exists():
+        d = json.loads(f.read_text())
+        if d.get('key') == key: return torch.tensor(d['correct'], dtype=torch.bool), d['seconds'], d['diagnostics']
+    t0 = time.perf_counter()
+    if spec.whole: c, diag = _run_whole(spec, model, x[start:stop], y[start:stop], batch_size, device, seed + k, progress)
+    else: c, diag = _run_batched(spec, model, x[start:stop], y[start:stop], batch_size, device, seed + start // batch_size, progress)
+    out = (c, time.perf_counter() - t0, diag)
+    if f is not None: atomic_write(f, json.dumps(dict(key=key, correct=c.tolist(), seconds=out[1], diagnostics=diag)) + '\n')
+    return out
+
+def _gather(mine, world):
+    "Every rank's {(attack, start): piece}, merged (all_gather_object under torchrun)."
+    if world == 1: return mine
+    import torch.distributed as dist
+    parts = [None] * world
+    dist.all_gather_object(parts, {k: (c.tolist(), s, d) for k, (c, s, d) in mine.items()})
+    return {k: (torch.tensor(c, dtype=torch.bool), s, d) for p in parts for k, (c, s, d) in p.items()}
+
+def _merge(spec, pieces, ranges):
+    "Correctness, seconds and diagnostics of attack `spec` from its pieces, in image order."
+    parts = [pieces[spec.name, a] for a, _ in ranges]
+    if len(parts) == 1: return parts[0]
+    correct, seconds = torch.cat([c for c, _, _ in parts]), sum(s for _, s, _ in parts)
+    diag, n = {}, sum(len(c) for c, _, _ in parts)
+    if all('loss' in d for _, _, d in parts) and parts:
+        curve = [sum(len(c) * d['loss'][i] for c, _, d in parts) / n for i in range(len(parts[0][2]['loss']))]
+        diag['loss'] = curve
+    warnings = [w for _, _, d in parts for w in d.get('warnings', [])]
+    if warnings: diag['warnings'] = warnings
+    return correct, seconds, diag
+
+# %% ../nbs/05_evaluate.ipynb #12509e6d
+def evaluate(model, x, y=None, suite='quick', batch_size=200, device=None, progress=True, seed=0, eps=None,
+             shard_size=None, pieces_dir=None, **overrides):
     "Accuracy of `model` on (x, y) under each attack of `suite` (see `resolve_suite`), as an `EvalResult`."
     specs = resolve_suite(suite, eps=eps, **overrides)
     x, y = _as_xy(x, y)
     batch_size, seed = check_int(batch_size, 'batch_size'), check_int(seed, 'seed', 0)
     device = _model_device(model) if device is None else torch.device(device)
-    correct, seconds, diag = {}, {}, {}
+    ranges, (rank, world) = shards(len(x), batch_size, shard_size), _rank_world()
+    jobs = [(spec, k, a, b) for spec in specs for k, (a, b) in enumerate(ranges)]
+    digest = None if pieces_dir is None else content_digest(model.state_dict())
+    mine = {}
     with frozen_eval(model):
-        for spec in specs:
-            t0 = time.perf_counter()
-            run = _run_whole if spec.whole else _run_batched
-            correct[spec.name], d = run(spec, model, x, y, batch_size, device, seed, progress)
-            seconds[spec.name] = time.perf_counter() - t0
-            if d: diag[spec.name] = d
-    config = dict(suite=[s.config() for s in specs], batch_size=batch_size, seed=seed, device=str(device),
-                  torch=torch.__version__)
+        for spec, k, a, b in tqdm(jobs[rank::world], desc='pieces', disable=not progress or len(jobs) < 2, leave=False):
+            key = None if digest is None else dict(model=digest, images=tensor_sha256(x[a:b]) + tensor_sha256(y[a:b]), attack=spec.config(),
+                                                   batch_size=batch_size, seed=seed, shard=[k, a, b])
+            mine[spec.name, a] = _piece(spec, model, x, y, a, b, k, batch_size, device, seed, progress and len(jobs) < 2, pieces_dir, plain(key))
+    pieces = _gather(mine, world)
+    correct, seconds, diag = {}, {}, {}
+    for spec in specs:
+        correct[spec.name], seconds[spec.name], d = _merge(spec, pieces, ranges)
+        if d: diag[spec.name] = d
+    config = dict(suite=[s.config() for s in specs], batch_size=batch_size, seed=seed, device=str(device), torch=torch.__version__,
+                  shard_size=shard_size, processes=world)
     flags = loss_flags({k: d['loss'] for k, d in diag.items() if 'loss' in d})
     flags += [f"autoattack-check: {k}: {m}" for k, d in diag.items() for m in d.get('warnings', [])]
-    return EvalResult.from_correct(correct, seconds, config, flags, diag)
+    return EvalResult.from_correct(correct, seconds, config, flags, diag, labels=y.cpu())
 
 # %% ../nbs/05_evaluate.ipynb #57bef3fa
 def results_table(results, digits=2, mark='⚠'):

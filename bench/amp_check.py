@@ -13,10 +13,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench import provenance, write_atomic  # noqa: E402
+from bench import provenance  # noqa: E402
+from adaad.core import atomic_write  # noqa: E402
 from adaad.data import first_n, load_cifar  # noqa: E402
 from adaad.fast import amp_check  # noqa: E402
-from adaad.models import load_model  # noqa: E402
+from adaad.checkpoint import load_model  # noqa: E402
 
 
 def main(argv=None):
@@ -40,7 +41,7 @@ def main(argv=None):
         res['rows'].append(dict(ckpt=ck, arch=arch, **r, seconds=round(time.time() - t, 1)))
         print(json.dumps(res['rows'][-1]), flush=True)
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / f"{res['provenance']['date'][:10]}-{device.type}-amp-check.json", json.dumps(res, indent=1, default=str) + '\n')
+    atomic_write(out / f"{res['provenance']['date'][:10]}-{device.type}-amp-check.json", json.dumps(res, indent=1, default=str) + '\n')
     return res
 
 

@@ -4,8 +4,8 @@
     python bench/bench.py --device cuda --pairs r18-wrn34-10 r18-wrn34-20 mnv2-wrn34-10 small
 
 Each row: method, pair, variant, device, images/s, speedup over `naive` (same pair, method and batch size, measured in
-the same process), the FLOPs of one image's step (performance.md §2 accounting: 2F per forward+input-gradient, 3F per
-forward+full backward), the achieved TFLOP/s and its fraction of the peak measured here (a bf16 matrix product on a
+the same process), the FLOPs of one image's step (2F per forward+input-gradient, 3F per forward+full backward, F the
+forward's 2 x multiply-adds), the achieved TFLOP/s and its fraction of the peak measured here (a bf16 matrix product on a
 GPU; on a CPU an fp32 one for the fp32 rows and a bf16 one for the bf16 rows). Variants:
 - `naive`: `naive.py`, the official scripts' way (eager fp32 NCHW, every official pass, PIL per-image augmentation).
 - `ours`: `adaad.methods.training_loss` as the trainer runs it by default (frozen BN-folded teacher, dead branches
@@ -27,9 +27,10 @@ sys.path.insert(0, str(HERE))
 import naive  # noqa: E402
 from adaad.data import batches, balanced_subset, load_cifar, first_n  # noqa: E402
 from adaad.fast import SyncWatch, prepare_teacher  # noqa: E402
-from adaad.methods import training_loss  # noqa: E402
+from adaad.methods import get_method, training_loss  # noqa: E402
 from adaad.models import create_model  # noqa: E402
-from adaad.repro import file_sha256, git_info, hardware_info  # noqa: E402
+from adaad.core import atomic_write, file_sha256  # noqa: E402
+from adaad.repro import git_info, hardware_info  # noqa: E402
 
 PAIRS = {'r18-wrn34-10': ('resnet18', 'wrn-34-10'), 'r18-wrn34-20': ('resnet18', 'wrn-34-20'),
          'mnv2-wrn34-10': ('mobilenetv2', 'wrn-34-10'), 'small': ('wrn-16-1', 'wrn-10-2')}
@@ -55,7 +56,7 @@ def forward_flops(model):
 
 
 def step_flops(method, fs, ft, impl):
-    "FLOPs of one image's training step (performance.md §2.2): `impl` 'naive' = the official passes, else ours."
+    "FLOPs of one image's training step: `impl` 'naive' = the official passes, else ours (K inner steps, 2F / 3F per pass)."
     inner = {'adaad': 2 * K * (fs + ft), 'adaiad': 2 * K * (fs + ft), 'rslad': 2 * K * fs + ft, 'ard': 2 * K * fs,
              'pgd-at': 2 * K * fs}[method]
     if impl == 'naive':
@@ -129,7 +130,7 @@ def naive_runner(method, student, teacher, train, bs, device, workers):
 def ours_runner(method, student, teacher, train, bs, device, amp=False, channels_last=False):
     "One `training_loss` step per call as `adaad.train.train` runs it, batches from `adaad.data.batches` on the device."
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    kw = dict(begin=0) if method == 'adaiad' else {}          # AdaIAD after its warm-up, like the naive step
+    m = get_method(method, **(dict(begin=0) if method == 'adaiad' else {}))   # AdaIAD after its warm-up, like the naive step
     state = {'epoch': 0, 'it': batches(train, bs, shuffle=True, augment=True, drop_last=True)}
     def step(watch=None):
         try: x, y = next(state['it'])
@@ -140,7 +141,7 @@ def ours_runner(method, student, teacher, train, bs, device, amp=False, channels
         if channels_last: x = x.contiguous(memory_format=torch.channels_last)
         with watch or contextlib.nullcontext():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, _ = training_loss(method, student, teacher, x, y, num_classes=10, **kw)
+                loss, _ = training_loss(m, student, teacher, x, y, num_classes=10)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     return step
 
@@ -191,7 +192,7 @@ def bench_eval(args, device, test):
     """Images/s of PGD-10, CW2 (the paper suite's settings, `--cw-steps` iterations) and AutoAttack on the pair's student:
     untrained, or the weights of `--eval-checkpoint` (AutoAttack's time depends on how many points stay robust)."""
     from adaad.attacks import autoattack, cw_l2, pgd
-    from adaad.models import load_checkpoint
+    from adaad.checkpoint import load_checkpoint
     s_arch = PAIRS[args.eval_pair][0]
     torch.manual_seed(0)
     model = create_model(s_arch)
@@ -299,10 +300,6 @@ def projections(rows):
     return out
 
 
-def write_atomic(path, text):
-    tmp = path.with_name(f'.{path.name}.tmp'); tmp.write_text(text); os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -361,8 +358,8 @@ def main(argv=None):
     res['targets'] = check_targets(res['rows'], device.type)
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     stem = f"{res['provenance']['date'][:10]}-{device.type}{'-' + args.tag if args.tag else ''}"
-    write_atomic(out / f'{stem}.json', json.dumps(res, indent=1) + '\n')
-    write_atomic(out / f'{stem}.md', markdown(res))
+    atomic_write(out / f'{stem}.json', json.dumps(res, indent=1) + '\n')
+    atomic_write(out / f'{stem}.md', markdown(res))
     print(markdown(res))
     return res
 

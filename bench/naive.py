@@ -6,7 +6,7 @@ inner loop's `autograd.grad` prunes their weight gradients anyway), per-example 
 makes them (AdaIAD's reliability weights), and per-image PIL augmentation in a `DataLoader`
 (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor), as in `boyellow/AdaAD config/dataset_config.py`.
 
-The maths equals `adaad.methods.training_loss` (same passes, reductions and weights; methods.md §3-§6), so the ratio
+The maths equals `adaad.methods.training_loss` (same passes, reductions and weights as the official scripts named in each function), so the ratio
 measures the implementation only. This file is a benchmark reference, not library code: the library never imports it.
 """
 import torch

@@ -12,6 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench  # noqa: E402
+from adaad.core import atomic_write  # noqa: E402
 
 
 def load(paths):
@@ -53,7 +54,7 @@ def main(argv=None):
     ap.add_argument('--out', help='write the markdown here (atomically) as well as to stdout')
     args = ap.parse_args(argv)
     md = merge(load(args.files))
-    if args.out: bench.write_atomic(Path(args.out), md)
+    if args.out: atomic_write(Path(args.out), md)
     print(md)
     return md
 

@@ -28,7 +28,7 @@ def data_root():
     "The folder that holds `cifar-10-batches-py` ($ADAAD_DATA, else ./data); skip where it is absent."
     root = Path(os.environ.get('ADAAD_DATA', ROOT / 'data'))
     if not (root / 'cifar-10-batches-py').is_dir():
-        pytest.skip(f'no CIFAR-10 under {root}: run `make data` (rebuilds it from ../shared/data/cifar10)')
+        pytest.skip(f'no CIFAR-10 under {root}: run `make data` (downloads it, or rebuilds it from the offline copy)')
     return root
 
 

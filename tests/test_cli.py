@@ -2,12 +2,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from adaad.cli import main, parser
-from adaad.models import atomic_save, create_model
+from adaad.checkpoint import atomic_save
+from adaad.models import create_model
 
 
 def _run(args, capsys):
@@ -15,24 +17,44 @@ def _run(args, capsys):
     return e.value.code, capsys.readouterr()
 
 
-@pytest.mark.parametrize('cmd', ['train', 'teacher', 'eval'])
-def test_help_documents_every_option_with_default(cmd):
-    sub = next(a for a in parser()._actions if a.dest == 'cmd').choices[cmd]
-    text = sub.format_help()
+def _sub(cmd):
+    return next(a for a in parser()._actions if a.dest == 'cmd').choices[cmd]
+
+
+@pytest.mark.parametrize('cmd', ['train', 'teacher'])
+def test_help_lists_every_trainconfig_field_with_its_default(cmd):
+    "Each TrainConfig field has an option whose help shows the field's help text and default (fails if a field is left out)."
+    import dataclasses
+    from adaad.train import TrainConfig
+    sub = _sub(cmd)
+    by_dest = {a.dest: a for a in sub._actions}
+    text = ' '.join(sub.format_help().split())
+    for f in dataclasses.fields(TrainConfig):
+        act = by_dest[f.name]
+        default = 'pgd-at' if (cmd, f.name) == ('teacher', 'method') else {} if f.name == 'method_kwargs' else f.default
+        assert act.help.endswith(f'(default: {default})'), (f.name, act.help)
+        assert ' '.join(f.metadata['help'].split()) in text and act.option_strings[0] in text, f.name
+
+
+def test_eval_help_documents_every_option_with_default():
+    sub = _sub('eval')
     for act in sub._actions:
-        if act.option_strings and act.dest != 'help': assert act.option_strings[-1] in text
-    assert '(default:' in text
+        if act.option_strings and act.dest not in ('help', 'no_progress', 'ckpt'): assert '(default:' in act.help, act.dest
 
 
 @pytest.mark.parametrize('args,msg', [
     (['train', '--method', 'nope'], "invalid choice: 'nope'"),
-    (['train', '--eps', '0'], r'--eps: .*must be in \(0, 1\]'),
-    (['train', '--eps', '9/5'], r'--eps: .*must be in \(0, 1\]'),
+    (['train', '--eps', '0'], r'--eps: .*must be a number in \(0, 1\]'),
+    (['train', '--eps', '9/5'], r'--eps: .*must be a number in \(0, 1\]'),
     (['train', '--eps', 'abc'], '--eps: .*not a number'),
-    (['train', '--steps', '0'], '--steps: .*must be >= 1'),
+    (['train', '--steps', '-1'], '--steps: .*must be an int >= 0'),
+    (['train', '--lr', '0'], '--lr: .*must be a number > 0'),
+    (['train', '--method', 'adaad', '--set', 'tau=2', '--teacher', 'x.pt', '--teacher-arch', 'wrn-10-1'], 'checkpoint not found'),
     (['train', '--method', 'adaad'], '--method adaad needs --teacher'),
     (['train', '--teacher', 'x.pt'], 'exactly one of --teacher-arch or --teacher-robustbench'),
-    (['teacher', '--method', 'adaad'], "--method for a teacher must be 'pgd-at' or 'trades'"),
+    (['teacher', '--method', 'adaad'], "--method for a teacher must be 'pgd-at', 'trades' or 'natural'"),
+    (['train', '--method', 'akd', '--teacher', 'x.pt', '--teacher-arch', 'wrn-10-1', '--standard-teacher-arch', 'wrn-10-1'], '--standard-teacher-arch / --standard-teacher-robustbench need --standard-teacher'),
+    (['--import', 'no_such_module_xyz', 'train'], '--import no_such_module_xyz'),
     (['eval', '--ckpt', 'x.pt'], 'exactly one of --arch or --robustbench'),
 ])
 def test_bad_values_are_refused_by_name(args, msg, capsys):
@@ -65,14 +87,29 @@ def test_teacher_train_eval_end_to_end(tmp_path, data_root, capsys):
 
 
 def test_console_script_installed():
-    out = subprocess.run([sys.executable, '-m', 'adaad.cli', '--help'], capture_output=True, text=True)
-    assert out.returncode == 0 and 'train' in out.stdout and 'teacher' in out.stdout
+    "The `adaad` executable that `pip install` puts beside the interpreter runs and lists its commands."
+    exe = Path(sys.executable).with_name('adaad')
+    out = subprocess.run([str(exe), '--help'], capture_output=True, text=True)
+    assert out.returncode == 0 and all(c in out.stdout for c in ('train', 'teacher', 'eval')), out.stderr
+    out = subprocess.run([str(exe), 'train', '--help'], capture_output=True, text=True)
+    assert '--eps-ramp-epochs' in out.stdout and '--standard-teacher' in out.stdout
 
 
 @pytest.mark.parametrize('flags, compile_, fold', [([], False, True), (['--compile', '--no-fold-teacher'], True, False)])
 def test_speed_flags_reach_the_config(flags, compile_, fold):
-    from adaad.cli import _config
+    from adaad.cli import config_from_args
     a = parser().parse_args(['train', '--method', 'adaad', '--student', 'wrn-10-1', '--teacher', 't.pt',
                              '--teacher-arch', 'wrn-10-1', *flags])
-    c = _config(a, 'wrn-10-1')
+    c = config_from_args(a)
     assert (c.compile, c.fold_teacher) == (compile_, fold)
+
+
+def test_every_field_reaches_the_config():
+    "Options of fields the old command line lacked (val_steps, drop_last, momentum, single_decay, inner, eps schedule)."
+    from adaad.cli import config_from_args
+    a = parser().parse_args(['train', '--val-steps', '3', '--drop-last', '--momentum', '0.5', '--single-decay', '--inner', 'trades',
+                             '--eps', '16/255', '--eps-start', '4/255', '--eps-ramp-epochs', '5', '--set', 'alpha=0.5', '--batch-size', '64'])
+    c = config_from_args(a)
+    assert (c.val_steps, c.drop_last, c.momentum, c.single_decay, c.inner, c.eps, c.eps_start, c.eps_ramp_epochs) == \
+           (3, True, 0.5, True, 'trades', 16 / 255, 4 / 255, 5)
+    assert c.method_kwargs == {'alpha': 0.5} and c.batch_size == 64

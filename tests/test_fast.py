@@ -6,14 +6,19 @@ import torch
 import torch.nn as nn
 
 from adaad.fast import Autocast, SyncWatch, amp_check, count_batchnorms, fold_batchnorm, prepare_teacher
-from adaad.inner import INNERS
-from adaad.methods import training_loss
+from adaad.core import kl
+from adaad.methods import METHODS, Logits, get_method, inner_point, training_loss
 from adaad.models import create_model
 from adaad.train import TrainConfig, train
 
 
 @pytest.fixture(autouse=True)
 def _threads(one_thread): yield
+
+
+def adaad_inner(s, t, x, steps=10):
+    "AdaAD's inner point of student `s` and teacher `t` on `x`."
+    return inner_point(get_method('adaad', steps=steps), Logits(s, t, x), None)
 
 
 def random_bn(model, seed=0):
@@ -62,7 +67,6 @@ def test_fold_untraceable_model_is_a_clear_error():
 
 def test_folded_teacher_gives_the_same_adaad_step():
     "Same inner points (a rounding-level gradient can flip a sign at a few pixels) and the same loss at a given point."
-    from adaad.inner import adaad_inner, kl_sum
     s, t = create_model('wrn-10-1'), random_bn(create_model('wrn-10-2'), seed=1)
     ft = prepare_teacher(t)
     x = torch.rand(8, 3, 32, 32)
@@ -71,7 +75,7 @@ def test_folded_teacher_gives_the_same_adaad_step():
         torch.manual_seed(0); pts.append(adaad_inner(s, teacher, x, steps=3))
     assert (pts[0] == pts[1]).float().mean() > 0.99
     with torch.no_grad():
-        torch.testing.assert_close(kl_sum(ft(pts[0]), s(pts[0])), kl_sum(t(pts[0]), s(pts[0])), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(kl(ft(pts[0]), s(pts[0])), kl(t(pts[0]), s(pts[0])), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize('field', ['fold_teacher', 'compile', 'amp', 'channels_last', 'faithful'])
@@ -79,11 +83,11 @@ def test_bool_fields_are_checked(field):
     with pytest.raises(ValueError, match=field): TrainConfig(**{field: 'yes'}).validate()
 
 
-@pytest.mark.parametrize('name', sorted(INNERS))
+@pytest.mark.parametrize('name', sorted(n for n, c in METHODS.items() if c().budget is not None))
 def test_inner_loops_make_no_host_sync(name):
     s, t = create_model('wrn-10-1'), create_model('wrn-10-1')
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    with SyncWatch() as w: INNERS[name](s, t, x, y, steps=2)
+    with SyncWatch() as w: inner_point(get_method(name, steps=2), Logits(s, t, x), y)
     assert w.calls == []
 
 
@@ -126,21 +130,10 @@ def test_train_with_and_without_folding_agree(data_root, tmp_path):
         if v.is_floating_point(): torch.testing.assert_close(v, out[False][k], atol=1e-4, rtol=1e-3)
 
 
-def test_reuse_accepts_runs_from_before_new_fields(tmp_path):
-    "A run folder written before `fold_teacher`/`compile` existed is still reused; a real difference is refused."
-    from adaad.repro import _check_reuse, config_dict
-    tc = _tiny_cfg()
-    old = config_dict(tc); old.pop('fold_teacher'); old.pop('compile')
-    (tmp_path / 'config.json').write_text(json.dumps(old))
-    _check_reuse(tmp_path, tc)
-    with pytest.raises(ValueError, match='epochs'): _check_reuse(tmp_path, dataclasses.replace(tc, epochs=2))
-
-
 @pytest.mark.slow
 def test_compiled_networks_match_eager():
     """torch.compile (inductor on the CPU) of student and teacher: the same inner points (up to rounding-level sign flips),
     and the same AdaAD loss and weight gradients at a given point."""
-    from adaad.inner import adaad_inner
     from adaad.losses import adaad_loss
     s, t = create_model('wrn-10-1'), prepare_teacher(random_bn(create_model('wrn-10-1'), seed=3))
     cs, ct = torch.compile(s), torch.compile(t)
@@ -162,7 +155,7 @@ def test_compiled_networks_match_eager():
 @pytest.mark.slow
 def test_train_with_compile_writes_plain_checkpoints(data_root, tmp_path):
     "compile=True end to end (inductor on the CPU, about 30 s): the run finishes and final.pt loads into an uncompiled model."
-    from adaad.models import load_model
+    from adaad.checkpoint import load_model
     cfg = _tiny_cfg(compile=True, drop_last=True, data_root=str(data_root))
     r = train(cfg, teacher=create_model('wrn-10-1').eval(), out_dir=tmp_path, device='cpu', progress=False)
     assert r['status'] == 'done'

@@ -93,7 +93,7 @@ def start_worker(out):
 
 
 def final_state(out):
-    from adaad.models import read_checkpoint
+    from adaad.checkpoint import read_checkpoint
     return read_checkpoint(Path(out) / 'final.pt')['state_dict']
 
 
@@ -168,14 +168,15 @@ def test_truncated_last_checkpoint_falls_back_to_previous(tmp_path, reference):
 # ---- corrupt files, in process ---------------------------------------------------------------------------------------
 def _saved(tmp_path, steps=(1, 2)):
     from adaad.models import create_model
-    from adaad.train import resolve, save_rotating
-    m = create_model('wrn-10-1'); o = torch.optim.SGD(m.parameters(), lr=0.1); c = resolve(tiny_config())
+    from adaad.checkpoint import save_rotating
+    from adaad.train import config_dict
+    m = create_model('wrn-10-1'); o = torch.optim.SGD(m.parameters(), lr=0.1); c = config_dict(tiny_config())
     for s in steps: save_rotating(tmp_path / 'last.pt', m, o, 0, s, {}, c)
     return tmp_path / 'last.pt'
 
 
 def test_corrupt_and_truncated_checkpoints_are_refused(tmp_path):
-    from adaad.models import read_checkpoint
+    from adaad.checkpoint import read_checkpoint
     path = _saved(tmp_path)
     assert read_checkpoint(path)['step'] == 2 and 'sha256' not in read_checkpoint(path)
     obj = torch.load(path, weights_only=True)               # a changed weight that still unpickles
@@ -191,7 +192,7 @@ def test_corrupt_and_truncated_checkpoints_are_refused(tmp_path):
 
 def test_byte_flips_anywhere_are_refused_or_harmless(tmp_path):
     "Flipping one byte at many offsets never yields a silently different checkpoint."
-    from adaad.models import read_checkpoint
+    from adaad.checkpoint import read_checkpoint
     path = _saved(tmp_path, steps=(1,))
     raw, good = path.read_bytes(), read_checkpoint(path)
     rng = random.Random(0)
@@ -204,7 +205,7 @@ def test_byte_flips_anywhere_are_refused_or_harmless(tmp_path):
 
 
 def test_resume_fails_clearly_when_every_checkpoint_is_bad(tmp_path):
-    from adaad.train import load_resume
+    from adaad.checkpoint import load_resume
     path = _saved(tmp_path)
     for p in (path, tmp_path / 'last.prev.pt'): p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(ValueError, match=r'cannot resume from .*last\.pt: it and .*last\.prev\.pt are unreadable'): load_resume(path)
@@ -227,7 +228,8 @@ class _Poisoned(torch.nn.Module):
 
 @pytest.mark.parametrize('save_every', [1, 0])
 def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_last_good(tmp_path, save_every):
-    from adaad.models import MODELS, read_checkpoint
+    from adaad.checkpoint import read_checkpoint
+    from adaad.models import MODELS
     from adaad.train import train
     MODELS['_poisoned'] = lambda num_classes, **kw: _Poisoned(num_classes, at=5 + 6)  # 'natural': 1 forward per step
     try:
@@ -292,11 +294,14 @@ class _Payload:
 def test_malicious_checkpoint_refused_on_the_resume_path(tmp_path):
     "An evil last.pt is refused without running it; with a good last.prev.pt the run falls back to it."
     from adaad.models import create_model
-    from adaad.train import load_resume, load_teacher, train
+    from adaad.checkpoint import load_resume, load_teacher
+    from adaad.train import train
     marker = tmp_path / 'pwned'
     evil = {'state_dict': create_model('wrn-10-1').state_dict(), 'x': _Payload(marker)}
     run = tmp_path / 'run'; run.mkdir()
-    torch.save(evil, run / 'last.pt')
+    from adaad.train import check_identity, run_identity
+    check_identity(run, run_identity(tiny_config(), data=tiny_data()))   # the folder holds this run ...
+    torch.save(evil, run / 'last.pt')                                      # ... and an evil last.pt
     with pytest.raises(ValueError, match=r'cannot resume .*weights_only=True'):
         train(tiny_config(), out_dir=run, device='cpu', progress=False, data=tiny_data())
     torch.save(evil, tmp_path / 'teacher.pt')

@@ -6,9 +6,23 @@ import torch
 import torch.nn as nn
 
 from adaad.attacks import project_linf
-from adaad.inner import (INNERS, TEACHER_INNERS, adaad_inner, adaad_objective, ard_inner, attack_mode, ce_objective,
-                         check_budget, fixed_target_objective, get_inner, init_point, kl_sum, mmard_objective,
-                         rslad_inner, sign_ascent, trades_inner)
+from adaad.core import kl
+from adaad.inner import (Budget, adaad_objective, attack_mode, ce_objective, check_budget, fixed_target_objective, find_inner,
+                         init_point, mmard_objective, sign_ascent)
+from adaad.methods import METHODS, Logits, get_method, inner_point
+
+
+def get_inner(name):
+    "The inner maximisation of method `name` as a function (student, teacher, x, y, **budget or method fields)."
+    def inner(S, T, x, y, **kw):
+        bn = kw.pop('bn', None)
+        if bn is not None: kw['attack_bn'] = bn
+        return inner_point(get_method(name, **kw), Logits(S, T, x), y)
+    return inner
+
+INNERS = {n: get_inner(n) for n in ('adaad', 'rslad', 'ard', 'pgd-at', 'trades', 'mmard', 'natural')}
+adaad_inner, rslad_inner, ard_inner, trades_inner = (INNERS[n] for n in ('adaad', 'rslad', 'ard', 'trades'))
+kl_sum = lambda p, q: kl(p, q, reduction='sum')
 
 EPS = 8 / 255
 
@@ -143,11 +157,13 @@ def test_adaad_queries_the_teacher_at_the_moving_point_rslad_only_at_x(nets):
     assert not torch.equal(run(adaad_inner, S, T, x, y), run(adaad_inner, S, B, x, y))
 
 
-def test_rslad_precomputed_teacher_logits_are_used(nets):
+def test_rslad_uses_the_cached_teacher_logits(nets):
+    "The RSLAD objective reads T(x) from the batch's Logits cache: computed there once, it is not recomputed."
     S, T, x, y = nets
-    with torch.no_grad(): t = T(x)
-    assert torch.equal(run(lambda *a: rslad_inner(*a, t_nat=t), S, T, x, y), run(rslad_inner, S, T, x, y))
-    assert torch.equal(run(lambda *a: rslad_inner(*a, t_nat=t), S, None, x, y), run(rslad_inner, S, T, x, y))
+    lg = Logits(S, T, x); t = lg.t_nat
+    lg.teacher = None                                # any further teacher call would fail
+    torch.manual_seed(3); a = inner_point(get_method('rslad'), lg, y)
+    assert torch.equal(a, run(rslad_inner, S, T, x, y)) and lg.t_nat is t
 
 
 def test_trades_target_is_the_students_clean_prediction(nets):
@@ -204,7 +220,21 @@ def test_natural_inner_is_the_identity(nets):
 
 def test_unknown_inner_lists_the_known_ones():
     with pytest.raises(ValueError, match="'adaad'.*'mmard'"):
-        get_inner('madry')
+        get_method('pgd-at', inner='madri')
     with pytest.raises(ValueError, match='eps'):
         check_budget(None, 0.1, 1)
-    assert set(TEACHER_INNERS) <= set(INNERS)
+    assert {n for n, c in METHODS.items() if c.teacher_in_inner} == {'adaad', 'adaiad', 'rslad', 'mmard'}
+
+
+def test_budget_checks_name_the_field():
+    for kw, word in ((dict(eps=8), 'eps'), (dict(step_size=-1.), 'step_size'), (dict(steps=1.5), 'steps'),
+                     (dict(init='normal'), 'init'), (dict(bn='batch'), 'attack_bn')):
+        with pytest.raises(ValueError, match=word): Budget(**kw)
+
+
+def test_find_inner_builds_the_objective_inside_the_attack_mode(nets):
+    "A target computed from the student inside `make_objective` sees the attack's BN mode (TRADES' p_S(x) in eval mode)."
+    S, T, x, y = nets
+    S.train(); seen = []
+    find_inner(lambda: seen.append(S.training) or ce_objective(S, y), S, T, x, Budget(steps=1, bn='eval'))
+    assert seen == [False] and S.training

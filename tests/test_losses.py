@@ -1,4 +1,4 @@
-"Outer losses against their formulas, computed by hand (plain Python floats) on hand-made logits, with the official scales of methods.md §8.4."
+"Outer losses against their formulas, computed by hand (plain Python floats) on hand-made logits, with the official scales (relative to batchmean: AdaAD 1/10 on CIFAR-10, ARD 90, AdaIAD 900, RSLAD 1/10)."
 import math
 
 import pytest
@@ -59,7 +59,7 @@ def test_kl_reductions(L, C):
 
 
 def test_adaad_scales(L, C):
-    "AdaAD: CIFAR-10 mean over B*C (batchmean/10), CIFAR-100 batchmean (methods.md §3.2, §8.4)."
+    "AdaAD: CIFAR-10 mean over B*C (batchmean/10), CIFAR-100 batchmean (boyellow/AdaAD main.py)."
     sa, ta, sn, tn = L['s_adv'], L['t_adv'], L['s_nat'], L['t_nat']
     scale = 1 / (B * 10) if C == 10 else 1 / B
     assert adaad_reduction(C) == ('mean_all' if C == 10 else 'batchmean')
@@ -179,7 +179,8 @@ def test_akd_chen(L):
     tst = L['t_nat']                                               # any other logits stand for the standard teacher
     ref = 0.25 * ce_mean(sa, y) + 0.5 / B * ksum(ta, sa) + 0.25 / B * ksum(tst, sa)
     assert close(akd_chen_loss(sa, ta, y, tst), ref)
-    assert close(akd_chen_loss(sa, ta, y), 0.25 * ce_mean(sa, y) + 0.75 / B * ksum(ta, sa))   # one-teacher fallback
+    assert close(akd_chen_loss(sa, ta, y, ta), 0.25 * ce_mean(sa, y) + 0.75 / B * ksum(ta, sa))   # the robust teacher as T_st
+    with pytest.raises(ValueError, match='t_adv_st'): akd_chen_loss(sa, ta, y)                     # no silent stand-in
     ref_vita = 0.3 * ce_mean(sa, y) + 0.6 * 4 / B * ksum(ta, sa, 2.) + 0.1 * 4 / B * ksum(tst, sa, 2.)
     assert close(akd_chen_loss(sa, ta, y, tst, tau=2., alpha=0.6, alpha2=0.1), ref_vita)
 

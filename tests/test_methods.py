@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import adaad.inner as inner_mod
-from adaad.train import lr_at
-from adaad.losses import kl, rslad_loss, triangle_term
-from adaad.methods import (ALIASES, METHODS, Logits, Method, get_method, known_methods, method_hparams,
-                           training_loss)
+from adaad.core import kl
+from adaad.inner import Budget
+from adaad.train import TrainConfig, lr_at, resolve
+from adaad.losses import rslad_loss, triangle_term
+from adaad.methods import (ALIASES, METHODS, Combo, Logits, Method, get_method, inner_point, known_methods, training_loss)
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -34,13 +34,19 @@ def fresh(S):
     return copy.deepcopy(S)
 
 
+def point(method, S, T, x, y, seed):
+    "The inner point of `method` with the RNG seeded."
+    torch.manual_seed(seed)
+    return inner_point(get_method(method), Logits(S, T, x), y)
+
+
 @pytest.mark.parametrize('name', known_methods())
 @pytest.mark.parametrize('epoch', [0, 60])
 @pytest.mark.parametrize('faithful', [False, True])
 def test_training_loss_runs_for_every_method(setup, name, epoch, faithful):
     S, T, x, y = setup
     S.eval()
-    loss, logs = training_loss(name, S, T, x, y, epoch=epoch, num_classes=10, faithful=faithful)
+    loss, logs = training_loss(name, S, T, x, y, epoch=epoch, num_classes=10, faithful=faithful, teacher_st=tiny(seed=2).eval())
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
     loss.backward()
     grads = [p.grad for p in S.parameters()]
@@ -66,7 +72,7 @@ def test_outer_passes_lean_and_faithful(setup, name, epoch, lean, faithful):
     S, T, x, y = setup
     for f, n in ((False, lean), (True, faithful)):
         s = fresh(S); calls = count_student_passes(s)
-        training_loss(name, s, T, x, y, epoch=epoch, faithful=f)
+        training_loss(name, s, T, x, y, epoch=epoch, faithful=f, teacher_st=T)
         extra = 1 if name == 'trades' else 0                                 # TRADES' inner computes p_S(x) once
         assert len(calls) == (0 if name == 'natural' else 10) + extra + n, (name, f, len(calls))
 
@@ -90,7 +96,7 @@ def test_adaad_loss_at_the_inner_point(setup):
     S, T, x, y = setup
     s1, s2 = fresh(S), fresh(S)
     torch.manual_seed(3); loss, _ = training_loss('adaad', s1, T, x, y, num_classes=10)
-    torch.manual_seed(3); xt = inner_mod.adaad_inner(s2, T, x)
+    xt = point('adaad', s2, T, x, y, 3)
     s2.train()
     with torch.no_grad(): t = T(xt)
     assert torch.allclose(loss, kl(t, s2(xt), reduction='sum') / (8 * 10))
@@ -106,16 +112,23 @@ def test_adaad_reduction_follows_num_classes(setup):
     assert torch.allclose(losses['auto'], losses['c100']) and torch.allclose(losses['mean_all'] * 100, losses['auto'])
 
 
-def test_plug_and_play_uses_the_other_methods_inner(setup, monkeypatch):
+def test_plug_and_play_uses_the_inner_methods_objective_and_budget(setup):
+    "rslad with inner=adaad trains at AdaAD's x~; ard with inner=rslad uses RSLAD's start, BN mode and the given eps."
     S, T, x, y = setup
-    used = []
-    for n in ('adaad', 'rslad'):
-        f = inner_mod.INNERS[n]
-        monkeypatch.setitem(inner_mod.INNERS, n, lambda *a, _f=f, _n=n, **k: used.append((_n, k)) or _f(*a, **k))
-    training_loss('rslad', S, T, x, y, inner='adaad')
-    assert used[-1][0] == 'adaad' and used[-1][1]['init'] == 'gaussian' and 't_nat' not in used[-1][1]
-    training_loss('ard', S, T, x, y, inner='rslad', eps=4 / 255)
-    assert used[-1][0] == 'rslad' and used[-1][1]['eps'] == 4 / 255 and 't_nat' in used[-1][1]
+    c = get_method('rslad', inner='adaad')
+    torch.manual_seed(7); a = inner_point(c, Logits(S, T, x), y)
+    assert torch.equal(a, point('adaad', S, T, x, y, 7)) and not torch.equal(a, point('rslad', S, T, x, y, 7))
+    c = get_method('ard', inner='rslad', eps=4 / 255)
+    assert c.budget == Budget(eps=4 / 255) and isinstance(c.outer, type(get_method('ard')))
+    assert (c.weight_decay, c.single_decay, c.name) == (2e-4, True, 'ard (inner rslad)')
+
+
+def test_the_budget_follows_the_method_that_supplies_the_inner():
+    "adaad with TRADES' inner keeps TRADES' 0.031 / 0.007 (the budget used to come from the outer method)."
+    c = resolve(TrainConfig(method='adaad', inner='trades'))
+    assert (c.eps, c.step_size, c.steps, c.epochs, c.weight_decay) == (0.031, 0.007, 10, 200, 5e-4)
+    c = resolve(TrainConfig(method='trades', inner='adaad'))
+    assert (c.eps, c.step_size, c.epochs, c.weight_decay) == (8 / 255, 2 / 255, 76, 2e-4)
 
 
 def test_plug_and_play_mmard_triangle_on_another_base(setup):
@@ -125,7 +138,7 @@ def test_plug_and_play_mmard_triangle_on_another_base(setup):
     torch.manual_seed(4); a, _ = training_loss('mmard', s1, T, x, y, base='rslad')
     torch.manual_seed(4); b, _ = training_loss('rslad', s2, T, x, y, inner='mmard')
     assert a > b
-    torch.manual_seed(4); xt = inner_mod.mmard_inner(fresh(S), T, x, y)
+    xt = point('mmard', fresh(S), T, x, y, 4)
     s3 = fresh(S).train()
     with torch.no_grad():
         sn, sa, tn, ta = s3(x), s3(xt), T(x), T(xt)
@@ -133,42 +146,79 @@ def test_plug_and_play_mmard_triangle_on_another_base(setup):
         assert torch.allclose(a, rslad_loss(sa, sn, tn) + triangle_term(sn, sa, ta), rtol=1e-5)
 
 
-def test_akd_uses_the_standard_teacher(setup):
+def test_akd_needs_a_standard_teacher_unless_told_otherwise(setup):
+    "AKD refuses without a standard teacher; robust_as_standard=True equals passing the robust teacher as T_st."
     S, T, x, y = setup
+    with pytest.raises(ValueError, match='standard teacher'):
+        training_loss('akd', fresh(S), T, x, y)
     T2 = tiny(seed=2).eval()
-    torch.manual_seed(2); a, _ = training_loss('akd', fresh(S), T, x, y)
+    torch.manual_seed(2); a, _ = training_loss('akd', fresh(S), T, x, y, robust_as_standard=True)
     torch.manual_seed(2); b, _ = training_loss('akd-chen', fresh(S), T, x, y, teacher_st=T2)
     torch.manual_seed(2); c, _ = training_loss('akd2', fresh(S), T, x, y, teacher_st=T)
     assert not torch.allclose(a, b) and torch.allclose(a, c)
-    assert get_method('akd-maroto').outer is not get_method('akd').outer
+    assert get_method('akd').needs_standard_teacher and not get_method('akd', robust_as_standard=True).needs_standard_teacher
+    assert type(get_method('akd-maroto')).loss is not type(get_method('akd')).loss
+
+
+def test_akd_loss_matches_the_official_formula(setup):
+    "AKD2.py: (1-a1-a2) CE(S(x~)) + a1 tau^2 KL(T(x~)||S(x~)) + a2 tau^2 KL(T_st(x~)||S(x~)), batchmean, all at x~."
+    S, T, x, y = setup
+    T2 = tiny(seed=2).eval()
+    s = fresh(S)
+    torch.manual_seed(9); loss, _ = training_loss('akd', s, T, x, y, teacher_st=T2, tau=2.)
+    xt = point('akd', fresh(S), T, x, y, 9)
+    s2 = fresh(S).train()                      # train-mode BN normalises with the batch: its running statistics do not matter
+    with torch.no_grad():
+        sa, ta, tsa = s2(xt), T(xt), T2(xt)
+        ls = lambda z: torch.log_softmax(z / 2, 1)
+        kd = lambda t: (ls(t).exp() * (ls(t) - ls(sa))).sum(1).mean()
+        want = 0.25 * torch.nn.functional.cross_entropy(sa, y) + 0.5 * 4 * kd(ta) + 0.25 * 4 * kd(tsa)
+    assert torch.allclose(loss, want, rtol=1e-5)
 
 
 def test_registry_defaults():
-    "The official defaults of methods.md §3, §4, §6, §8.5, §8.6."
-    M = METHODS
+    "The official defaults of every method, from its official script."
+    M = {n: get_method(n) for n, c in METHODS.items() if c.__module__ == 'adaad.methods'}   # not the tests' own methods
     assert set(M) >= {'natural', 'pgd-at', 'trades', 'ard', 'iad', 'rslad', 'akd', 'akd-maroto', 'adaad', 'adaiad', 'mmard'}
-    assert (M['natural'].needs_teacher, M['natural'].inner, M['natural'].weight_decay) == (False, 'natural', 5e-4)
+    assert (M['natural'].uses_teacher, M['natural'].budget, M['natural'].weight_decay) == (False, None, 5e-4)
     for n in ('adaad', 'adaiad', 'mmard'):
         assert (M[n].weight_decay, M[n].epochs, M[n].milestones, M[n].single_decay) == (5e-4, 200, (100, 150), False)
     assert (M['rslad'].weight_decay, M['rslad'].epochs, M['rslad'].milestones) == (2e-4, 300, (215, 260, 285))
     assert (M['pgd-at'].weight_decay, M['pgd-at'].epochs, M['pgd-at'].milestones) == (5e-4, 110, (100, 105))
     for n in ('ard', 'iad', 'akd'):
-        assert (M[n].weight_decay, M[n].epochs, M[n].single_decay, M[n].attack_bn, M[n].init) == (2e-4, 200, True, 'train', 'uniform')
-    assert M['trades'].weight_decay == 2e-4 and M['trades'].beta == 6. and M['trades'].eps == 0.031
-    assert (M['adaad'].alpha, M['adaad'].tau) == (1., None)
-    assert (M['adaiad'].tau, M['adaiad'].alpha, M['adaiad'].beta, M['adaiad'].begin, M['adaiad'].inner) == (30., 1., 0.1, 60, 'adaad')
+        assert (M[n].weight_decay, M[n].epochs, M[n].single_decay, M[n].budget.bn, M[n].budget.init) == (2e-4, 200, True, 'train', 'uniform')
+    assert M['trades'].weight_decay == 2e-4 and M['trades'].beta == 6. and M['trades'].budget.eps == 0.031
+    assert (M['adaad'].alpha, M['adaad'].reduction) == (1., None) and not hasattr(M['adaad'], 'tau')
+    assert (M['adaiad'].tau, M['adaiad'].alpha, M['adaiad'].beta, M['adaiad'].begin) == (30., 1., 0.1, 60)
     assert (M['iad'].tau, M['iad'].alpha, M['iad'].beta, M['iad'].begin) == (1., 1., 0.1, 60)
-    assert (M['ard'].tau, M['ard'].alpha) == (30., 1.)
-    assert M['pgd-at'].init == 'gaussian_clipped' and not M['pgd-at'].needs_teacher and not M['trades'].needs_teacher
+    assert (M['ard'].tau, M['ard'].alpha) == (30., 1.) and (M['akd'].alpha, M['akd'].alpha2, M['akd'].tau) == (0.5, 0.25, 1.)
+    assert M['pgd-at'].budget.init == 'gaussian_clipped' and not M['pgd-at'].uses_teacher and not M['trades'].uses_teacher
     for n in ('adaad', 'adaiad', 'rslad', 'trades', 'pgd-at', 'mmard'):
-        assert M[n].attack_bn == 'eval'
+        assert M[n].budget.bn == 'eval'
     for m in M.values():
-        assert m.steps == (0 if m.name == 'natural' else 10) and isinstance(m, Method) and m.source
+        assert isinstance(m, Method) and m.source and m.__doc__ and (m.budget is None or m.budget.steps == 10)
     assert all(a in known_methods() and v in METHODS for a, v in ALIASES.items())
 
 
+def test_trades_schedule_counts_epochs_from_one_like_its_script():
+    "train_trades_cifar10.py: epochs 1..76, lr*0.1 when epoch >= 75, *0.01 >= 90, *0.001 >= 100; ours is 0-based."
+    m = get_method('trades')
+    official = lambda e1: 0.1 * (0.001 if e1 >= 100 else 0.01 if e1 >= 90 else 0.1 if e1 >= 75 else 1)
+    for e0 in range(0, 110):
+        assert math.isclose(lr_at(e0, 0.1, m.milestones, m.single_decay), official(e0 + 1)), e0
+    assert m.epochs == 76 and lr_at(74, 0.1, m.milestones) == pytest.approx(0.01)   # the last two epochs at 0.01
+
+
+def test_ard_batch_size_follows_its_script_per_dataset():
+    "goldblum/AdversariallyRobustDistillation main.py: batch 128 on CIFAR-10, 256 on CIFAR-100."
+    assert resolve(TrainConfig(method='ard')).batch_size == 128
+    assert resolve(TrainConfig(method='ard', dataset='cifar100')).batch_size == 256
+    assert resolve(TrainConfig(method='adaad', dataset='cifar100')).batch_size == 128
+    assert resolve(TrainConfig(method='ard', dataset='cifar100', batch_size=64)).batch_size == 64
+
+
 def test_lr_schedules():
-    method_lr = lambda name, e: lr_at(e, METHODS[name].lr, METHODS[name].milestones, METHODS[name].single_decay)
+    method_lr = lambda name, e: lr_at(e, 0.1, get_method(name).milestones, get_method(name).single_decay)
     assert [method_lr('adaad', e) for e in (0, 99)] == [0.1, 0.1]
     assert math.isclose(method_lr('adaad', 100), 0.01) and math.isclose(method_lr('adaad', 150), 0.001)
     assert math.isclose(method_lr('pgd-at', 105), 0.001)
@@ -188,12 +238,18 @@ def test_errors(setup):
         training_loss('adaad', S, None, x, y)
     with pytest.raises(ValueError, match='needs a teacher'):
         training_loss('pgd-at', S, None, x, y, inner='adaad')
-    with pytest.raises(ValueError, match='inner'):
+    with pytest.raises(ValueError, match='inner|method must be one of'):
         training_loss('adaad', S, T, x, y, inner='sgd')
     with pytest.raises(ValueError, match='base'):
         training_loss('mmard', S, T, x, y, base='mmard')
     with pytest.raises(ValueError, match='attack_bn'):
-        method_hparams('ard', attack_bn='frozen')
+        get_method('ard', attack_bn='frozen')
+    with pytest.raises(ValueError, match='tau must be > 0'):
+        get_method('ard', tau=0.)
+    with pytest.raises(ValueError, match="alpha must be <class 'float'>"):
+        get_method('adaad', alpha='1')
+    with pytest.raises(ValueError, match='reduction'):
+        get_method('adaad', reduction='mean')
     with pytest.raises(ValueError, match='epoch'):
         training_loss('adaad', S, T, x, y, epoch=-1)
     for n in ('pgd-at', 'trades', 'natural'):                                # no teacher needed
@@ -211,6 +267,15 @@ def test_logits_cache(setup):
         lg.t('adv', standard=True)
 
 
+def test_rslad_shares_the_teachers_clean_logits_between_inner_and_loss(setup):
+    "One teacher forward on x per RSLAD batch (the inner's target and the loss's T(x) are the same tensor)."
+    S, T, x, y = setup
+    calls = []
+    T.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    training_loss('rslad', S, T, x, y)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize('name', ['ard', 'adaiad', 'adaad', 'rslad'])
 def test_bf16_autocast_keeps_kl_losses_in_float32(setup, name):
     "Under bf16 autocast, the KL losses (tau^2 = 900 for ARD/AdaIAD) stay float32 and close to the float32 run."
@@ -220,3 +285,8 @@ def test_bf16_autocast_keeps_kl_losses_in_float32(setup, name):
         low, _ = training_loss(name, fresh(S), T, x, y, epoch=60)
     torch.manual_seed(6); ref, _ = training_loss(name, fresh(S), T, x, y, epoch=60)
     assert low.dtype == torch.float32 and low > 0 and torch.allclose(low, ref, rtol=0.05)
+
+
+def test_combo_refuses_non_methods():
+    with pytest.raises(ValueError, match='Combo needs two Method instances'):
+        Combo(outer='adaad', inner=get_method('ard'))

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaad.models import (PARAM_COUNTS, ROBUSTBENCH, Normalized, atomic_save, count_params, create_model,
-                          create_robustbench, load_checkpoint, load_model, load_robustbench)
+from adaad.checkpoint import atomic_save, load_checkpoint, load_model, load_robustbench
+from adaad.models import PARAM_COUNTS, ROBUSTBENCH, Normalized, count_params, create_model, create_robustbench
 
 PYAA_MODEL = Path(__import__('pyautoattack').__file__).parent / 'examples' / 'model_test.pt'
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from adaad.repro import PAPER_TABLE, PRESETS, preset_config, paper_comparison, load_results
+from adaad.report import PAPER_TABLE, load_results, paper_comparison
+from adaad.repro import PRESETS, preset_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def test_table_and_sweep_notebooks(tmp_path, data_root):
     assert res['git']['commit'] and res['hardware']['torch'] and 'official' in res['data']
     for f in ('table.md', 'table.tex', 'vs_paper.md'): assert (tmp_path / 'res' / f).stat().st_size > 0
     assert 'Reduced-scale run' in (tmp_path / 'res' / 'vs_paper.md').read_text()
-    ckpt = Path(res['runs']['RN-18/adaad']) / 'final.pt'
+    ckpt = Path(res['runs']['RN-18/adaad/0']) / 'final.pt'
     mtime = ckpt.stat().st_mtime_ns
 
     _run('repro_table.ipynb', tmp_path / 't2.ipynb', tiny)   # second run: trainings and evaluations are reused
@@ -66,11 +67,26 @@ def test_table_and_sweep_notebooks(tmp_path, data_root):
 
 def test_natural_rows_are_selected_by_clean_accuracy():
     "Selecting a naturally trained network by PGD accuracy picks its barely trained first epoch; clean accuracy is used."
-    from adaad.repro import PRESETS, selected_checkpoint
-    cfg = PRESETS['cpu-small']
-    assert selected_checkpoint(cfg, 'natural') == 'best_clean'
-    assert selected_checkpoint(cfg, 'adaad') == selected_checkpoint(cfg, 'pgd-at') == 'best_pgd'
-    assert selected_checkpoint(PRESETS['smoke'], 'natural') == 'final'
+    from adaad.repro import preset_config, selected_checkpoint, train_config
+    cfg = preset_config('cpu-small')
+    tc = lambda m: train_config(cfg, m, 'wrn-10-1')
+    assert selected_checkpoint('best_pgd', tc('natural')) == 'best_clean'
+    assert selected_checkpoint('best_pgd', tc('adaad')) == selected_checkpoint('best_pgd', tc('pgd-at')) == 'best_pgd'
+    assert selected_checkpoint('final', tc('natural')) == 'final'
+
+
+def test_preset_train_dicts_are_trainconfig_arguments():
+    "Every preset's train dict, variants, method_kwargs and teacher configs build valid TrainConfigs."
+    from adaad.repro import preset_config, train_config
+    from adaad.train import TrainConfig, resolve
+    for name in PRESETS:
+        cfg = preset_config(name)
+        for arch in cfg['students'].values():
+            for row in list(cfg['methods']) + list(cfg['variants']): resolve(train_config(cfg, row, arch))
+        for role in ('teacher', 'standard_teacher'):
+            spec = cfg.get(role)
+            if spec and spec['source'] == 'train': resolve(TrainConfig(**spec['train']))
+        assert 'akd' not in cfg['methods'] or cfg.get('standard_teacher'), f'{name}: AKD needs a standard teacher'
 
 
 def test_git_info_names_changed_files_but_not_the_runs_outputs(tmp_path):

@@ -8,8 +8,9 @@ import torch
 import torch.multiprocessing as mp
 
 from adaad.data import CifarSplit, balanced_subset, first_n
-from adaad.models import MODELS, atomic_save, create_model
-from adaad.train import TrainConfig, load_teacher, lr_at, resolve, train, validate
+from adaad.checkpoint import atomic_save, load_teacher
+from adaad.models import MODELS, create_model
+from adaad.train import TrainConfig, lr_at, resolve, train, validate
 
 
 def _tiny_data(cifar_train, n=96, val=64):
@@ -29,8 +30,8 @@ def test_schedules():
     assert resolve(TrainConfig(method='rslad')).epochs == 300 and resolve(TrainConfig(method='pgd-at')).epochs == 110
 
 
-@pytest.mark.parametrize('field,value,msg', [('method', 'nope', 'method must be one of'), ('eps', -0.1, r'eps must be in \(0, 1\]'),
-                                             ('eps', 2.0, r'eps must be in \(0, 1\]'), ('steps', 0, 'steps must be an int'),
+@pytest.mark.parametrize('field,value,msg', [('method', 'nope', 'method must be one of'), ('eps', -0.1, r'eps must be a number in \(0, 1\]'),
+                                             ('eps', 2.0, r'eps must be a number in \(0, 1\]'), ('steps', -1, 'steps must be an int'),
                                              ('batch_size', 0, 'batch_size must be'), ('val_source', 'x', 'val_source'),
                                              ('dataset', 'mnist', 'dataset must be')])
 def test_bad_config(field, value, msg):

@@ -1,0 +1,95 @@
+"""The evidence machinery: paired tests and bootstrap intervals against independent computations, per-class counts,
+seeds, the comparisons in a results table, and bad input."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from adaad.stats import bootstrap_ci, compare, mcnemar_exact, per_class, sign_flip_pvalue
+
+
+def pair(n10, n01, n11, n00):
+    "Correctness vectors with the given counts of (a right, b wrong), (a wrong, b right), both right, both wrong."
+    a = np.array([1] * n10 + [0] * n01 + [1] * n11 + [0] * n00, bool)
+    b = np.array([0] * n10 + [1] * n01 + [1] * n11 + [0] * n00, bool)
+    return a, b
+
+
+@pytest.mark.parametrize('n10,n01', [(10, 2), (0, 0), (5, 5), (1, 9), (30, 12), (0, 7)])
+def test_mcnemar_exact_matches_the_binomial_formula(n10, n01):
+    "p = min(1, 2 * P(X <= min(n10, n01))), X ~ Bin(n10 + n01, 1/2), computed with math.comb."
+    a, b = pair(n10, n01, 40, 20)
+    m = n10 + n01
+    want = 1. if m == 0 else min(1., 2 * sum(math.comb(m, k) for k in range(min(n10, n01) + 1)) / 2 ** m)
+    assert mcnemar_exact(a, b) == pytest.approx(want, rel=1e-12)
+    assert sign_flip_pvalue(a, b) == pytest.approx(want, rel=1e-12)      # one seed: the same test
+
+
+def test_sign_flip_over_seeds_matches_enumeration():
+    "The exact sign-flip p-value equals the share of all 2^k sign assignments with |T| >= |t| (brute force)."
+    rng = np.random.default_rng(0)
+    a, b = rng.random((3, 14)) < 0.6, rng.random((3, 14)) < 0.5
+    d = (a.astype(int) - b.astype(int)).sum(0)
+    nz = d[d != 0]
+    t = abs(nz.sum())
+    count = sum(abs(sum(s * v for s, v in zip(signs, nz))) >= t for signs in itertools.product((-1, 1), repeat=len(nz)))
+    assert len(nz) <= 20
+    assert sign_flip_pvalue(a, b) == pytest.approx(count / 2 ** len(nz), rel=1e-9)
+
+
+def test_bootstrap_matches_resampling_images():
+    "The multinomial shortcut gives the interval that resampling image indices gives (to Monte Carlo accuracy)."
+    a, b = pair(40, 15, 300, 145)
+    lo, hi = bootstrap_ci(a, b, n_boot=20000, seed=1)
+    rng = np.random.default_rng(2)
+    idx = rng.integers(0, len(a), size=(20000, len(a)))
+    boot = 100 * (a[idx].mean(1) - b[idx].mean(1))
+    ref = np.quantile(boot, [0.025, 0.975])
+    assert abs(lo - ref[0]) < 0.35 and abs(hi - ref[1]) < 0.35 and lo < 5 < hi
+    assert bootstrap_ci(a, b, seed=3) == bootstrap_ci(a, b, seed=3)       # seeded
+
+
+def test_compare_reports_the_difference_and_resolution():
+    a, b = pair(30, 10, 500, 460)
+    c = compare(a, b)
+    assert c['diff'] == pytest.approx(2.0) and (c['n10'], c['n01'], c['n']) == (30, 10, 1000)
+    assert c['resolved'] and c['p'] < 0.05 and c['ci95'][0] < 2 < c['ci95'][1] and c['test'] == 'exact McNemar'
+    c2 = compare(a, a)
+    assert c2['diff'] == 0 and c2['p'] == 1 and not c2['resolved']
+
+
+def test_seeds_that_disagree_are_flagged():
+    a1, b1 = pair(30, 10, 500, 460)
+    a2, b2 = pair(10, 30, 500, 460)
+    c = compare(np.stack([a1, a2]), np.stack([b1, b2]))
+    assert c['per_seed'] == pytest.approx([2., -2.]) and not c['consistent'] and c['seeds'] == 2
+
+
+@pytest.mark.parametrize('a,b,msg', [
+    (np.ones(10, bool), np.ones(9, bool), 'same images'),
+    (np.ones((2, 10), bool), np.ones((3, 10), bool), 'same images'),
+    (np.ones(0, bool), np.ones(0, bool), 'shape'),
+    (np.full(5, 2), np.ones(5), '0/1'),
+])
+def test_bad_input_names_the_problem(a, b, msg):
+    with pytest.raises(ValueError, match=msg): compare(a, b)
+
+
+def test_per_class_counts_sum_to_the_totals():
+    rng = np.random.default_rng(0)
+    y, c = rng.integers(0, 10, 500), rng.random(500) < 0.4
+    pc = per_class(c, y)
+    assert sum(pc['correct']) == c.sum() and sum(pc['total']) == 500
+    assert all(pc['correct'][k] == (c & (y == k)).sum() for k in range(10))
+    assert pc['worst'][1] == min(pc['acc']) and pc['acc'][pc['worst'][0]] == pc['worst'][1]
+    with pytest.raises(ValueError, match='labels must give one class per image'): per_class(c, y[:10])
+
+
+def test_eval_results_carry_per_class_counts():
+    from adaad.evaluate import EvalResult
+    y = torch.tensor([0, 0, 1, 1, 2])
+    r = EvalResult.from_correct({'clean': [1, 1, 1, 0, 1], 'pgd10': [1, 0, 0, 0, 1]}, labels=y)
+    assert r.per_class['clean']['correct'] == [2, 1, 1] and r.per_class['worst']['correct'] == [1, 0, 1]
+    assert EvalResult.from_dict(r.to_dict()).per_class == r.per_class
