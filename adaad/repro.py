@@ -20,7 +20,7 @@ from .checkpoint import load_checkpoint, load_teacher
 from .train import TrainConfig, build_method, config_dict, resolve, split_run_data, train
 from .report import PAPER_METHODS, load_results, plot_eps_sweep, write_outputs
 
-# %% ../nbs/15_repro.ipynb #55302126
+# %% ../nbs/15_repro.ipynb #7f043a82
 def _standard(teacher):
     "A naturally trained standard teacher (AKD) with the architecture and training budget of the robust teacher spec."
     t = {k: v for k, v in teacher['train'].items() if k not in ('method', 'steps', 'step_size', 'eps')}
@@ -75,6 +75,23 @@ PRESETS = {
         method_kwargs={'adaiad': dict(begin=5)},
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)), aa=_CPU_AA, eval_batch=250),
+    'cpu-strong': dict(
+        scale='reduced scale (a narrow ResNet-18 teacher trained here on the whole training set; narrower ResNet-18 students on '
+              '4,000 images, 8 epochs, 3 inner steps; 3 seeds; reduced AutoAttack): not comparable to the paper',
+        teacher=dict(source='train', train=dict(method='pgd-at', student='resnet18-w16', epochs=8, milestones=(6,), batch_size=128,
+                                                lr=0.1, steps=3, step_size=3/255, val_n=1000, val_steps=5)),
+        standard_teacher=None,
+        students={'RN-18': 'resnet18-w8'},
+        methods=('natural', 'pgd-at', 'ard', 'rslad', 'adaad', 'adaiad', 'adaad-batchmean', 'adaad-eps16', 'adaad-ramp16'),
+        variants={'adaad-batchmean': dict(method='adaad', method_kwargs=dict(reduction='batchmean')),
+                  'adaad-eps16': dict(method='adaad', eps=16/255, step_size=6/255),
+                  'adaad-ramp16': dict(method='adaad', eps=16/255, step_size=6/255, eps_start=4/255, eps_ramp_epochs=4)},
+        seeds=(0, 1, 2),
+        train=dict(epochs=8, train_n=4000, batch_size=128, lr=0.1, milestones=(6,), steps=3, step_size=3/255, val_n=500, val_steps=5),
+        method_kwargs={'adaiad': dict(begin=3)},
+        checkpoint='best_pgd', n_test=1000,
+        suite=('clean', 'fgsm', 'pgd10', 'aa'), attack_overrides={},
+        aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=50, n_restarts=1, n_target_classes=3), eval_batch=250),
     'paper': dict(
         scale='paper scale (official settings)',
         teacher=dict(source='robustbench', name='Chen2021LTD_WRN34_20', path='models/cifar10/Linf/Chen2021LTD_WRN34_20.pt'),
