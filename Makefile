@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 SHARED_CIFAR ?= ../shared/data/cifar10
 export ADAAD_DATA ?= $(CURDIR)/data
 export PYTHONHASHSEED := 0
+export ADAAD_REQUIRE_DATA := 1
 
 .PHONY: install data check-nbdev nbtest pytest test test-slow repro repro-eps bench
 

@@ -228,7 +228,7 @@ def write_model_infos(res, out):
         if r['student'] != 'teacher' and 'aa' in r['cells']:
             write_json(Path(out) / 'model_info' / f"{r['student']}-{r['arch']}-{r['method']}-s{r.get('seed', 0)}.json", model_info(res, r))
 
-# %% ../nbs/14_report.ipynb #28300b49
+# %% ../nbs/14_report.ipynb #c43ddb9f
 def write_outputs(res, out, labels=None):
     "Comparisons, per-class counts (given the test `labels`), then results.json, table.md, table.tex, vs_paper.md, model_info/ in `out`."
     out = Path(out)
@@ -245,9 +245,12 @@ def load_results(path):
     p = Path(path); p = p / 'results.json' if p.is_dir() else p
     return json.loads(p.read_text())
 
-def rewrite_tables(path, labels=None):
-    "Rewrite the tables (and comparisons, per-class counts with `labels`) from an existing results.json: no training, no evaluation."
-    res = load_results(path); write_outputs(res, Path(path) if Path(path).is_dir() else Path(path).parent, labels); return res
+def rewrite_tables(path, labels=None, provenance=None):
+    """Rewrite the tables (and comparisons, per-class counts with `labels`) from an existing results.json: no training, no
+    evaluation. `provenance` (e.g. the commit of this re-analysis) is recorded under `reanalysis`."""
+    res = load_results(path)
+    if provenance is not None: res['reanalysis'] = dict(provenance, what='comparisons and per-class counts recomputed from the stored evaluations')
+    write_outputs(res, Path(path) if Path(path).is_dir() else Path(path).parent, labels); return res
 
 # %% ../nbs/14_report.ipynb #150c4ab2
 def plot_eps_sweep(results, out_prefix=None, show=False):

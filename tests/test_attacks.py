@@ -88,9 +88,12 @@ def test_dtype_kept(toy, name, dtype):
 
 
 def test_works_under_no_grad(toy):
+    "Inside torch.no_grad() an attack finds the same points as outside it (it takes its own input gradients)."
     model, x, y = toy
     with torch.no_grad(): xa = pgd(model, x, y, steps=3, seed=0)
-    assert not torch.equal(xa, x)
+    xb = pgd(model, x, y, steps=3, seed=0)
+    assert torch.equal(xa, xb) and not torch.equal(xa, x)
+    with torch.no_grad(): assert (model(xa).argmax(1) == y).float().mean() < (model(x).argmax(1) == y).float().mean()
 
 
 @settings(max_examples=15, deadline=None)
@@ -265,7 +268,8 @@ def test_cw2_lowers_accuracy(nat):
     with torch.no_grad(): ok = model(x).argmax(1) == y
     x, y = x[ok][:24], y[ok][:24]
     xa = cw_l2(model, x, y, steps=100)
-    assert xa.min() >= 0 and xa.max() <= 1 and accuracy(model, xa, y) < 100
+    assert xa.min() >= 0 and xa.max() <= 1 and accuracy(model, xa, y) <= 50     # measured: 0% of the 24 correct images
+    assert (xa - x).flatten(1).norm(dim=1).max() < 5                              # small L2 perturbations, not noise images
 
 
 @pytest.mark.slow

@@ -99,19 +99,16 @@ def test_sync_watch_sees_syncs():
 
 
 def test_autocast_wrapper_returns_float32_and_a_float32_input_gradient():
-    m = Autocast(create_model('wrn-10-1').eval())
+    "The convolutions inside run in bf16 (a no-op wrapper would run them in fp32), the logits and input gradient are fp32."
+    net = create_model('wrn-10-1').eval()
+    m, dtypes = Autocast(net), []
+    net.conv1.register_forward_hook(lambda mod, i, o: dtypes.append(o.dtype))
     x = torch.rand(2, 3, 32, 32, requires_grad=True)
     out = m(x)
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.float32 and dtypes == [torch.bfloat16]
     g, = torch.autograd.grad(out.sum(), x)
     assert g.dtype == torch.float32 and torch.isfinite(g).all()
-
-
-def test_bf16_keeps_attack_strength(natural_model, cifar_test):
-    "Issue #5's check on a trained model: PGD-10 accuracy within 0.5 points of fp32, gradient signs mostly agree."
-    r = amp_check(natural_model, cifar_test.x.float() / 255, cifar_test.y, steps=10, batch_size=250)
-    assert r['n'] == 1000 and abs(r['pgd_diff']) <= 0.5, r       # 0.5 points = 5 images (measured: -0.2)
-    assert r['sign_agreement'] >= 0.95, r                         # measured: 0.98
+    with torch.no_grad(): assert not torch.equal(out, net(x))              # bf16 arithmetic, not fp32
 
 
 def _tiny_cfg(**kw):
@@ -120,6 +117,7 @@ def _tiny_cfg(**kw):
 
 
 def test_train_with_and_without_folding_agree(data_root, tmp_path):
+    "Folding changes rounding only: the same run with and without it ends with the same weights (to float tolerance)."
     teacher = random_bn(create_model('wrn-10-1'), seed=2)
     out = {}
     for fold in (True, False):

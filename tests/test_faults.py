@@ -71,24 +71,39 @@ def _arm(mode):
     elif what != 'none': raise ValueError(mode)
 
 
-def worker(out, mode='none'):
+def worker(out, mode='none', save_every=1):
+    "The tiny run; counts the training steps this process executes and prints them (a resume runs fewer than a restart)."
     torch.set_num_threads(1)
     _arm(mode)
+    import adaad.methods as M
     from adaad.train import train
-    train(tiny_config(), out_dir=out, device='cpu', progress=False, data=tiny_data())
-    print('FINISHED', flush=True)
+    steps, real = [0], M.training_loss
+    def counted(*a, **k):
+        steps[0] += 1; return real(*a, **k)
+    M.training_loss = counted
+    train(tiny_config(save_every=save_every), out_dir=out, device='cpu', progress=False, data=tiny_data())
+    print(f'FINISHED STEPS {steps[0]}', file=sys.stderr, flush=True)
+
+TOTAL_STEPS = 12          # 96 images / 16 per batch x 2 epochs
 
 
-def run_worker(out, mode='none', timeout=300):
+def steps_run(err):
+    "The training steps the worker process executed, from its output."
+    m = re.search(r'FINISHED STEPS (\d+)', err)
+    assert m, err[-2000:]
+    return int(m[1])
+
+
+def run_worker(out, mode='none', timeout=300, save_every=1):
     "Run the worker in a fresh process; (returncode, stderr)."
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, __file__, str(out), mode], capture_output=True, text=True, timeout=timeout, env=env)
+    p = subprocess.run([sys.executable, __file__, str(out), mode, str(save_every)], capture_output=True, text=True, timeout=timeout, env=env)
     return p.returncode, p.stderr
 
 
-def start_worker(out):
+def start_worker(out, save_every=1):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, __file__, str(out), 'none'], stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, __file__, str(out), 'none', str(save_every)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -112,32 +127,49 @@ def reference(tmp_path_factory):
     return final_state(out)
 
 
-def _kill_at_random(out, rng, max_wait=4.0):
-    "Start the worker, wait until it has written a checkpoint, SIGKILL it after a random delay."
-    p = start_worker(out)
+def _kill_at_random(out, rng, max_wait=0.5, save_every=1, after='last.pt'):
+    "Start the worker, wait until file `after` exists, SIGKILL it after a random delay; the return code (-9 if killed)."
+    p = start_worker(out, save_every)
     t0 = time.time()
-    while not (Path(out) / 'last.pt').exists() and p.poll() is None and time.time() - t0 < 120: time.sleep(0.02)
+    while not (Path(out) / after).exists() and p.poll() is None and time.time() - t0 < 120: time.sleep(0.01)
     time.sleep(rng.uniform(0, max_wait))
     if p.poll() is None: p.send_signal(signal.SIGKILL)
     p.wait(timeout=60)
     return p.returncode
 
 
-def _resume_to_end(out):
-    rc, err = run_worker(out)
+def _resume_to_end(out, save_every=1):
+    rc, err = run_worker(out, save_every=save_every)
     assert rc == 0, err[-2000:]
     assert (Path(out) / 'DONE').exists() and not list(Path(out).glob('.*.tmp'))
     return err
 
 
 def test_killed_mid_write_and_mid_epoch_resumes_to_same_weights(tmp_path, reference):
-    "One run SIGKILLed three times: inside a checkpoint's torch.save, before a checkpoint's fsync, at a random moment."
+    """One run SIGKILLed three times (inside a checkpoint's torch.save, before a checkpoint's fsync, at a random moment),
+    then resumed: it ends with the uninterrupted run's weights, and the last process ran only the steps left (a resume
+    that restarted from scratch would run all of them, one that skipped work would not match the weights)."""
     out = tmp_path / 'run'
     for mode in ('save:3', 'fsync:4'):
         rc, err = run_worker(out, mode)
         assert rc == -signal.SIGKILL, (mode, rc, err[-2000:])
-    _kill_at_random(out, random.Random(0))
-    _resume_to_end(out)
+    assert _kill_at_random(out, random.Random(0)) == -signal.SIGKILL
+    from adaad.checkpoint import read_checkpoint
+    st = read_checkpoint(out / 'last.pt'); done = st['epoch'] * TOTAL_STEPS // 2 + st['step']
+    assert 0 < done < TOTAL_STEPS
+    assert steps_run(_resume_to_end(out)) == TOTAL_STEPS - done
+    assert_same(final_state(out), reference)
+
+
+def test_default_checkpoints_lose_at_most_the_current_epoch(tmp_path, reference):
+    """With save_every=0 (the default) a run killed inside its second epoch resumes from the end of the first: it redoes
+    that epoch's steps (the work lost) and still ends with the uninterrupted run's weights."""
+    out = tmp_path / 'run'
+    assert _kill_at_random(out, random.Random(1), max_wait=0.3, save_every=0, after='last.pt') == -signal.SIGKILL
+    from adaad.checkpoint import read_checkpoint
+    st = read_checkpoint(out / 'last.pt')
+    assert (st['epoch'], st['step']) == (1, 0)
+    assert steps_run(_resume_to_end(out, save_every=0)) == TOTAL_STEPS // 2
     assert_same(final_state(out), reference)
 
 
@@ -243,13 +275,37 @@ def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_last_good(tmp_path, sav
     assert not (tmp_path / 'final.pt').exists()
 
 
-def test_non_finite_weights_are_never_written(tmp_path):
-    from adaad.models import create_model
-    from adaad.train import check_finite_weights
-    m = create_model('wrn-10-1')
-    check_finite_weights(m, 'here')
-    with torch.no_grad(): next(m.parameters()).view(-1)[0] = float('inf')
-    with pytest.raises(FloatingPointError, match=r'non-finite weights .* at epoch 3; not writing'): check_finite_weights(m, 'at epoch 3')
+class _SpareGoesInf(torch.nn.Module):
+    "A small CNN with a parameter the loss never reads, which turns inf at the `at`-th training forward (the loss stays finite)."
+    def __init__(self, num_classes=10, at=8):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, 4, 1); self.fc = torch.nn.Linear(4 * 8 * 8, num_classes)
+        self.spare = torch.nn.Parameter(torch.zeros(3)); self.at, self.calls = at, 0
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                with torch.no_grad(): self.spare.fill_(float('inf'))
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize('save_every', [1, 0])
+def test_non_finite_weights_are_never_written(tmp_path, save_every):
+    """`train` refuses to write a checkpoint whose weights are not finite even when the loss is finite: it stops naming
+    where, and last.pt keeps the last finite weights (without the check the inf weights would be saved)."""
+    from adaad.checkpoint import read_checkpoint
+    from adaad.models import MODELS
+    from adaad.train import train
+    MODELS['_spare'] = lambda num_classes, **kw: _SpareGoesInf(num_classes, at=8)    # natural: one forward per step
+    try:
+        cfg = tiny_config(method='natural', student='_spare', epochs=2, save_every=save_every)
+        with pytest.raises(FloatingPointError, match=r'non-finite weights .*spare.* not writing a checkpoint'):
+            train(cfg, out_dir=tmp_path, device='cpu', progress=False, data=tiny_data())
+    finally: del MODELS['_spare']
+    st = read_checkpoint(tmp_path / 'last.pt')
+    assert (st['epoch'], st['step']) == ((1, 1) if save_every else (1, 0))
+    assert all(torch.isfinite(v).all() for v in st['state_dict'].values() if v.is_floating_point())
+    assert not (tmp_path / 'final.pt').exists()
 
 
 # ---- security ---------------------------------------------------------------------------------------------------------
@@ -281,9 +337,20 @@ def test_no_shell_in_the_package():
     assert not hits, hits
 
 
-def test_cifar_reader_unpickler_is_restricted():
-    text = (PKG / 'data.py').read_text()
-    assert 'find_class' in text  # a restricted Unpickler that admits only numpy arrays
+def test_a_malicious_cifar_batch_is_refused_without_running(tmp_path):
+    """A CIFAR folder whose batch file carries a pickled shell command: `load_cifar` refuses it and the command never runs
+    (a plain `pickle.load` would have created the marker file)."""
+    import pickle
+    import numpy as np
+    from adaad.data import load_cifar
+    marker, folder = tmp_path / 'pwned', tmp_path / 'cifar-10-batches-py'
+    folder.mkdir()
+    good = {b'data': np.zeros((10, 3072), np.uint8), b'labels': list(range(10))}
+    for name in [f'data_batch_{i}' for i in range(1, 6)]: pickle.dump(good, open(folder / name, 'wb'), protocol=2)
+    pickle.dump({b'data': _Payload(marker), b'labels': [0]}, open(folder / 'test_batch', 'wb'), protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match='refusing to load'):
+        load_cifar('cifar10', 'test', root=tmp_path)
+    assert not marker.exists() and len(load_cifar('cifar10', 'train', root=tmp_path)) == 50
 
 
 class _Payload:
@@ -315,4 +382,4 @@ def test_malicious_checkpoint_refused_on_the_resume_path(tmp_path):
 
 
 if __name__ == '__main__':
-    worker(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else 'none')
+    worker(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else 'none', int(sys.argv[3]) if len(sys.argv) > 3 else 1)
