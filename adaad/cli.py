@@ -69,7 +69,7 @@ def config_from_args(a):
     if kw['milestones'] is not None: kw['milestones'] = tuple(kw['milestones'])
     return TrainConfig(**kw).validate()
 
-# %% ../nbs/13_cli.ipynb #e0af3511
+# %% ../nbs/13_cli.ipynb #67e702dc
 def _teacher_args(p, what, flag):
     p.add_argument(f'--{flag}', default=None, help=f'{what} checkpoint file')
     p.add_argument(f'--{flag}-arch', default=None, help=f'registry architecture of --{flag}')
@@ -99,18 +99,22 @@ def parser():
     e.add_argument('--robustbench', default=None, help='RobustBench name of --ckpt (default: %(default)s)')
     e.add_argument('--dataset', default='cifar10', choices=['cifar10', 'cifar100'], help='(default: %(default)s)')
     e.add_argument('--data-root', default=None, help='(default: $ADAAD_DATA, else ./data)')
-    e.add_argument('--suite', default='quick', help="attack suite: 'quick' (clean, PGD-10) or 'paper' (clean, FGSM, PGD-10, CW2, AA) (default: %(default)s)")
+    e.add_argument('--suite', default='quick', help="attack suite: 'quick' (clean, PGD-10), 'paper' (clean, FGSM, PGD-10, CW2, AA) or a comma list of attacks, e.g. clean,aa (default: %(default)s)")
     e.add_argument('--n', type=_checked(int, _N), default=1000, help='first N test images (default: %(default)s)')
     e.add_argument('--eps', type=parse_eps, default=8 / 255, help='attack budget (default: 8/255)')
     e.add_argument('--batch-size', type=_checked(int, _N), default=200, help='(default: %(default)s)')
     e.add_argument('--out', default=None, help='write the result as JSON here (default: print only)')
+    e.add_argument('--shard-size', type=_checked(int, _N), default=None, help='images per piece, a multiple of --batch-size (default: all in one)')
+    e.add_argument('--pieces', default=None, help='folder for finished (attack, shard) pieces: a rerun after a kill redoes only the rest (default: none)')
+    e.add_argument('--aa-attacks', default=None, help="run AutoAttack as a custom version of these attacks, e.g. apgd-ce,apgd-t (default: standard AutoAttack)")
+    e.add_argument('--model-info', default=None, help='also write a RobustBench-style model-info JSON here (needs aa in the suite) (default: none)')
     e.add_argument('--device', default=None, help='(default: cuda if available)')
     e.add_argument('--no-progress', action='store_true', help='hide progress bars')
     return ap
 
 _N = types.SimpleNamespace(type=int, metadata=dict(check=(lambda v: v >= 1, 'an int >= 1')))
 
-# %% ../nbs/13_cli.ipynb #7ab77ec4
+# %% ../nbs/13_cli.ipynb #42457cca
 def _spec(ap, a, flag):
     "(path, arch, robustbench) of --FLAG / --FLAG-arch / --FLAG-robustbench, checked; None without --FLAG."
     d = flag.replace('-', '_')
@@ -151,9 +155,32 @@ def _eval(ap, a):
     if (a.arch is None) == (a.robustbench is None): ap.error('eval needs exactly one of --arch or --robustbench')
     model = load_teacher(a.ckpt, arch=a.arch, robustbench=a.robustbench, dataset=a.dataset, device=a.device)
     data = first_n(load_cifar(a.dataset, 'test', root=a.data_root, device=a.device), a.n)
-    r = evaluate(model, data, suite=a.suite, batch_size=a.batch_size, device=a.device, progress=not a.no_progress, eps=a.eps)
+    suite = a.suite.split(',') if ',' in a.suite else a.suite
+    r = evaluate(model, data, suite=suite, batch_size=a.batch_size, device=a.device, progress=not a.no_progress, eps=a.eps,
+                 shard_size=a.shard_size, pieces_dir=a.pieces, **_aa_override(a, suite))
     if a.out: r.to_json(a.out)
+    if a.model_info: _write_model_info(a, r)
     print(json.dumps(r.row()))
+
+def _aa_override(a, suite):
+    "The `aa` override of `--aa-attacks` (a custom AutoAttack), if given and the suite has AA."
+    if not a.aa_attacks: return {}
+    from adaad.evaluate import resolve_suite
+    if 'aa' not in [s.name for s in resolve_suite(suite)]: raise ValueError('--aa-attacks needs aa in --suite')
+    return dict(aa=dict(version='custom', attacks=a.aa_attacks.split(',')))
+
+def _write_model_info(a, r):
+    "The RobustBench-style model info of an `adaad eval` result."
+    from adaad.core import file_sha256, write_json
+    from adaad.report import model_info
+    cells = {k: dict(acc=v) for k, v in r.accuracy.items()}
+    row = dict(student='eval', arch=a.arch or a.robustbench, method=Path(a.ckpt).name, n=r.n, cells=cells, train=dict(ckpt=str(a.ckpt)))
+    aa = [s for s in r.config['suite'] if s['name'] == 'aa']
+    version = aa[0]['kwargs'].get('version') if aa else None
+    res = dict(preset='adaad eval', config=dict(aa=None if version == 'standard' else (aa[0]['kwargs'] if aa else None)),
+               git=None, data=dict(exact_note=f'{a.dataset} test set, first {r.n} images'))
+    info = model_info(res, row); info['adaad'].update(ckpt_sha256=file_sha256(a.ckpt), eps=a.eps, suite=a.suite)
+    write_json(a.model_info, info)
 
 def main(argv=None):
     "Entry point of the `adaad` command."

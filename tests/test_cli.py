@@ -113,3 +113,19 @@ def test_every_field_reaches_the_config():
     assert (c.val_steps, c.drop_last, c.momentum, c.single_decay, c.inner, c.eps, c.eps_start, c.eps_ramp_epochs) == \
            (3, True, 0.5, True, 'trades', 16 / 255, 4 / 255, 5)
     assert c.method_kwargs == {'alpha': 0.5} and c.batch_size == 64
+
+
+def test_eval_in_pieces_resumes_and_exports_model_info(tmp_path, data_root, capsys):
+    "`adaad eval` with --shard-size and --pieces writes one file per (attack, shard), reads them back, and --model-info writes RobustBench's fields."
+    atomic_save(create_model('wrn-10-1').state_dict(), tmp_path / 'w.pt')
+    args = ['eval', '--ckpt', str(tmp_path / 'w.pt'), '--arch', 'wrn-10-1', '--n', '20', '--batch-size', '10', '--shard-size', '10',
+            '--suite', 'clean,aa', '--aa-attacks', 'apgd-ce', '--pieces', str(tmp_path / 'pieces'), '--model-info', str(tmp_path / 'info.json'),
+            '--data-root', str(data_root), '--device', 'cpu', '--no-progress']
+    main(args)
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(list((tmp_path / 'pieces').glob('*.json'))) == 4
+    info = json.loads((tmp_path / 'info.json').read_text())
+    assert {'clean_acc', 'autoattack_acc', 'eps', 'architecture', 'dataset', 'threat_model'} <= set(info)
+    assert info['unreliable'] and '20 test images' in info['footnote'] and info['adaad']['ckpt_sha256']
+    main(args)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first
