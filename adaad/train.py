@@ -270,7 +270,16 @@ class Run:
         "The dict `train` returns."
         return dict(status=status, out_dir=str(self.out), best=self.best, model=self.model, wall_s=time.time() - self.t0)
 
-# %% ../nbs/12_train.ipynb #7858d3ef
+# %% ../nbs/12_train.ipynb #1b4f5dba
+def _log(path, row):
+    with open(path, 'a') as f: f.write(json.dumps(row) + '\n')
+
+def _trim_log(path, epoch):
+    "Drop log rows of epochs >= `epoch` (they are replayed after a resume)."
+    if not path.exists(): return
+    rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get('epoch', -1) < epoch]
+    atomic_write(path, ''.join(r + '\n' for r in rows))
+
 def _check_args(method, teacher, teacher_st, time_limit, data):
     "Raise ValueError for a missing or surplus teacher, a bad `time_limit` or bad `data`."
     if time_limit is not None and not (is_real(time_limit) and time_limit > 0):
@@ -357,16 +366,7 @@ def train_epoch(run, epoch):
     return dict(epoch=epoch, lr=run.opt.param_groups[0]['lr'], eps=eps_at(cfg, epoch),
                 loss=torch.stack(losses).mean().item() if losses else None, train_s=round(time.time() - te, 3))
 
-# %% ../nbs/12_train.ipynb #5823bbb5
-def _log(path, row):
-    with open(path, 'a') as f: f.write(json.dumps(row) + '\n')
-
-def _trim_log(path, epoch):
-    "Drop log rows of epochs >= `epoch` (they are replayed after a resume)."
-    if not path.exists(): return
-    rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get('epoch', -1) < epoch]
-    atomic_write(path, ''.join(r + '\n' for r in rows))
-
+# %% ../nbs/12_train.ipynb #6799d81d
 def end_epoch(run, epoch, row):
     "Validate (and diagnose), keep the best checkpoints, write `last.pt` and log `row` after epoch `epoch`."
     cfg = run.cfg

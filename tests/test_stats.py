@@ -93,3 +93,31 @@ def test_eval_results_carry_per_class_counts():
     r = EvalResult.from_correct({'clean': [1, 1, 1, 0, 1], 'pgd10': [1, 0, 0, 0, 1]}, labels=y)
     assert r.per_class['clean']['correct'] == [2, 1, 1] and r.per_class['worst']['correct'] == [1, 0, 1]
     assert EvalResult.from_dict(r.to_dict()).per_class == r.per_class
+
+
+def test_seed_lists_and_references_are_checked():
+    from adaad.repro import check_seeds
+    from adaad.report import add_comparisons
+    assert check_seeds((0, 1, 2)) == [0, 1, 2]
+    for bad in ([], [0, 0], [-1], ['0'], None):
+        with pytest.raises(ValueError, match='seeds must be a non-empty list of distinct ints'): check_seeds(bad)
+    res = dict(config=dict(suite=['clean']), rows=[dict(student='RN-18', method='adaad', seed=0)])
+    with pytest.raises(ValueError, match=r"references must be rows of the table: \['trades'\]"):
+        add_comparisons(res, '.', references=['trades'])
+
+
+def test_diagnostics_of_a_student_equal_to_its_teacher():
+    "KL 0 and full agreement at x and at x~ when the student is a copy of the teacher; the caller's RNG and BN stats untouched."
+    import copy
+    from adaad.data import CifarSplit
+    from adaad.diagnostics import diagnose
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    data = CifarSplit(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,)), 10)
+    bn, state = net[1].running_mean.clone(), torch.get_rng_state()
+    for method in ('adaad', 'ard'):
+        d = diagnose(net, copy.deepcopy(net).eval(), data, method, batch_size=16)
+        assert d['diag_kl_nat'] < 1e-6 and d['diag_kl_adv'] < 1e-6 and d['diag_agree_nat'] == d['diag_agree_adv'] == 100.
+        assert d['diag_teacher_acc'] == d['diag_student_acc'] and d['diag_fool_both'] in (None, 100.)
+    assert torch.equal(net[1].running_mean, bn) and torch.equal(torch.get_rng_state(), state) and net.training

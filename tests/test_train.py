@@ -158,3 +158,80 @@ def test_pgd_at_teacher_is_more_robust_than_natural(tmp_path, cifar_train, cifar
         res[m] = validate(train(cfg, out_dir=tmp_path / m, device='cpu', progress=False, data=(tr, va))['model'], va)
     # measured once (2 shared CPU cores): natural 39.0% clean / 6.3% PGD-10, PGD-AT 33.3% / 24.3%
     assert res['pgd-at'][1] > res['natural'][1] + 10, res
+
+
+# ---- a run folder knows what it holds ---------------------------------------------------------------------------
+def _identity_data():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (48, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(48) % 10
+    return CifarSplit(x[:32], y[:32], 10, split='train'), CifarSplit(x[32:], y[32:], 10, split='test')
+
+
+def _cfg(**kw):
+    return TrainConfig(**{**dict(method='pgd-at', student='wrn-10-1', epochs=1, batch_size=16, steps=1, val_n=8, val_steps=1), **kw})
+
+
+@pytest.mark.parametrize('change,field', [(dict(lr=0.05), 'config.lr'), (dict(method='trades'), 'config.method'),
+                                          (dict(student='wrn-10-2'), 'config.student'), (dict(seed=1), 'config.seed')])
+def test_a_finished_folder_is_not_returned_for_another_run(tmp_path, change, field):
+    "A folder with a finished run refuses another lr, method, architecture or seed, naming the field (it used to return the old model)."
+    train(_cfg(), out_dir=tmp_path, device='cpu', progress=False, data=_identity_data())
+    with pytest.raises(ValueError, match=f'holds another run: .*{field}'):
+        train(_cfg(**change), out_dir=tmp_path, device='cpu', progress=False, data=_identity_data())
+
+
+def test_another_teacher_or_data_is_refused(tmp_path):
+    "The teacher's weights and the data are part of a run's identity; save_every and data_root are not."
+    torch.manual_seed(0); t1 = create_model('wrn-10-1').eval()
+    torch.manual_seed(1); t2 = create_model('wrn-10-1').eval()
+    cfg = _cfg(method='rslad')
+    train(cfg, teacher=t1, out_dir=tmp_path, device='cpu', progress=False, data=_identity_data())
+    with pytest.raises(ValueError, match='holds another run: teacher'):
+        train(cfg, teacher=t2, out_dir=tmp_path, device='cpu', progress=False, data=_identity_data())
+    tr, va = _identity_data()
+    with pytest.raises(ValueError, match='holds another run: data'):
+        train(cfg, teacher=t1, out_dir=tmp_path, device='cpu', progress=False, data=(tr.subset(range(16)), va))
+    r = train(dataclasses.replace(cfg, save_every=3, data_root='/elsewhere'), teacher=t1, out_dir=tmp_path, device='cpu',
+              progress=False, data=_identity_data())
+    assert r['status'] == 'done' and r['wall_s'] == 0.
+
+
+def test_cli_refuses_another_teacher_in_the_same_out(tmp_path, data_root, capsys):
+    "`adaad train` with another --teacher and the same --out stops with the differing field, not a state_dict error."
+    from adaad.cli import main
+    for i in (0, 1):
+        torch.manual_seed(i); atomic_save(create_model('wrn-10-1').state_dict(), tmp_path / f't{i}.pt')
+    common = ['train', '--method', 'rslad', '--student', 'wrn-10-1', '--teacher-arch', 'wrn-10-1', '--epochs', '1', '--train-n', '20',
+              '--val-n', '10', '--batch-size', '10', '--steps', '1', '--data-root', str(data_root), '--device', 'cpu', '--no-progress',
+              '--out', str(tmp_path / 'run')]
+    main(common + ['--teacher', str(tmp_path / 't0.pt')])
+    with pytest.raises(SystemExit) as e: main(common + ['--teacher', str(tmp_path / 't1.pt')])
+    assert e.value.code == 2 and 'holds another run: teacher' in capsys.readouterr().err
+
+
+def test_new_fields_with_defaults_do_not_orphan_old_runs(tmp_path):
+    "An identity written before a TrainConfig field existed is accepted when the field has its default now."
+    import json as _json
+    from adaad.train import check_identity, run_identity
+    ident = run_identity(_cfg(), data=_identity_data())
+    old = _json.loads(_json.dumps(ident)); del old['config']['eps_ramp_epochs']; del old['config']['diagnostics']
+    (tmp_path / 'identity.json').write_text(_json.dumps(old))
+    check_identity(tmp_path, ident)                                       # accepted
+    with pytest.raises(ValueError, match='eps_ramp_epochs'):
+        check_identity(tmp_path, run_identity(_cfg(eps_start=1 / 255, eps_ramp_epochs=2), data=_identity_data()))
+
+
+def test_eps_ramp_reaches_the_inner_maximisation(tmp_path):
+    "With a ramp the logged radius grows epoch by epoch to eps, and the method each epoch trains with has that radius."
+    import json as _json
+    import adaad.methods as M
+    seen, real = [], M.training_loss
+    def spy(method, *a, **k):
+        seen.append(round(method.budget.eps * 255, 6)); return real(method, *a, **k)
+    M.training_loss = spy
+    try:
+        train(_cfg(epochs=4, eps=8 / 255, step_size=2 / 255, eps_start=2 / 255, eps_ramp_epochs=3), out_dir=tmp_path, device='cpu',
+              progress=False, data=_identity_data())
+    finally: M.training_loss = real
+    logged = [round(_json.loads(l)['eps'] * 255, 6) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert logged == [2, 4, 6, 8] and sorted(set(seen)) == [2, 4, 6, 8]

@@ -36,6 +36,7 @@ def main(argv=None):
     ap.add_argument('--out', default=None, help='results folder (default: runs/results/<preset>)')
     ap.add_argument('--runs', default=None, help='runs folder (default: runs/repro/<preset>)')
     ap.add_argument('--time-limit', type=float, default=None, help='seconds per worker call (default: none)')
+    ap.add_argument('--curves', default=None, help='prefix of the training-curve figure (default: <out>/training_curves)')
     a = ap.parse_args(argv)
     cfg = preset_config(a.preset)
     out = str(Path(a.out or ROOT / 'runs' / 'results' / a.preset).resolve())
@@ -52,6 +53,8 @@ def main(argv=None):
     codes = [p.wait() for p in procs]
     if any(codes): sys.exit(f'a worker failed ({codes}); see {out}/worker*.log')
     res = run_table(a.preset, out_dir=out, runs_dir=runs)          # assemble: everything is cached
+    from adaad.report import plot_training_curves
+    plot_training_curves(res, a.curves or str(Path(out) / 'training_curves'))
     print(res['status'], f"{len(res['rows'])} rows in {out}")
 
 
