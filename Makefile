@@ -56,7 +56,7 @@ repro: install data
 	mkdir -p $(REPRO_OUT)
 	$(BIN)/papermill nbs/repro_table.ipynb $(REPRO_OUT)/repro_table.ipynb --cwd nbs -k python3 \
 		-p preset $(PRESET) -p scratch False -p out_dir $(CURDIR)/$(REPRO_OUT) -p curves $(REPRO_CURVES) \
-		-p committed $(if $(COMMIT),None,$(CURDIR)/results/$(PRESET)) -y '{"methods": null, "students": null}' $(REPRO_ARGS)
+		-p committed $(if $(COMMIT),None,$(CURDIR)/results/$(PRESET)) -y '{"methods": null, "students": null, "train_n": null, "n_test": null}' $(REPRO_ARGS)
 
 # The inner-eps sweep (AdaAD, RN-18 row of the preset), its figure in figures/eps_sweep.{png,pdf}
 # (results/smoke-eps-sweep/ for the smoke preset, whose numbers only check the pipeline).
@@ -66,7 +66,7 @@ EPS_FIGURE ?= $(if $(filter smoke,$(PRESET)),$(CURDIR)/results/smoke-eps-sweep/e
 repro-eps: install data
 	mkdir -p results/$(PRESET)-eps-sweep figures
 	$(BIN)/papermill nbs/repro_eps_sweep.ipynb results/$(PRESET)-eps-sweep/repro_eps_sweep.ipynb --cwd nbs -k python3 \
-		-p preset $(PRESET) -p scratch False -y '{"eps_list": $(EPS_LIST), "steps": $(EPS_STEPS), "figure": "$(EPS_FIGURE)"}' $(REPRO_ARGS)
+		-p preset $(PRESET) -p scratch False -y '{"eps_list": $(EPS_LIST), "steps": $(EPS_STEPS), "figure": "$(EPS_FIGURE)", "train_n": null, "n_test": null}' $(REPRO_ARGS)
 
 # Throughput benchmarks (not tests): bench/results/<date>-<device>.{json,md}. See bench/README.md.
 BENCH_ARGS ?= --pairs small --eval --eval-n 200 --cw-steps 100 --aa reduced
