@@ -112,7 +112,7 @@ def _ddp_worker(rank, world, port, data, out, method):
     seen, real = [], T.batches
     def recording(*a, **k):
         for x, y in real(*a, **k):
-            seen.extend([round(float(s), 3), int(c)] for s, c in zip(x.flatten(1).sum(1), y)); yield x, y
+            seen.extend([round(float(s), 1), int(c)] for s, c in zip(x.flatten(1).sum(1), y)); yield x, y
     T.batches = recording
     train(_ddp_cfg(method), teacher=_teacher() if method == 'adaad' else None, out_dir=out, device='cpu', progress=False, data=data)
     (Path(out) / f'seen{rank}.json').write_text(json.dumps(seen))
@@ -132,8 +132,8 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, method):
     seen = [json.loads((tmp_path / 'ddp' / f'seen{r}.json').read_text()) for r in (0, 1)]
     per_epoch = [[tuple(v) for v in s[i * 48:(i + 1) * 48]] for s in seen for i in range(2)]
     assert all(len(set(per_epoch[i]) & set(per_epoch[2 + i])) == 0 for i in range(2))       # ranks disjoint in each epoch
-    whole = sorted((round(float(x.float().sum() / 255), 3), int(y)) for x, y in zip(data[0].x, data[0].y))
-    assert sorted(per_epoch[0] + per_epoch[2]) == pytest.approx(whole, abs=2e-3)          # together, the epoch
+    whole = sorted((round(float(x.float().sum() / 255), 1), int(y)) for x, y in zip(data[0].x, data[0].y))
+    assert sorted(per_epoch[0] + per_epoch[2]) == whole                                    # together, the epoch
     MODELS['_nobn'] = lambda num_classes, **kw: _NoBN(num_classes)
     try:
         one = train(_ddp_cfg(method), teacher=_teacher() if method == 'adaad' else None, out_dir=tmp_path / 'one', device='cpu',
