@@ -43,3 +43,15 @@ def test_wheel_builds(tmp_path):
     assert all('extra == "dev"' in r for r in reqs if any(t in r for t in ('nbdev', 'papermill', 'jupyter', 'matplotlib')))
     ep = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith('entry_points.txt'))).decode()
     assert 'adaad = adaad.cli:main' in ep
+
+
+def test_missing_data_fails_under_make_test(tmp_path):
+    "With ADAAD_REQUIRE_DATA=1 (what `make test` sets) a data test fails when CIFAR-10 is absent, instead of skipping."
+    import os
+    env = dict(os.environ, ADAAD_DATA=str(tmp_path / 'nowhere'), ADAAD_REQUIRE_DATA='1')
+    args = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', 'tests/test_data.py', '-k', 'first_test_images_are_exact or balanced_subset']
+    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode != 0 and 'no CIFAR-10 under' in out.stdout, out.stdout[-2000:]
+    env['ADAAD_REQUIRE_DATA'] = '0'
+    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert 'skipped' in out.stdout and 'failed' not in out.stdout, out.stdout[-2000:]
