@@ -93,7 +93,8 @@ def test_works_under_no_grad(toy):
     with torch.no_grad(): xa = pgd(model, x, y, steps=3, seed=0)
     xb = pgd(model, x, y, steps=3, seed=0)
     assert torch.equal(xa, xb) and not torch.equal(xa, x)
-    with torch.no_grad(): assert (model(xa).argmax(1) == y).float().mean() < (model(x).argmax(1) == y).float().mean()
+    ce = lambda z: torch.nn.functional.cross_entropy(model(z), y)                 # a random net: accuracy barely moves,
+    with torch.no_grad(): assert ce(xa) > ce(x) + 1e-3                             # its own objective does
 
 
 @settings(max_examples=15, deadline=None)
@@ -263,12 +264,13 @@ def test_pgd10_breaks_natural_model(nat):
 
 
 def test_cw2_lowers_accuracy(nat):
-    "The paper's CW2 (c=0.1, kappa=0.01; 100 steps here) breaks some of the correctly classified images."
+    """CW2 (kappa=0.01) breaks the correctly classified images. The paper's c=0.1 needs its 1,000 steps: with 100 it broke
+    1 of these 24 (measured), so c=10 and lr=0.05 here, which break all 24 with L2 perturbations under 2.1 (measured)."""
     model, x, y = nat
     with torch.no_grad(): ok = model(x).argmax(1) == y
     x, y = x[ok][:24], y[ok][:24]
-    xa = cw_l2(model, x, y, steps=100)
-    assert xa.min() >= 0 and xa.max() <= 1 and accuracy(model, xa, y) <= 50     # measured: 0% of the 24 correct images
+    xa = cw_l2(model, x, y, c=10., lr=0.05, steps=100)
+    assert xa.min() >= 0 and xa.max() <= 1 and accuracy(model, xa, y) <= 50
     assert (xa - x).flatten(1).norm(dim=1).max() < 5                              # small L2 perturbations, not noise images
 
 
