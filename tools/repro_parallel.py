@@ -6,7 +6,8 @@ evaluation.
     python tools/repro_parallel.py cpu-strong --workers 2 --out results/cpu-strong
 
 1. the teachers, in this process with all threads (every worker needs them; training them twice in one folder is refused);
-2. `--workers` processes, each `run_table` with one thread over every `--workers`-th (row, seed) cell;
+2. `--workers` processes, each `run_table` with one thread over every `--workers`-th (row, seed) cell, all rows of the
+   first seed before the next seed (so a run stopped half-way has complete seeds);
 3. `run_table` over everything: trainings and evaluations are found in the shared runs and evals folders, and
    results.json, the tables and the figures are written with the provenance of this call.
 Each step is resumable: run the same command again after a kill.
@@ -43,7 +44,7 @@ def main(argv=None):
     runs = str(Path(a.runs or ROOT / 'runs' / 'repro' / a.preset).resolve())
     t = run_table(a.preset, methods=[cfg['methods'][0]], seeds=[cfg['seeds'][0]], out_dir=out, runs_dir=runs)  # teachers first
     if t['status'] != 'done': sys.exit('the teachers did not finish; run again')
-    cells = [(row, seed) for row in cfg['methods'] for seed in cfg['seeds']]
+    cells = [(row, seed) for seed in cfg['seeds'] for row in cfg['methods']]   # seed-major: a partial run has whole seeds
     procs = []
     for w in range(a.workers):
         arg = json.dumps(dict(preset=a.preset, cells=cells[w::a.workers], out=out, runs=runs, time_limit=a.time_limit))
