@@ -11,16 +11,12 @@ from hypothesis import given, settings, strategies as st
 
 from adaad.evaluate import (EvalResult, captured_log, evaluate, loss_flags, order_flags, results_table, square_flags)
 
+from toys import brightest_channel
+
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def toy(n=32, c=10, seed=0):
-    "A linear model that tells the brightest of 10 channels (10 classes), and points it classifies correctly."
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, c, 4, 4, generator=g)
-    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, c))
-    with torch.no_grad(): model[2].weight.copy_(20 * torch.eye(c)); model[2].bias.zero_()
-    return model.eval(), x, x.mean((2, 3)).argmax(1)
+def toy(n=32, c=10, seed=0): return brightest_channel(n, c, seed)
 
 
 class Rounded(nn.Module):

@@ -8,22 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 import adaad.evaluate as E
 from adaad.evaluate import evaluate, shards
 
 ROOT = Path(__file__).resolve().parents[1]
+from toys import brightest_channel
+
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def toy(n=64, c=10, seed=0):
-    "A linear model that reads the brightest channel (the attacks notebook's toy), and images it gets mostly right."
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, c, 4, 4, generator=g)
-    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, c))
-    with torch.no_grad(): model[2].weight.copy_(20 * torch.eye(c)); model[2].bias.zero_()
-    return model.eval(), x, x.mean((2, 3)).argmax(1)
+def toy(n=64, c=10, seed=0): return brightest_channel(n, c, seed)
 
 
 def same(r1, r2):
