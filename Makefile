@@ -58,15 +58,18 @@ repro: install data
 		-p preset $(PRESET) -p scratch False -p out_dir $(CURDIR)/$(REPRO_OUT) -p curves $(REPRO_CURVES) \
 		-p committed $(if $(COMMIT),None,$(CURDIR)/results/$(PRESET)) -y '{"methods": null, "students": null, "train_n": null, "n_test": null}' $(REPRO_ARGS)
 
-# The inner-eps sweep (AdaAD, RN-18 row of the preset), its figure in figures/eps_sweep.{png,pdf}
-# (results/smoke-eps-sweep/ for the smoke preset, whose numbers only check the pipeline).
+# The inner-eps sweep (AdaAD, RN-18 row of the preset) and its figure. Like `repro`, a fresh run goes to the ignored
+# runs/results/<preset>-eps-sweep/; with COMMIT=1 it writes results/<preset>-eps-sweep/ and the figure
+# figures/eps_sweep.{png,pdf} (results/smoke-eps-sweep/eps_sweep.* for the smoke preset, whose numbers only check the pipeline).
 EPS_LIST ?= [2, 4, 6, 8, 10, 12, 14, 16]
 EPS_STEPS ?= 10
-EPS_FIGURE ?= $(if $(filter smoke,$(PRESET)),$(CURDIR)/results/smoke-eps-sweep/eps_sweep,$(CURDIR)/figures/eps_sweep)
+EPS_OUT = $(if $(COMMIT),results/$(PRESET)-eps-sweep,runs/results/$(PRESET)-eps-sweep)
+EPS_FIGURE ?= $(if $(COMMIT),$(if $(filter smoke,$(PRESET)),$(CURDIR)/results/smoke-eps-sweep/eps_sweep,$(CURDIR)/figures/eps_sweep),$(CURDIR)/$(EPS_OUT)/eps_sweep)
 repro-eps: install data
-	mkdir -p results/$(PRESET)-eps-sweep figures
-	$(BIN)/papermill nbs/repro_eps_sweep.ipynb results/$(PRESET)-eps-sweep/repro_eps_sweep.ipynb --cwd nbs -k python3 \
-		-p preset $(PRESET) -p scratch False -y '{"eps_list": $(EPS_LIST), "steps": $(EPS_STEPS), "figure": "$(EPS_FIGURE)", "train_n": null, "n_test": null}' $(REPRO_ARGS)
+	mkdir -p $(EPS_OUT)
+	$(BIN)/papermill nbs/repro_eps_sweep.ipynb $(EPS_OUT)/repro_eps_sweep.ipynb --cwd nbs -k python3 \
+		-p preset $(PRESET) -p scratch False -p out_dir $(CURDIR)/$(EPS_OUT) \
+		-y '{"eps_list": $(EPS_LIST), "steps": $(EPS_STEPS), "figure": "$(EPS_FIGURE)", "train_n": null, "n_test": null}' $(REPRO_ARGS)
 
 # Throughput benchmarks (not tests): bench/results/<date>-<device>.{json,md}. See bench/README.md.
 BENCH_ARGS ?= --pairs small --eval --eval-n 200 --cw-steps 100 --aa reduced
