@@ -121,3 +121,27 @@ def test_diagnostics_of_a_student_equal_to_its_teacher():
         assert d['diag_kl_nat'] < 1e-6 and d['diag_kl_adv'] < 1e-6 and d['diag_agree_nat'] == d['diag_agree_adv'] == 100.
         assert d['diag_teacher_acc'] == d['diag_student_acc'] and d['diag_fool_both'] in (None, 100.)
     assert torch.equal(net[1].running_mean, bn) and torch.equal(torch.get_rng_state(), state) and net.training
+
+
+def test_paired_tool_reads_stored_rows_and_matches_mcnemar(tmp_path):
+    """tools/paired.py on a hand-made results folder: each pair's AA difference and p-value are those of the counts
+    (a right and b wrong 10 times, the reverse twice), over the rows' stored evaluation files; an unknown row is refused."""
+    import json, subprocess, sys
+    from pathlib import Path
+    from adaad.evaluate import EvalResult
+    a, b = pair(10, 2, 40, 20)
+    (tmp_path / 'evals').mkdir()
+    rows = []
+    for name, c in (('x', a), ('y', b)):
+        r = EvalResult.from_correct({'clean': c, 'aa': c}, labels=torch.zeros(len(c), dtype=torch.long))
+        (tmp_path / 'evals' / f'{name}.json').write_text(json.dumps(dict(key={}, wall_s=0, result=r.to_dict())))
+        rows.append(dict(student='S', method=name, seed=0, eval=f'evals/{name}.json'))
+    (tmp_path / 'results.json').write_text(json.dumps(dict(rows=rows, git=None)))
+    tool = Path(__file__).resolve().parents[1] / 'tools' / 'paired.py'
+    run = lambda *p: subprocess.run([sys.executable, str(tool), str(tmp_path), *p, '--student', 'S', '--attacks', 'clean,aa'],
+                                    capture_output=True, text=True)
+    assert run('x:y').returncode == 0
+    got = json.loads((tmp_path / 'pairs.json').read_text())['pairs']['x:y']['aa']
+    assert got['diff'] == pytest.approx(100 * 8 / 72) and got['p'] == pytest.approx(mcnemar_exact(a, b), rel=1e-12)
+    bad = run('x:z')
+    assert bad.returncode != 0 and "no row 'z' for student 'S'" in bad.stderr
