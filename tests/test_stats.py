@@ -145,3 +145,5 @@ def test_paired_tool_reads_stored_rows_and_matches_mcnemar(tmp_path):
     assert got['diff'] == pytest.approx(100 * 8 / 72) and got['p'] == pytest.approx(mcnemar_exact(a, b), rel=1e-12)
     bad = run('x:z')
     assert bad.returncode != 0 and "no row 'z' for student 'S'" in bad.stderr
+    bad = subprocess.run([sys.executable, str(tool), str(tmp_path), 'x:y', '--student', 'S', '--attacks', 'cw2'], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--attacks: 'cw2' is not in row 'x'" in bad.stderr

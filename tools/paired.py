@@ -22,6 +22,9 @@ def row_correct(res, folder, student, method, attack):
     files = [r['eval'] for r in sorted(rows, key=lambda r: r.get('seed', 0)) if r.get('eval')]
     if not files: raise SystemExit(f'row {method!r} of {student!r} has no stored evaluation file')
     ev = [EvalResult.from_dict(json.loads((Path(folder) / f).read_text())['result']) for f in files]   # {key, wall_s, result}
+    for e in ev:
+        if attack != 'worst' and attack not in e.correct:
+            raise SystemExit(f"--attacks: {attack!r} is not in row {method!r}'s evaluation; accepted: {sorted(e.correct) + ['worst']}")
     return np.stack([e.worst_correct.numpy() if attack == 'worst' else e.correct[attack].numpy() for e in ev])
 
 
