@@ -42,7 +42,7 @@ test: check-nbdev nbtest pytest
 test-slow: install data
 	$(BIN)/python -m pytest -m slow
 
-# The paper's table with a preset (smoke, cpu-small, cpu-long, cpu-strong, gpu-small, paper): `make repro PRESET=smoke`. The
+# The paper's table with a preset (smoke, cpu-small, cpu-long, cpu-strong, cpu-strong-long, gpu-small, paper): `make repro PRESET=smoke`. The
 # notebook's own defaults are cut down for the notebook tests; here students and methods are the preset's (None). A
 # fresh run goes to the ignored folder runs/results/<preset>/ (the executed notebook, the numbers, the figures) and is
 # compared with the committed results/<preset>/ (vs_committed.md there); `make repro PRESET=... COMMIT=1` writes into

@@ -20,7 +20,7 @@ from .checkpoint import load_checkpoint, load_teacher
 from .train import TrainConfig, build_method, config_dict, resolve, split_run_data, train
 from .report import PAPER_METHODS, load_results, plot_eps_sweep, write_outputs
 
-# %% ../nbs/15_repro.ipynb #7f043a82
+# %% ../nbs/15_repro.ipynb #99fa2b24
 def _standard(teacher):
     "A naturally trained standard teacher (AKD) with the architecture and training budget of the robust teacher spec."
     t = {k: v for k, v in teacher['train'].items() if k not in ('method', 'steps', 'step_size', 'eps')}
@@ -89,6 +89,18 @@ PRESETS = {
         seeds=(0, 1, 2),
         train=dict(epochs=8, train_n=4000, batch_size=128, lr=0.1, milestones=(6,), steps=3, step_size=3/255, val_n=500, val_steps=5),
         method_kwargs={'adaiad': dict(begin=3)},
+        checkpoint='best_pgd', n_test=1000,
+        suite=('clean', 'fgsm', 'pgd10', 'aa'), attack_overrides={},
+        aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=50, n_restarts=1, n_target_classes=3), eval_batch=250),
+    'cpu-strong-long': dict(
+        scale='reduced scale (the cpu-strong teacher and students, 16 epochs instead of 8; one seed; reduced AutoAttack): '
+              'not comparable to the paper',
+        teacher=dict(source='checkpoint', arch='resnet18-w16', path='runs/repro/cpu-strong/teacher-resnet18-w16-pgd-at/best_pgd.pt'),
+        standard_teacher=None,
+        students={'RN-18': 'resnet18-w8'},
+        methods=('pgd-at', 'ard', 'adaad', 'adaiad'), variants={}, seeds=(0,),
+        train=dict(epochs=16, train_n=4000, batch_size=128, lr=0.1, milestones=(12,), steps=3, step_size=3/255, val_n=500, val_steps=5),
+        method_kwargs={'adaiad': dict(begin=6)},
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'aa'), attack_overrides={},
         aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=50, n_restarts=1, n_target_classes=3), eval_batch=250),

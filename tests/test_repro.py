@@ -23,7 +23,7 @@ def _outputs(nb_json):
 
 
 def test_presets_are_data():
-    assert set(PRESETS) == {'smoke', 'cpu-small', 'cpu-long', 'cpu-strong', 'gpu-small', 'paper'}
+    assert set(PRESETS) == {'smoke', 'cpu-small', 'cpu-long', 'cpu-strong', 'cpu-strong-long', 'gpu-small', 'paper'}
     assert json.dumps(PRESETS)  # plain data only
     assert PRESETS['paper']['n_test'] == 10000 and PRESETS['paper']['teacher']['name'] == 'Chen2021LTD_WRN34_20'
     assert sum(len(v) for v in PAPER_TABLE.values()) == 16
