@@ -147,3 +147,29 @@ def test_paired_tool_reads_stored_rows_and_matches_mcnemar(tmp_path):
     assert bad.returncode != 0 and "no row 'z' for student 'S'" in bad.stderr
     bad = subprocess.run([sys.executable, str(tool), str(tmp_path), 'x:y', '--student', 'S', '--attacks', 'cw2'], capture_output=True, text=True)
     assert bad.returncode != 0 and "--attacks: 'cw2' is not in row 'x'" in bad.stderr
+
+
+def test_paired_tool_against_another_folder_needs_the_same_test_images(tmp_path):
+    """--against reads row b from another results folder: x there vs x here is the McNemar of their counts; a folder
+    whose evaluation ran on other test images, and a seed a row lacks, are refused by name."""
+    import json, subprocess, sys
+    from pathlib import Path
+    from adaad.evaluate import EvalResult
+    a, b = pair(3, 11, 30, 20)
+    def folder(name, c, sha):
+        d = tmp_path / name; (d / 'evals').mkdir(parents=True)
+        r = EvalResult.from_correct({'aa': c}, labels=torch.zeros(len(c), dtype=torch.long))
+        (d / 'evals' / 'x.json').write_text(json.dumps(dict(key=dict(n=len(c), test_sha256=sha), wall_s=0, result=r.to_dict())))
+        (d / 'results.json').write_text(json.dumps(dict(rows=[dict(student='S', method='x', seed=0, eval='evals/x.json')], git=None)))
+        return d
+    new, old, moved = folder('new', a, 'abc'), folder('old', b, 'abc'), folder('moved', b, 'def')
+    tool = Path(__file__).resolve().parents[1] / 'tools' / 'paired.py'
+    run = lambda other, *p: subprocess.run([sys.executable, str(tool), str(new), 'x:x', '--student', 'S', '--attacks', 'aa',
+                                            '--against', str(other), *p], capture_output=True, text=True)
+    assert run(old).returncode == 0
+    got = json.loads((new / 'pairs_vs_old.json').read_text())['pairs']['x:x']['aa']
+    assert got['diff'] == pytest.approx(100 * (3 - 11) / 64) and got['p'] == pytest.approx(mcnemar_exact(a, b), rel=1e-12)
+    bad = run(moved)
+    assert bad.returncode != 0 and 'different test images' in bad.stderr and not (new / 'pairs_vs_moved.json').exists()
+    bad = run(old, '--seeds', '1')
+    assert bad.returncode != 0 and "--seeds: row 'x'" in bad.stderr and 'seeds [0]' in bad.stderr
