@@ -173,3 +173,5 @@ def test_paired_tool_against_another_folder_needs_the_same_test_images(tmp_path)
     assert bad.returncode != 0 and 'different test images' in bad.stderr and not (new / 'pairs_vs_moved.json').exists()
     bad = run(old, '--seeds', '1')
     assert bad.returncode != 0 and "--seeds: row 'x'" in bad.stderr and 'seeds [0]' in bad.stderr
+    bad = run(old, '--seeds', 'first')
+    assert bad.returncode != 0 and "--seeds must be comma-separated integers" in bad.stderr

@@ -56,7 +56,8 @@ def main(argv=None):
     ap.add_argument('--against', default=None, help='results folder of row b (default: the same folder)')
     ap.add_argument('--seeds', default=None, help='comma-separated seeds to compare (default: every seed of each row)')
     a = ap.parse_args(argv)
-    seeds = None if a.seeds is None else [int(s) for s in a.seeds.split(',')]
+    try: seeds = None if a.seeds is None else [int(s) for s in a.seeds.split(',')]
+    except ValueError: raise SystemExit(f'--seeds must be comma-separated integers such as 0,1,2, got {a.seeds!r}')
     other = a.against or a.folder
     res = json.loads((Path(a.folder) / 'results.json').read_text())
     res_b = json.loads((Path(other) / 'results.json').read_text())
