@@ -9,7 +9,7 @@ export ADAAD_DATA ?= $(CURDIR)/data
 export PYTHONHASHSEED := 0
 export ADAAD_REQUIRE_DATA := 1
 
-.PHONY: install data check-nbdev nbtest pytest test test-slow repro repro-eps bench
+.PHONY: install data check-nbdev nbtest pytest test test-slow repro repro-eps teacher bench
 
 LOCK ?= requirements-lock.txt
 $(BIN)/.installed: settings.ini setup.py $(LOCK)
@@ -42,21 +42,33 @@ test: check-nbdev nbtest pytest
 test-slow: install data
 	$(BIN)/python -m pytest -m slow
 
-# The paper's table with a preset (smoke, cpu-small, cpu-long, cpu-strong, cpu-strong-long, gpu-small, paper): `make repro PRESET=smoke`. The
-# notebook's own defaults are cut down for the notebook tests; here students and methods are the preset's (None). A
+# The paper's table with a preset (quick, smoke, cpu-small, cpu-long, cpu-strong, cpu-strong-long, gpu-small, paper): `make repro` runs
+# `quick` (a few minutes on a CPU, from the shipped teacher), `make repro PRESET=cpu-strong` another. Progress streams to
+# the terminal (a line per training and per attack). The notebook's own defaults are cut down for the notebook tests;
+# here students and methods are the preset's (None). A
 # fresh run goes to the ignored folder runs/results/<preset>/ (the executed notebook, the numbers, the figures) and is
 # compared with the committed results/<preset>/ (vs_committed.md there); `make repro PRESET=... COMMIT=1` writes into
 # results/<preset>/ itself (and the training-curve figure into figures/) (see nbs/15_repro.ipynb).
-PRESET ?= smoke
+PRESET ?= quick
 REPRO_ARGS ?=
 COMMIT ?=
 REPRO_OUT = $(if $(COMMIT),results/$(PRESET),runs/results/$(PRESET))
 REPRO_CURVES = $(if $(COMMIT),$(if $(filter smoke,$(PRESET)),$(CURDIR)/$(REPRO_OUT)/training_curves,$(CURDIR)/figures/training_curves_$(PRESET)),$(CURDIR)/$(REPRO_OUT)/training_curves)
+CHECK_PRESET = $(BIN)/python -c "import sys; from adaad.repro import PRESETS; p = sys.argv[1]; \
+	sys.exit(None if p in PRESETS else f'PRESET must be one of {\", \".join(PRESETS)}; got {p!r}')" "$(PRESET)"
 repro: install data
+	@$(CHECK_PRESET)
 	mkdir -p $(REPRO_OUT)
-	$(BIN)/papermill nbs/repro_table.ipynb $(REPRO_OUT)/repro_table.ipynb --cwd nbs -k python3 \
-		-p preset $(PRESET) -p scratch False -p out_dir $(CURDIR)/$(REPRO_OUT) -p curves $(REPRO_CURVES) \
+	$(BIN)/papermill nbs/repro_table.ipynb $(REPRO_OUT)/repro_table.ipynb --cwd nbs -k python3 --log-output --no-progress-bar \
+		-p preset $(PRESET) -p scratch False -p progress True -p out_dir $(CURDIR)/$(REPRO_OUT) -p curves $(REPRO_CURVES) \
 		-p committed $(if $(COMMIT),None,$(CURDIR)/results/$(PRESET)) -y '{"methods": null, "students": null, "train_n": null, "n_test": null}' $(REPRO_ARGS)
+
+# Remake a preset's shipped teacher (teachers/<name>.pt and its record teachers/<name>.json) from the training its preset
+# records: `make teacher PRESET=quick` (about an hour on one core). The new file's SHA-256 then goes into the preset.
+teacher: install data
+	@$(CHECK_PRESET)
+	$(BIN)/python -c "import sys; from adaad.repro import build_teacher; r = build_teacher(sys.argv[1], progress=True); \
+	print(r['name'], r['sha256'], r['accuracy'])" "$(PRESET)"
 
 # The inner-eps sweep (AdaAD, RN-18 row of the preset) and its figure. Like `repro`, a fresh run goes to the ignored
 # runs/results/<preset>-eps-sweep/; with COMMIT=1 it writes results/<preset>-eps-sweep/ and the figure

@@ -153,8 +153,8 @@ def balanced_subset(split, n, seed=0):
 
 # %% ../nbs/01_data.ipynb #0272f8e9
 def to_float(x):
-    "uint8 images -> float32 in [0, 1]."
-    return x.float().div_(255) if x.dtype == torch.uint8 else x
+    "uint8 images -> floats in [0, 1] of the default dtype (float32 unless `torch.set_default_dtype` says otherwise)."
+    return x.to(torch.get_default_dtype()).div_(255) if x.dtype == torch.uint8 else x
 
 def random_crop_flip(x, generator=None, pad=4):
     "Random crop with `pad` zero pixels and random horizontal flip of a uint8 batch, done batched on its device."

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from .core import atomic_write, check_int, content_digest, plain, tensor_sha256
 from .stats import per_class
+from .data import to_float
 from .attacks import (autoattack, check_eps, check_images, check_labels, cw_l2, fgsm,
                            frozen_eval, pgd, square)
 
@@ -219,7 +220,7 @@ def _as_xy(x, y):
         if y is not None: raise ValueError("y must be None when x is a data object with .x and .y")
         x, y = x.x, x.y
     if y is None: raise ValueError("y must be given (an int64 tensor of labels) unless x is a data object with .x and .y")
-    if isinstance(x, torch.Tensor) and x.dtype == torch.uint8: x = x.float() / 255
+    if isinstance(x, torch.Tensor) and x.dtype == torch.uint8: x = to_float(x)
     check_images(x)
     return x, check_labels(y, x)
 

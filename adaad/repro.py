@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['PRESETS', 'PACKAGES', 'preset_config', 'train_config', 'repo_root', 'default_data_root', 'git_info',
            'package_versions', 'hardware_info', 'cached_eval', 'autoattack_reduced', 'eval_suite', 'teacher_file',
-           'obtain_teacher', 'selected_checkpoint', 'logged_curve', 'logged_train_s', 'run_cell', 'run_table',
-           'check_seeds', 'run_eps_sweep']
+           'shipped_teacher_file', 'shipped_record', 'obtain_teacher', 'build_teacher', 'selected_checkpoint',
+           'logged_curve', 'logged_train_s', 'run_cell', 'run_table', 'check_seeds', 'run_eps_sweep']
 
 # %% ../nbs/15_repro.ipynb #fd792fc2
 import copy, dataclasses, json, math, os, platform, subprocess, time
@@ -16,7 +16,8 @@ import torch
 from .core import atomic_write, check_choice, file_sha256, plain, tensor_sha256, write_json
 from .data import load_cifar, first_n
 from .evaluate import evaluate, wilson_ci, EvalResult
-from .checkpoint import load_checkpoint, load_teacher
+from .checkpoint import atomic_save, load_checkpoint, load_teacher
+from .fast import resolve_amp
 from .train import TrainConfig, build_method, config_dict, resolve, split_run_data, train
 from .report import PAPER_METHODS, load_results, plot_eps_sweep, write_outputs
 
@@ -33,8 +34,26 @@ _CPU_T = dict(source='train', train=dict(method='pgd-at', student='wrn-10-2', ep
 _GPU_T = dict(source='train', train=dict(method='pgd-at', student='resnet18', epochs=15, batch_size=256, lr=0.1, milestones=(12,),
                                          steps=10, step_size=2/255, val_n=1000, amp=True, channels_last=True))
 _CPU_AA = dict(attacks=['apgd-ce', 'apgd-t'], n_iter=20, n_restarts=1, n_target_classes=3)
+_QUICK_T = dict(source='shipped', arch='resnet18-w8', path='teachers/quick-resnet18-w8.pt', sha256=None,
+                train=dict(method='pgd-at', student='resnet18-w8', epochs=6, milestones=(5,), batch_size=128, lr=0.1, steps=3,
+                           step_size=3/255, val_n=1000, val_steps=5))
 
 PRESETS = {
+    'quick': dict(
+        scale='quick CPU run (a shipped quarter-width ResNet-18 teacher; eighth-width ResNet-18 students on 2,000 images, '
+              '4 epochs, 3 inner steps; one seed; no AutoAttack): shows what distillation does in minutes, not comparable to the paper',
+        teacher=_QUICK_T, standard_teacher=None,
+        students={'RN-18': 'resnet18-w4'},
+        methods=('natural', 'pgd-at', 'adaad', 'adaiad'), variants={}, seeds=(0,),
+        train=dict(epochs=4, train_n=2000, batch_size=128, lr=0.1, milestones=(3,), steps=3, step_size=3/255, val_n=200, val_steps=3,
+                   amp='auto'),
+        method_kwargs={'adaiad': dict(begin=2)},
+        checkpoint='final', n_test=1000,
+        suite=('clean', 'fgsm', 'pgd10'), attack_overrides={}, aa=None, eval_batch=250,
+        caveat='one training per method on 2,000 images for 4 epochs: the paired tests say that these four trained networks '
+               'differ on these 1,000 test images, not that the methods would rank the same when trained again (that needs '
+               'several seeds, as in cpu-strong) or at the paper\'s scale; without AutoAttack, PGD accuracies are upper bounds '
+               'of robust accuracy'),
     'smoke': dict(
         scale='smoke test: numbers only show that the pipeline runs, they say nothing about the methods',
         teacher=_SMOKE_T, standard_teacher=_standard(_SMOKE_T),
@@ -131,11 +150,13 @@ def preset_config(preset='smoke', **changes):
     return cfg
 
 # %% ../nbs/15_repro.ipynb #34e84087
-def train_config(cfg, row, arch, seed=0, data_root=None, **changes):
-    "The `TrainConfig` of row `row` (a method or a variant of the preset) for student `arch` under preset dict `cfg`."
+def train_config(cfg, row, arch, seed=0, data_root=None, device=None, **changes):
+    """The `TrainConfig` of row `row` (a method or a variant of the preset) for student `arch` under preset dict `cfg`;
+    `amp='auto'` becomes bf16 only where `device` (default: CUDA if available, else the CPU) computes it natively."""
     variant = dict(cfg.get('variants', {}).get(row, {}))
     method = variant.pop('method', row)
     t = {k: v for k, v in {**cfg['train'], **variant, **changes}.items() if v is not None}
+    if 'amp' in t: t['amp'] = resolve_amp(t['amp'], device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     mk = {**cfg.get('method_kwargs', {}).get(method, {}), **t.pop('method_kwargs', {})}
     return TrainConfig(**{**dict(method=method, student=arch, seed=seed, data_root=data_root), **t, 'method_kwargs': mk})
 
@@ -152,7 +173,7 @@ def git_info(root=None, outputs=()):
     """The commit, whether tracked files differ from it (`dirty`) and which (`dirty_files`), leaving out `outputs`:
     the run's own output folders, which papermill and the run itself write before this is read. Outside a git
     checkout (a copy of the tree on another machine) it reads the JSON file named by $ADAAD_GIT_INFO, which whoever
-    copied the tree wrote there (`tools/gpu_carry.sh` does); without either, every field is None."""
+    copied the tree wrote there (for a copy of the tree run on another machine); without either, every field is None."""
     root = Path(root or repo_root())
     git = lambda *a: subprocess.run(['git', *a], cwd=root, capture_output=True, text=True, timeout=20)
     try:
@@ -250,6 +271,21 @@ def teacher_file(path, hint):
     where = f'{p.resolve()}' + ('' if p.is_absolute() else f' or {repo_root() / p}')
     raise FileNotFoundError(f'teacher file {path} is missing (looked for {where}): {hint}')
 
+def shipped_teacher_file(spec):
+    "The shipped teacher file of teacher spec `spec`, refused unless its SHA-256 is the one the preset records."
+    p = teacher_file(spec['path'], 'it ships with the repository: restore it with `git checkout`, or rebuild it with `make teacher PRESET=...`')
+    if not spec.get('sha256'): raise ValueError(f"the shipped teacher {spec['path']} has no recorded sha256 in its preset: build it with build_teacher")
+    got = file_sha256(p)
+    if got != spec['sha256']:
+        raise ValueError(f"teacher file {p} has SHA-256 {got}, but its preset records {spec['sha256']}: the file is damaged or "
+                         'not the shipped teacher (restore it with `git checkout`, or rebuild it with `make teacher PRESET=...`)')
+    return p
+
+def shipped_record(path):
+    "The record beside a shipped teacher file (`<name>.json`: how it was made and its accuracies), or None."
+    f = Path(path).with_suffix('.json')
+    return json.loads(f.read_text()) if f.exists() else None
+
 def obtain_teacher(spec, runs_dir, data, device, data_root=None, time_limit=None, progress=False, role='teacher'):
     "(teacher model or None if its training paused, info dict) for teacher spec `spec` (None: no teacher)."
     if spec is None: return None, None
@@ -260,7 +296,10 @@ def obtain_teacher(spec, runs_dir, data, device, data_root=None, time_limit=None
     if src == 'checkpoint':
         p = teacher_file(spec['path'], 'train it first (a preset that names another preset\'s run says which)')
         return load_teacher(p, arch=spec['arch'], device=device), dict(spec, ckpt=str(p), wall_s=0.)
-    if src != 'train': raise ValueError(f"teacher source must be 'robustbench', 'checkpoint' or 'train', got {src!r}")
+    if src == 'shipped':
+        p = shipped_teacher_file(spec)
+        return load_teacher(p, arch=spec['arch'], device=device), dict(spec, ckpt=str(p), wall_s=0., record=shipped_record(p))
+    if src != 'train': raise ValueError(f"teacher source must be 'robustbench', 'checkpoint', 'shipped' or 'train', got {src!r}")
     tc = TrainConfig(**{'data_root': data_root, **spec['train']})
     cell = run_cell(tc, Path(runs_dir) / f"{role}-{tc.student}-{tc.method}", None, dict(checkpoint='best_pgd'), data=data,
                     device=device, time_limit=time_limit, progress=progress)
@@ -268,6 +307,30 @@ def obtain_teacher(spec, runs_dir, data, device, data_root=None, time_limit=None
     if cell['status'] != 'done': return None, info
     info['ckpt'] = cell['ckpt']
     return cell['model'].eval().requires_grad_(False), info
+
+# %% ../nbs/15_repro.ipynb #caa25e0e
+def build_teacher(preset, run_dir=None, out=None, data_root=None, device=None, progress=False):
+    """Train (or reuse the finished run of) `preset`'s shipped teacher, write its weights to `out` (default: the spec's
+    path under the repository) and its record beside them; returns the record."""
+    cfg = preset_config(preset); spec = cfg['teacher']
+    if not spec or spec.get('source') != 'shipped':
+        raise ValueError(f"preset {cfg['name']!r} has no shipped teacher (its teacher source is {(spec or {}).get('source')!r})")
+    run_dir = Path(run_dir or repo_root() / 'runs' / 'teachers' / f"{cfg['name']}-{spec['arch']}")
+    ctx = _context(cfg, run_dir.parent, run_dir.parent, device, data_root, None, progress)
+    tc = TrainConfig(**{'data_root': ctx['data_root'], **spec['train']})
+    cell = run_cell(tc, run_dir, None, dict(checkpoint='best_pgd'), data=_data_of(ctx, tc), device=ctx['device'], progress=progress)
+    if cell['status'] != 'done': raise RuntimeError(f'the teacher training in {run_dir} did not finish ({cell["status"]}): run again')
+    out = Path(out or repo_root() / spec['path'])
+    atomic_save({k: v.detach().cpu() for k, v in cell['model'].state_dict().items()}, out)
+    ev = _eval_settings(ctx)
+    r = evaluate(cell['model'].eval(), ctx['test'], suite=list(ev['suite']), batch_size=ev['batch_size'], device=ctx['device'],
+                 progress=progress, seed=ev['seed'], **ev['overrides'])
+    rec = dict(name=out.stem, arch=spec['arch'], sha256=file_sha256(out), preset=cfg['name'], train=config_dict(tc),
+               run=str(run_dir), best=cell['best'], train_s_logged=cell['train_s_logged'], git=git_info(outputs=[out, out.with_suffix('.json')]),
+               hardware=hardware_info(ctx['device']), data=plain(ctx['test'].source), n_test=len(ctx['test']),
+               accuracy={k: round(v, 2) for k, v in r.accuracy.items()}, command=f'make teacher PRESET={cfg["name"]}')
+    write_json(out.with_suffix('.json'), rec)
+    return rec
 
 # %% ../nbs/15_repro.ipynb #34e63206
 def selected_checkpoint(checkpoint, tc):
@@ -357,14 +420,16 @@ def _eval_settings(ctx, suite=None):
 
 def run_table(preset='smoke', teacher=None, students=None, methods=None, epochs=None, data_root=None, n_test=None,
               suite=None, out_dir=None, runs_dir=None, seeds=None, device=None, time_limit=None, progress=False,
-              attack_overrides=None, train_n=None, variants=None):
-    "Train and evaluate the table of `preset` for every seed; writes results.json and the tables to `out_dir`; returns the results dict."
+              attack_overrides=None, train_n=None, variants=None, log=None):
+    """Train and evaluate the table of `preset` for every seed; writes results.json and the tables to `out_dir`; returns the
+    results dict. `log` (e.g. `print`) receives a line when each training starts and ends and one per attack evaluated."""
     cfg = preset_config(preset, teacher=teacher, students=students, methods=list(methods) if methods else None, n_test=n_test,
                         suite=list(suite) if suite else None, attack_overrides=attack_overrides, variants=variants,
                         seeds=list(seeds) if seeds is not None else None, train=dict(epochs=epochs, train_n=train_n))
     seeds = check_seeds(cfg.get('seeds', (0,)))
     ctx = _context(cfg, out_dir or repo_root() / 'results' / cfg['name'], runs_dir or repo_root() / 'runs' / 'repro' / cfg['name'],
                    device, data_root, time_limit, progress)
+    ctx['log'] = log or (lambda line: None)
     res = dict(_header(ctx, 'table', seeds=seeds), rows=[], runs={})
     tmodel, smodel, res['teacher'], res['standard_teacher'] = _teachers(ctx)
     if tmodel is None: res['status'] = 'paused'
@@ -377,20 +442,35 @@ def _train_rows(ctx, res, tmodel, smodel, seeds):
     "Evaluate the teacher and every (student, row, seed) cell into `res['rows']`; 'done' or 'paused'."
     cfg, out, ev = ctx['cfg'], ctx['out'], _eval_settings(ctx)
     r, c = cached_eval(tmodel, ctx['test'], res['teacher']['ckpt'], out / 'evals' / 'teacher.json', **ev)
+    _log_eval(ctx['log'], f"teacher ({res['teacher'].get('arch', res['teacher'].get('name'))})", r, c)
     res['rows'].append(dict(_row('teacher', res['teacher'].get('arch', res['teacher'].get('name')), 'teacher', r, c, res['teacher']), eval='evals/teacher.json'))
-    for label, arch in cfg['students'].items():
-        for row in cfg['methods']:
-            for seed in seeds:
-                if ctx['time_limit'] is not None and time.time() - ctx['t0'] > ctx['time_limit']: return 'paused'
-                tc = train_config(cfg, row, arch, seed=seed, data_root=ctx['data_root'])
-                name = f'{label}-{arch}-{row}-s{seed}'
-                res['runs'][f'{label}/{row}/{seed}'] = str(ctx['runs'] / name)
-                cell = run_cell(tc, ctx['runs'] / name, out / 'evals' / f'{name}.json', cfg, _data_of(ctx, tc), ctx['device'],
-                                tmodel, smodel, ctx['test'], ev, ctx['left'](), ctx['progress'])
-                if cell['status'] != 'done': return 'paused'
-                info = {k: v for k, v in cell.items() if k not in ('model', 'result', 'cache')}
-                res['rows'].append(dict(_row(label, arch, row, cell['result'], cell['cache'], info, seed), eval=f'evals/{name}.json'))
+    cells = [(label, arch, row, seed) for label, arch in cfg['students'].items() for row in cfg['methods'] for seed in seeds]
+    for i, (label, arch, row, seed) in enumerate(cells, 1):
+        if ctx['time_limit'] is not None and time.time() - ctx['t0'] > ctx['time_limit']: return 'paused'
+        tc = train_config(cfg, row, arch, seed=seed, data_root=ctx['data_root'], device=ctx['device'])
+        name = f'{label}-{arch}-{row}-s{seed}'
+        ctx['log'](f"[{i}/{len(cells)}] {label} {row} seed {seed}: training {arch}, {resolve(tc).epochs} epochs"
+                   f"{', bf16' if tc.amp else ', fp32'} ({time.time() - ctx['t0']:.0f} s so far)")
+        res['runs'][f'{label}/{row}/{seed}'] = str(ctx['runs'] / name)
+        cell = run_cell(tc, ctx['runs'] / name, out / 'evals' / f'{name}.json', cfg, _data_of(ctx, tc), ctx['device'],
+                        tmodel, smodel, ctx['test'], ev, ctx['left'](), ctx['progress'])
+        if cell['status'] != 'done': return 'paused'
+        ctx['log'](f"    trained in {cell['train_s_logged'] or 0:.0f} s; last validation: "
+                   + ', '.join(f'{k} {v:.1f}%' for k, v in _last_val(cell['curve']).items()))
+        _log_eval(ctx['log'], f'{label} {row} seed {seed}', cell['result'], cell['cache'])
+        info = {k: v for k, v in cell.items() if k not in ('model', 'result', 'cache')}
+        res['rows'].append(dict(_row(label, arch, row, cell['result'], cell['cache'], info, seed), eval=f'evals/{name}.json'))
     return 'done'
+
+def _last_val(curve):
+    "The clean and PGD validation accuracies of the last logged epoch that has them."
+    rows = [r for r in curve if r.get('val_clean') is not None]
+    return {k: rows[-1][f'val_{k}'] for k in ('clean', 'pgd') if rows and rows[-1].get(f'val_{k}') is not None}
+
+def _log_eval(log, what, r, cache):
+    "One line per attack of evaluation `r`: accuracy and seconds (or that the cached result was read)."
+    for k, acc in r.accuracy.items():
+        log(f"    {what}: {k:6s} {acc:5.1f}%" + (' (cached)' if cache.get('cached') else f" ({r.seconds.get(k, 0.):.0f} s)"))
 
 def check_seeds(seeds):
     "`seeds` as a list of distinct ints >= 0; a clear error for an empty or bad list."

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from .core import atomic_write, check_choice, clean_temporaries, content_digest, is_real, plain, tensor_sha256
-from .data import balanced_indices, balanced_subset, batches, first_n, load_cifar
+from .data import balanced_indices, balanced_subset, batches, first_n, load_cifar, to_float
 from .models import create_model
 from .checkpoint import atomic_save, load_resume, read_checkpoint, save_rotating, set_rng_state
 from .attacks import pgd
@@ -297,7 +297,7 @@ def _prepare(net, cfg, device, val, num_classes):
     "`net` frozen on `device`, its class count checked, BatchNorm-folded / channels_last / compiled as `cfg` says."
     if net is None: return None
     net = net.to(device).eval().requires_grad_(False)
-    with torch.no_grad(): c = net(val.x[:1].float() / 255).shape[1]
+    with torch.no_grad(): c = net(to_float(val.x[:1])).shape[1]
     if c != num_classes: raise ValueError(f'teacher has {c} classes but dataset {cfg.dataset!r} has {num_classes}')
     return prepare_teacher(net, fold_bn=cfg.fold_teacher, channels_last=cfg.channels_last, compile=cfg.compile)
 

@@ -23,7 +23,7 @@ def _outputs(nb_json):
 
 
 def test_presets_are_data():
-    assert set(PRESETS) == {'smoke', 'cpu-small', 'cpu-long', 'cpu-strong', 'cpu-strong-long', 'gpu-small', 'paper'}
+    assert set(PRESETS) == {'quick', 'smoke', 'cpu-small', 'cpu-long', 'cpu-strong', 'cpu-strong-long', 'gpu-small', 'paper'}
     assert json.dumps(PRESETS)  # plain data only
     assert PRESETS['paper']['n_test'] == 10000 and PRESETS['paper']['teacher']['name'] == 'Chen2021LTD_WRN34_20'
     assert sum(len(v) for v in PAPER_TABLE.values()) == 16
@@ -85,7 +85,7 @@ def test_preset_train_dicts_are_trainconfig_arguments():
             for row in list(cfg['methods']) + list(cfg['variants']): resolve(train_config(cfg, row, arch))
         for role in ('teacher', 'standard_teacher'):
             spec = cfg.get(role)
-            if spec and spec['source'] == 'train': resolve(TrainConfig(**spec['train']))
+            if spec and spec['source'] in ('train', 'shipped'): resolve(TrainConfig(**spec['train']))
         assert 'akd' not in cfg['methods'] or cfg.get('standard_teacher'), f'{name}: AKD needs a standard teacher'
 
 
