@@ -1,7 +1,7 @@
 """Refactoring guard: a short seeded CPU run of every method (and the combinations and options the library offers)
 ends with exactly the weights recorded in `golden_weights.json`.
 
-The file was recorded before the method-registry redesign (issue #13) with `python tests/test_golden.py --record`;
+The file was recorded with `python tests/test_golden.py --record`;
 a refactor that changes any computation of any method (a pass order, a reduction, a random draw, a BatchNorm
 update) changes a SHA-256 here. Re-record only for a change that is meant to change results, and say so in the
 commit. Bit-identity holds on the recording's CPU kind and torch version (the JSON names both): on another machine
