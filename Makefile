@@ -78,7 +78,7 @@ bench: install data
 
 # The GPU benchmark, about 8 minutes on one CUDA GPU, each step under its own time limit (STEP_LIMIT=600 gives every
 # step 600 s): bench/results/<date>-cuda-<step>.{json,md}. DRY_RUN=1 runs the same steps on the CPU with tiny sizes
-# (about a minute, into runs/bench-gpu-dry/) to check the script. See bench/README.md.
+# (1-2 minutes, into runs/bench-gpu-dry/) to check the script. See bench/README.md.
 .PHONY: bench-gpu
 bench-gpu: install data
 	DRY_RUN='$(DRY_RUN)' STEP_LIMIT='$(STEP_LIMIT)' PY=$(BIN)/python bash bench/gpu.sh

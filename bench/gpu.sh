@@ -5,7 +5,7 @@
 # steps into one table.
 #
 #   bash bench/gpu.sh              # on a CUDA GPU, results in bench/results/
-#   DRY_RUN=1 bash bench/gpu.sh    # the same steps on the CPU: tiny sizes, fp32, no compile, about a minute, results in
+#   DRY_RUN=1 bash bench/gpu.sh    # the same steps on the CPU: tiny sizes, fp32, no compile, 1-2 minutes, results in
 #                                  # runs/bench-gpu-dry/; checks the script, its numbers mean nothing
 #
 # Variables: OUT (results folder), PY (the Python to run, default python3), DRY_RUN (1 for the CPU dry run),
