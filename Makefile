@@ -87,3 +87,10 @@ repro-eps: install data
 BENCH_ARGS ?= --pairs small --eval --eval-n 200 --cw-steps 100 --aa reduced
 bench: install data
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# The GPU benchmark, about 8 minutes on one CUDA GPU, each step under its own time limit (STEP_LIMIT=600 gives every
+# step 600 s): bench/results/<date>-cuda-<step>.{json,md}. DRY_RUN=1 runs the same steps on the CPU with tiny sizes
+# (1-2 minutes, into runs/bench-gpu-dry/) to check the script. See bench/README.md.
+.PHONY: bench-gpu
+bench-gpu: install data
+	DRY_RUN='$(DRY_RUN)' STEP_LIMIT='$(STEP_LIMIT)' PY=$(BIN)/python bash bench/gpu.sh

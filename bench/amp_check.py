@@ -3,8 +3,8 @@
     python bench/amp_check.py --ckpt runs/repro/cpu-small/teacher-wrn-10-2-pgd-at/final.pt --arch wrn-10-2
 
 For each checkpoint: PGD-10 accuracy (8/255) on the first `--n` test images with the attack run in fp32 and under bf16
-autocast (both scored by the fp32 model), and the share of pixels where the input gradient's sign agrees. Issue #5's
-target: within 0.5 points, agreement on most pixels. Writes `bench/results/<date>-<device>-amp-check.json`.
+autocast (both scored by the fp32 model), and the share of pixels where the input gradient's sign agrees. The target:
+within 0.5 points, agreement on most pixels. Writes `bench/results/<date>-<device>-amp-check.json`.
 """
 import argparse, datetime, json, os, sys, time
 from pathlib import Path

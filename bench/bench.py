@@ -14,7 +14,8 @@ GPU; on a CPU an fp32 one for the fp32 rows and a bf16 one for the bf16 rows). V
   `--compile-mode reduce-overhead`).
 Every row also counts the host synchronisations of one step (`host_syncs`: tensor calls that copy a value to the host,
 seen by `adaad.fast.SyncWatch`; on a GPU `cuda_syncs`: what `torch.cuda.set_sync_debug_mode('warn')` reports), and
-each run checks issue #5's targets (`TARGETS`).
+each run checks the speed targets (`TARGETS`: the `fast` variant's speedup over `naive`, and on a GPU its fraction of
+the measured peak).
 Writes `bench/results/<date>-<device>.json` (rows + provenance) and `.md` (the table), atomically.
 """
 import argparse, contextlib, datetime, json, os, sys, time
@@ -36,7 +37,7 @@ PAIRS = {'r18-wrn34-10': ('resnet18', 'wrn-34-10'), 'r18-wrn34-20': ('resnet18',
          'mnv2-wrn34-10': ('mobilenetv2', 'wrn-34-10'), 'small': ('wrn-16-1', 'wrn-10-2')}
 METHODS = ('adaad', 'adaiad', 'rslad', 'ard', 'pgd-at')
 K = naive.STEPS
-# Issue #5's targets: the `fast` variant's speedup over `naive` and its fraction of the measured peak
+# The speed targets: the `fast` variant's speedup over `naive` and its fraction of the measured peak
 TARGETS = (dict(device='cuda', method='adaad', pair='r18-wrn34-20', variant='fast', speedup=3.0, peak_fraction=0.35),
            dict(device='cpu', method=None, pair='small', variant='fast', speedup=1.5, peak_fraction=None))
 
@@ -226,7 +227,7 @@ def provenance(device, peak_kind):
 def markdown(res):
     "The rows as markdown tables."
     p = res['provenance']
-    hw = p['hardware']          # files from before 2026-11-21's review name the processor `cpu`
+    hw = p['hardware']          # older result files name the processor `cpu`
     out = [f"Benchmark on {hw.get('gpu') or hw.get('processor') or hw.get('cpu')} ({hw['torch_threads']} threads), "
            f"commit {(p['commit'] or 'unknown')[:10]}{' (dirty)' if p['dirty'] else ''}, {p['date']}; measured peak "
            f"{', '.join(f'{k} {v}' for k, v in p['peaks_tflops'].items())} TFLOP/s ({p['peak_kind']}); "
@@ -242,7 +243,7 @@ def markdown(res):
                    f"{speedup} | {r['gflop_per_image']} | {r['tflops']} | {100 * r['peak_fraction']:.1f}% | {syncs_cell(r)} |")
     checks = res.get('targets') or []
     if checks:
-        out += ['', "Issue #5's targets (the `fast` row against `naive` in the same process):", '',
+        out += ['', "Speed targets (the `fast` row against `naive` in the same process):", '',
                 '| target | row | measured | met |', '|---|---|---|---|']
         out += [f"| {c['target']} | {c['row']} | {c['measured']} | {'yes' if c['met'] else 'no'} |" for c in checks]
     proj = res.get('projections') or []
@@ -274,7 +275,7 @@ def syncs_cell(r):
 
 
 def check_targets(rows, device_type):
-    """Issue #5's targets on this run's rows: for each target of `device_type`, every matching `fast` row with its
+    """The speed targets on this run's rows: for each target of `device_type`, every matching `fast` row with its
     measured speedup (and fraction of peak) and whether it meets the target. A target with no matching row is left out."""
     out = []
     for t in (t for t in TARGETS if t['device'] == device_type):
@@ -318,6 +319,8 @@ def main(argv=None):
                     help="torch.compile's mode with --compile ('reduce-overhead' replays CUDA graphs)")
     ap.add_argument('--train-n', type=int, default=5000, help='training images the loaders draw from')
     ap.add_argument('--eval', action='store_true', help='also time PGD-10, CW2 and AutoAttack')
+    ap.add_argument('--peak-n', type=int, default=None, help='size of the matrix product that measures the peak '
+                    '(default: 8192 on a GPU, 2048 on a CPU; smaller only for a quick check, where it understates the peak)')
     ap.add_argument('--eval-pair', default='small', choices=sorted(PAIRS))
     ap.add_argument('--eval-n', type=int, default=1000)
     ap.add_argument('--eval-attacks', nargs='+', default=['pgd10', 'cw2', 'aa'], choices=['pgd10', 'cw2', 'aa'])
@@ -331,6 +334,7 @@ def main(argv=None):
     ap.add_argument('--tag', default='')
     args = ap.parse_args(argv)
     if not args.pairs and not args.eval: ap.error('--pairs: give at least one of %s, or --eval' % ', '.join(sorted(PAIRS)))
+    if args.peak_n is not None and args.peak_n < 1: ap.error(f'--peak-n: a positive matrix size, got {args.peak_n}')
     if args.eval_checkpoint and not Path(args.eval_checkpoint).is_file():
         ap.error(f'--eval-checkpoint: no file {args.eval_checkpoint!r}')
     device = torch.device(args.device)
@@ -340,10 +344,13 @@ def main(argv=None):
     # cudnn.benchmark as the official AdaAD/ARD scripts set it; TF32 left at PyTorch's defaults (cuDNN convolutions in
     # TF32, matrix products not), which is what the official "fp32" code gets on this GPU
     if gpu: torch.backends.cudnn.benchmark = True
-    peaks = {'bf16': measure_peak(device, torch.bfloat16)}
-    if not gpu: peaks['fp32'] = measure_peak(device, torch.float32)
-    peak_kind = 'bf16 matmul 8192^3' if gpu else 'matmul 2048^3: fp32 for the fp32 rows, bf16 for the bf16 rows'
-    train = balanced_subset(load_cifar('cifar10', 'train', root=args.data_root, device='cpu'), args.train_n, seed=0).to(device)
+    # on a CPU the bf16 peak only where a bf16 row needs it: without bf16 instructions it is emulated and takes minutes
+    n = args.peak_n or (8192 if gpu else 2048)
+    peaks = {'bf16': measure_peak(device, torch.bfloat16, n)} if gpu or (args.pairs and args.amp and 'fast' in args.variants) else {}
+    if not gpu: peaks['fp32'] = measure_peak(device, torch.float32, n)
+    peak_kind = f'bf16 matmul {n}^3' if gpu else f'matmul {n}^3: fp32 for the fp32 rows, bf16 for the bf16 rows'
+    train = (balanced_subset(load_cifar('cifar10', 'train', root=args.data_root, device='cpu'), args.train_n, seed=0).to(device)
+             if args.pairs else None)      # an evaluation-only run needs no training images
     res = dict(args=vars(args), provenance=provenance(device, peak_kind), rows=[])
     res['provenance']['peaks_tflops'] = {k: round(v, 3) for k, v in peaks.items()}
     res['provenance']['tf32'] = dict(cudnn=torch.backends.cudnn.allow_tf32, matmul=torch.backends.cuda.matmul.allow_tf32)

@@ -1,10 +1,10 @@
-"""One table from several `bench.py` result files (a GPU lease runs one pair per command, so one file per pair).
+"""One table from several `bench.py` result files (`make bench-gpu` writes one file per step).
 
     python bench/report.py bench/results/2026-11-30-cuda-*.json --out bench/results/2026-11-30-cuda.md
 
-Each source keeps its own provenance line (commit, hardware, measured peak); the rows, issue #5's target checks and the
+Each source keeps its own provenance line (commit, hardware, measured peak); the rows, the speed-target checks and the
 projections of every file follow in one table each. The measurements are the files' own; only the target checks are
-derived again from the rows (`bench.check_targets`), so files written before the checks existed get them too.
+derived again from the rows (`bench.check_targets`), so every file is checked against the current `bench.TARGETS`.
 """
 import argparse, json, sys
 from pathlib import Path

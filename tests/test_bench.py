@@ -1,4 +1,5 @@
-"The benchmark's reference implementation computes the library's maths, and its FLOP accounting matches the hand-computed FLOPs of the official passes."
+"""The benchmark's reference implementation computes the library's maths, its FLOP accounting matches the hand-computed
+FLOPs of the official passes, and the GPU benchmark's script (`make bench-gpu`) runs every step in its CPU dry run."""
 import sys
 from pathlib import Path
 
@@ -111,3 +112,69 @@ def test_bench_refuses_a_run_with_nothing_to_time(capsys):
         bench.main(['--pairs'])
     err = capsys.readouterr().err
     assert '--pairs' in err and 'r18-wrn34-20' in err and '--eval' in err
+
+
+def test_bench_refuses_a_peak_matrix_of_no_size(capsys):
+    "A peak measured on an empty matrix product would divide every fraction of peak by nothing: the error names --peak-n."
+    with pytest.raises(SystemExit):
+        bench.main(['--peak-n', '0'])
+    assert '--peak-n' in capsys.readouterr().err
+
+
+GPU_STEPS = {'adaad': ('adaad', ('naive', 'ours', 'fast')), 'adaad-compile': ('adaad', ('fast',)),
+             'others': ('adaiad rslad ard pgd-at', ('ours', 'fast')), 'mnv2': ('adaad pgd-at', ('fast',))}
+
+
+def _gpu_script(tmp_path, **env):
+    "Run bench/gpu.sh with `env` added (one thread, results under tmp_path); returns the completed process."
+    import os, subprocess
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'OUT': str(tmp_path), 'PY': sys.executable, 'PYTHONPATH': str(root), **env}
+    return subprocess.run(['bash', str(root / 'bench' / 'gpu.sh')], env=env, capture_output=True, text=True, timeout=800)
+
+
+def test_gpu_benchmark_dry_run_writes_every_step(tmp_path):
+    "`make bench-gpu DRY_RUN=1`'s script on the CPU: every step's JSON, table and log, the rows it names, one joined table."
+    import json
+    import report
+    p = _gpu_script(tmp_path, DRY_RUN='1')
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert 'every step finished' in p.stdout
+    for tag, (methods, variants) in GPU_STEPS.items():
+        (f,) = tmp_path.glob(f'*-cpu-{tag}.json')
+        res = json.loads(f.read_text())
+        got = sorted((r['method'], r['variant']) for r in res['rows'])
+        assert got == sorted((m, v) for m in methods.split() for v in variants), tag
+        assert all(r['pair'] == 'small' and r['batch_size'] == 4 and not r['amp'] and not r['compile'] for r in res['rows'])
+        md = f.with_suffix('.md').read_text()
+        assert md.count('| small (wrn-16-1 <- wrn-10-2) |') == len(got) and (tmp_path / f'{tag}.log').is_file()
+    (f,) = tmp_path.glob('*-cpu-eval.json')
+    assert [r['attack'] for r in json.loads(f.read_text())['rows']] == ['pgd10', 'aa-reduced']
+    assert '| pgd10 | wrn-16-1 | untrained | 16 |' in f.with_suffix('.md').read_text()
+    md = report.main(sorted(map(str, tmp_path.glob('*-cpu-*.json'))))
+    assert md.count('| small (wrn-16-1 <- wrn-10-2) |') == 14 and md.count('\n- `') == 5
+
+
+def test_gpu_benchmark_reports_a_step_past_its_limit(tmp_path):
+    "A step that outlives its time limit is stopped, the next steps still run, and the script exits 1 naming each."
+    slow = tmp_path / 'slow-python'
+    slow.write_text('#!/bin/sh\nexec sleep 30\n'); slow.chmod(0o755)
+    p = _gpu_script(tmp_path, DRY_RUN='1', STEP_LIMIT='1', PY=str(slow))
+    assert p.returncode == 1
+    assert p.stdout.count('stopped at its time limit of 1s') == 5
+    assert '5 of 5 steps did not finish' in p.stderr and 'eval (time limit)' in p.stderr
+
+
+@pytest.mark.parametrize('env, named', [(dict(DRY_RUN='yes'), 'DRY_RUN'), (dict(DRY_RUN='1', STEP_LIMIT='0'), 'STEP_LIMIT'),
+                                        (dict(DRY_RUN='1', STEP_LIMIT='ten'), 'STEP_LIMIT')])
+def test_gpu_benchmark_refuses_bad_settings(tmp_path, env, named):
+    "A bad DRY_RUN or STEP_LIMIT stops the script before any step, naming the variable and what it accepts."
+    p = _gpu_script(tmp_path, **env)
+    assert p.returncode == 2 and named in p.stderr and 'must be' in p.stderr and '==' not in p.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal on a machine without a CUDA GPU')
+def test_gpu_benchmark_without_a_gpu_points_to_the_dry_run(tmp_path):
+    "Without CUDA the GPU benchmark stops before writing anything and names the CPU dry run instead."
+    p = _gpu_script(tmp_path)
+    assert p.returncode == 2 and 'no CUDA GPU' in p.stderr and 'DRY_RUN=1' in p.stderr and not list(tmp_path.iterdir())

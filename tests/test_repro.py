@@ -119,7 +119,7 @@ def test_teacher_file_is_found_from_the_notebooks_folder_too(tmp_path, monkeypat
 
 
 def test_git_info_outside_a_checkout_reads_the_recorded_provenance(tmp_path, monkeypatch):
-    "A copied tree (the GPU machine gets no .git) takes the commit recorded at copy time, or says it does not know."
+    "A copied tree without .git takes the commit recorded at copy time, or says it does not know."
     import json
     from adaad.repro import git_info
     monkeypatch.delenv('ADAAD_GIT_INFO', raising=False)

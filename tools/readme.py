@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Render nbs/index.ipynb (settings.ini's `readme_nb`) into README.md: nbdev's convention, README comes from the index
-notebook. `nbdev_readme` does this through Quarto, which the project's build machines cannot install, so this renders the
+notebook. `nbdev_readme` does this through Quarto, a separate install outside pip, so this renders the
 same content itself: markdown cells as they are, code cells as python blocks (cells marked `#| hide` are left out).
 
     python tools/readme.py            # write README.md
