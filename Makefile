@@ -9,7 +9,7 @@ export ADAAD_DATA ?= $(CURDIR)/data
 export PYTHONHASHSEED := 0
 export ADAAD_REQUIRE_DATA := 1
 
-.PHONY: install data check-nbdev nbtest pytest test test-slow repro repro-eps teacher bench
+.PHONY: install data check-nbdev nbtest pytest test test-slow repro repro-eps teacher docs bench
 
 LOCK ?= requirements-lock.txt
 $(BIN)/.installed: settings.ini setup.py $(LOCK)
@@ -82,6 +82,10 @@ repro-eps: install data
 	$(BIN)/papermill nbs/repro_eps_sweep.ipynb $(EPS_OUT)/repro_eps_sweep.ipynb --cwd nbs -k python3 \
 		-p preset $(PRESET) -p scratch False -p out_dir $(CURDIR)/$(EPS_OUT) \
 		-y '{"eps_list": $(EPS_LIST), "steps": $(EPS_STEPS), "figure": "$(EPS_FIGURE)", "train_n": null, "n_test": null}' $(REPRO_ARGS)
+
+# The documentation site: every notebook as an HTML page (math as MathML), index.html from nbs/index.ipynb, into _docs/.
+docs: install
+	$(BIN)/python tools/docs.py --out _docs
 
 # Throughput benchmarks (not tests): bench/results/<date>-<device>.{json,md}. See bench/README.md.
 BENCH_ARGS ?= --pairs small --eval --eval-n 200 --cw-steps 100 --aa reduced
