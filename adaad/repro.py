@@ -34,6 +34,7 @@ _GPU_T = dict(source='train', train=dict(method='pgd-at', student='resnet18', ep
                                          steps=10, step_size=2/255, val_n=1000, amp=True, channels_last=True))
 _CPU_AA = dict(attacks=['apgd-ce', 'apgd-t'], n_iter=20, n_restarts=1, n_target_classes=3)
 
+# family: the comparisons a table's verdicts are corrected over (Holm), declared before a run (adaad.report.add_comparisons)
 PRESETS = {
     'smoke': dict(
         scale='smoke test: numbers only show that the pipeline runs, they say nothing about the methods',
@@ -42,6 +43,7 @@ PRESETS = {
         methods=('natural',) + PAPER_METHODS, variants={}, seeds=(0,),
         train=dict(epochs=2, train_n=1024, batch_size=64, lr=0.05, milestones=(1,), steps=2, step_size=4/255, val_n=100, val_steps=2),
         method_kwargs={'iad': dict(begin=1), 'adaiad': dict(begin=1)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='final', n_test=100,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=20)),
         aa=dict(attacks=['apgd-ce'], n_iter=20, n_restarts=1), eval_batch=100),
@@ -52,6 +54,7 @@ PRESETS = {
         methods=('natural',) + PAPER_METHODS, variants={}, seeds=(0,),
         train=dict(epochs=4, train_n=6000, batch_size=128, lr=0.1, milestones=(3,), steps=3, step_size=3/255, val_n=500, val_steps=5),
         method_kwargs={'iad': dict(begin=2), 'adaiad': dict(begin=2)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)), aa=_CPU_AA, eval_batch=250),
     'gpu-small': dict(
@@ -62,6 +65,7 @@ PRESETS = {
         train=dict(epochs=8, batch_size=256, lr=0.1, milestones=(6,), steps=10, step_size=2/255, val_n=1000, val_steps=10,
                    amp=True, channels_last=True),
         method_kwargs={'iad': dict(begin=2), 'adaiad': dict(begin=2)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides={}, aa=None, eval_batch=500),
     'cpu-long': dict(
@@ -73,6 +77,7 @@ PRESETS = {
         train=dict(epochs=16, train_n=6000, batch_size=128, lr=0.1, milestones=(12,), steps=3, step_size=3/255, val_n=500,
                    val_steps=5, amp=True, channels_last=True),
         method_kwargs={'adaiad': dict(begin=5)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)), aa=_CPU_AA, eval_batch=250),
     'cpu-strong': dict(
@@ -89,6 +94,7 @@ PRESETS = {
         seeds=(0, 1, 2),
         train=dict(epochs=8, train_n=4000, batch_size=128, lr=0.1, milestones=(6,), steps=3, step_size=3/255, val_n=500, val_steps=5),
         method_kwargs={'adaiad': dict(begin=3)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(('adaiad', 'ard'), ('adaiad', 'rslad')), attacks=('aa',)),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'aa'), attack_overrides={},
         aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=50, n_restarts=1, n_target_classes=3), eval_batch=250),
@@ -101,6 +107,7 @@ PRESETS = {
         methods=('pgd-at', 'ard', 'adaad', 'adaiad'), variants={}, seeds=(0,),
         train=dict(epochs=16, train_n=4000, batch_size=128, lr=0.1, milestones=(12,), steps=3, step_size=3/255, val_n=500, val_steps=5),
         method_kwargs={'adaiad': dict(begin=6)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(('adaiad', 'ard'),), attacks=('aa',)),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'aa'), attack_overrides={},
         aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=50, n_restarts=1, n_target_classes=3), eval_batch=250),
@@ -112,6 +119,7 @@ PRESETS = {
         methods=PAPER_METHODS, variants={}, seeds=(0,),
         train=dict(val_n=1000, val_steps=10),
         method_kwargs={},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=10000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides={}, aa=None, eval_batch=200),
 }
