@@ -159,7 +159,7 @@ def add_per_class(res, out, labels):
         r['per_class'] = {k: per_class(c, labels) for k, c in {**e.correct, 'worst': e.worst_correct}.items()}
     return res
 
-# %% ../nbs/14_report.ipynb #aa470fd8
+# %% ../nbs/14_report.ipynb #d21475d5
 COLUMN_NAMES = dict(clean='Clean', fgsm='FGSM', pgd10='PGD-10', pgd20='PGD-20', cw2='CW2', cwinf='CWinf', aa='AA', square='Square', worst='worst case')
 
 def _label(row):
@@ -193,7 +193,10 @@ def markdown_table(res):
     lines = [f"**{res['preset']}** — {res['scale']}. Test images: {res['data']['n_test']} ({res['data']['exact_note']}). Seeds: {seeds}.",
              f"Attacks: {', '.join(cols)}; changes to the paper's attacks: {json.dumps(res['config']['attack_overrides'])}"
              + (f"; AA reduced: {json.dumps(res['config']['aa'])}" if res['config'].get('aa') else '') + '.', '',
-             ('Cells: accuracy in % [95% Wilson interval]' if len(seeds) == 1 else 'Cells: mean ± sd over seeds, accuracy in %') + '.', '',
+             ('Cells: accuracy in % [95% Wilson interval]' if len(seeds) == 1 else 'Cells: mean ± sd over seeds, accuracy in %') + '. '
+             + f"Training time, summed over the logged epochs: teacher {_minutes(res.get('teacher'))} min, students "
+             + f"{sum((r.get('train') or {}).get('train_s_logged') or 0 for r in res['rows'] if r['student'] != 'teacher') / 3600:.1f} h"
+             + (' (per row and seed below)' if len(seeds) > 1 else '') + '.', '',
              '| student (arch) | method | ' + ' | '.join(COLUMN_NAMES.get(c, c) for c in cols) + f' | worst class under {aa} |',
              '|---|---|' + '---|' * (len(cols) + 1)]
     for label, m, rows in _table_rows(res):
