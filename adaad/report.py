@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['PAPER_COLUMNS', 'PAPER_TABLE', 'PAPER_METHODS', 'PAPER_TEACHER', 'CIFAR10_CLASSES', 'DEFAULT_REFERENCES',
-           'COLUMN_NAMES', 'CURVE_PANELS', 'eval_path', 'row_result', 'groups', 'add_comparisons', 'add_per_class',
-           'markdown_table', 'resolution_sentence', 'latex_table', 'paper_comparison', 'model_info',
-           'write_model_infos', 'write_outputs', 'load_results', 'rewrite_tables', 'plot_eps_sweep',
-           'plot_training_curves', 'compare_results']
+           'COLUMN_NAMES', 'METHOD_PAPERS', 'CURVE_PANELS', 'eval_path', 'row_result', 'groups', 'declared_family',
+           'correct_family', 'verdict', 'add_comparisons', 'add_per_class', 'markdown_table', 'resolution_sentence',
+           'latex_table', 'paper_comparison', 'robustbench_arch', 'model_info', 'write_model_infos', 'write_outputs',
+           'load_results', 'rewrite_tables', 'plot_eps_sweep', 'plot_training_curves', 'compare_results',
+           'preset_differences']
 
 # %% ../nbs/14_report.ipynb #0395b413
 import json
@@ -61,7 +62,7 @@ def groups(res):
         if r['student'] != 'teacher': out.setdefault((r['student'], r['method']), []).append(r)
     return out
 
-# %% ../nbs/14_report.ipynb #75ed87bd
+# %% ../nbs/14_report.ipynb #127b3105
 DEFAULT_REFERENCES = ('pgd-at', 'adaad')
 
 def _stack(out, rows, key):
@@ -69,23 +70,85 @@ def _stack(out, rows, key):
     rs = [row_result(out, r) for r in rows]
     return torch.stack([r.worst_correct if key == 'worst' else r.correct[key] for r in rs])
 
+def declared_family(res, references=None):
+    """The family the run declared: {references, pairs, attacks, source, missing}. Without a declaration, every reference
+    comparison. `references` given here must be rows of the table; declared rows the table lacks (a run restricted to
+    some rows) are listed under `missing`, and then the table makes no comparisons and says why."""
+    fam = dict((res.get('config') or {}).get('family') or {})
+    present = {m for _, m in groups(res)}
+    if references is not None:
+        missing = [m for m in references if m not in present]
+        if missing: raise ValueError(f'references must be rows of the table: {missing} not in {sorted(present)}')
+    refs = references if references is not None else fam.get('references')
+    refs = [m for m in DEFAULT_REFERENCES if m in present] if refs is None else list(refs)
+    pairs = [list(p) for p in fam.get('pairs') or ()]
+    bad = [p for p in pairs if len(p) != 2 or p[0] == p[1]]
+    if bad: raise ValueError(f'family pairs must be (row, another row), got {bad}')
+    cols = list(res['config']['suite']) + ['worst']
+    attacks = list(fam.get('attacks') or cols)
+    if any(a not in cols for a in attacks): raise ValueError(f'family attacks must be a non-empty list drawn from {cols}, got {attacks}')
+    missing = sorted({m for m in refs + [m for p in pairs for m in p] if m not in present})
+    return dict(references=refs, pairs=pairs, attacks=attacks, missing=missing,
+                source='declared in the preset' if fam else 'not declared: every reference comparison under every column')
+
+def _compare_rows(out, student, method, reference, a, b, col, kind, n_boot):
+    "One comparison of two rows' seed groups `a`, `b` under `col`, paired by seed."
+    sa, sb = [r.get('seed') for r in a], [r.get('seed') for r in b]
+    if sorted(sa, key=str) != sorted(sb, key=str):
+        raise ValueError(f'rows {method!r} and {reference!r} of {student!r} must have the same seeds to be paired: {sa} and {sb}')
+    b = [next(q for q in b if q.get('seed') == s) for s in sa]
+    return dict(student=student, method=method, reference=reference, attack=col, kind=kind, seed_ids=sa,
+                **compare(_stack(out, a, col), _stack(out, b, col), n_boot=n_boot, seeds_a=sa, seeds_b=[q.get('seed') for q in b]))
+
+def correct_family(comps, in_family=lambda c: True):
+    "Holm within the comparisons `comps` for which `in_family` holds (mirrors once): sets p_holm, resolved_in_family and a verdict."
+    from adaad.stats import holm
+    key = lambda c: (c['student'], c['attack'], frozenset((c['method'], c['reference'])))
+    fam = {}
+    for c in comps:
+        c['in_family'] = bool(in_family(c))
+        if c['in_family']: fam.setdefault(key(c), c)
+    if not fam: raise ValueError('family: no comparison of the table is in the declared family (check its references, pairs and attacks)')
+    reps = list(fam.values())
+    p_adj, rej = holm([c['p'] for c in reps])
+    ip_adj, irej = holm([c['image_p'] for c in reps])
+    by = {key(c): (p, r, ip, ir) for c, p, r, ip, ir in zip(reps, p_adj, rej, ip_adj, irej)}
+    for c in comps:
+        p, r, ip, ir = by.get(key(c), (None, None, None, None)) if c['in_family'] else (None, None, None, None)
+        c.update(family_size=len(reps), p_holm=p, resolved_in_family=r, image_p_holm=ip, images_resolved_in_family=ir)
+        c['verdict'] = verdict(c)
+    return comps
+
+def verdict(c):
+    "In words, what one comparison supports: over seeds, over images (these networks), or neither."
+    sign = '' if c['seeds'] < 2 or c['diff'] == 0 else ('; same sign in every seed' if c['consistent'] else '; seeds disagree in sign')
+    if not c.get('in_family'): return 'descriptive (outside the family)' + sign
+    if c['seeds'] < 2:
+        return 'these networks differ (images; one seed: nothing about training again)' if c['images_resolved_in_family'] else 'not resolved'
+    if c['resolved_in_family']: return 'resolved over seeds' + sign
+    return ('these networks differ (images), not resolved over seeds' if c['images_resolved_in_family'] else 'not resolved') + sign
+
 def add_comparisons(res, out, references=None, n_boot=10_000):
-    "Add `res['comparisons']`: every row against every reference row of the same student, per attack and worst case."
+    "Add `res['comparisons']` (every row against each reference and the declared pairs, per attack) and `res['family']`, Holm-corrected."
     g, cols = groups(res), list(res['config']['suite']) + ['worst']
-    present = {m for _, m in g}
-    if references is None: references = [m for m in DEFAULT_REFERENCES if m in present]
-    missing = [m for m in references if m not in present]
-    if missing: raise ValueError(f'references must be rows of the table: {missing} not in {sorted(present)}')
+    fam = declared_family(res, references)
     comps = []
-    for ref in references:
+    if fam['missing']:     # a run restricted to some rows: the declared family cannot be formed, so no verdicts at all
+        res['comparisons'], res['family'] = [], dict(fam, size=0)
+        return []
+    for ref in fam['references']:
         for (student, method), rows in g.items():
             if ref == method or (student, ref) not in g: continue
-            seeds = [r.get('seed') for r in rows if r.get('seed') in {q.get('seed') for q in g[student, ref]}]
-            a = [r for r in rows if r.get('seed') in seeds]; b = [next(q for q in g[student, ref] if q.get('seed') == s) for s in seeds]
-            for col in cols:
-                comps.append(dict(student=student, method=method, reference=ref, attack=col, seed_ids=seeds,
-                                  **compare(_stack(out, a, col), _stack(out, b, col), n_boot=n_boot)))
+            comps += [_compare_rows(out, student, method, ref, rows, g[student, ref], col, 'reference', n_boot) for col in cols]
+    for m, ref in fam['pairs']:
+        for student in dict.fromkeys(s for s, _ in g):
+            if (student, m) in g and (student, ref) in g:
+                comps += [_compare_rows(out, student, m, ref, g[student, m], g[student, ref], col, 'pair', n_boot) for col in cols]
     res['comparisons'] = comps
+    if comps:
+        correct_family(comps, lambda c: c['attack'] in fam['attacks'])
+        res['family'] = dict(fam, size=comps[0]['family_size'], correction="Holm (statsmodels.stats.multitest), alpha 0.05",
+                             level='seeds (paired t-test)' if comps[0]['seeds'] >= 2 else 'images (exact McNemar / sign-flip)')
     return comps
 
 def add_per_class(res, out, labels):
@@ -96,7 +159,7 @@ def add_per_class(res, out, labels):
         r['per_class'] = {k: per_class(c, labels) for k, c in {**e.correct, 'worst': e.worst_correct}.items()}
     return res
 
-# %% ../nbs/14_report.ipynb #0e528797
+# %% ../nbs/14_report.ipynb #d21475d5
 COLUMN_NAMES = dict(clean='Clean', fgsm='FGSM', pgd10='PGD-10', pgd20='PGD-20', cw2='CW2', cwinf='CWinf', aa='AA', square='Square', worst='worst case')
 
 def _label(row):
@@ -130,7 +193,10 @@ def markdown_table(res):
     lines = [f"**{res['preset']}** — {res['scale']}. Test images: {res['data']['n_test']} ({res['data']['exact_note']}). Seeds: {seeds}.",
              f"Attacks: {', '.join(cols)}; changes to the paper's attacks: {json.dumps(res['config']['attack_overrides'])}"
              + (f"; AA reduced: {json.dumps(res['config']['aa'])}" if res['config'].get('aa') else '') + '.', '',
-             ('Cells: accuracy in % [95% Wilson interval]' if len(seeds) == 1 else 'Cells: mean ± sd over seeds, accuracy in %') + '.', '',
+             ('Cells: accuracy in % [95% Wilson interval]' if len(seeds) == 1 else 'Cells: mean ± sd over seeds, accuracy in %') + '. '
+             + f"Training time, summed over the logged epochs: teacher {_minutes(res.get('teacher'))} min, students "
+             + f"{sum((r.get('train') or {}).get('train_s_logged') or 0 for r in res['rows'] if r['student'] != 'teacher') / 3600:.1f} h"
+             + (' (per row and seed below)' if len(seeds) > 1 else '') + '.', '',
              '| student (arch) | method | ' + ' | '.join(COLUMN_NAMES.get(c, c) for c in cols) + f' | worst class under {aa} |',
              '|---|---|' + '---|' * (len(cols) + 1)]
     for label, m, rows in _table_rows(res):
@@ -143,41 +209,74 @@ def markdown_table(res):
     return '\n'.join(lines) + '\n'
 
 def _per_seed_table(res, cols):
-    "Markdown: every seed's accuracy per cell."
-    lines = ['Per seed (accuracy in %):', '', '| student (arch) | method | seed | ' + ' | '.join(COLUMN_NAMES.get(c, c) for c in cols) + ' |',
-             '|---|---|---|' + '---|' * len(cols)]
+    "Markdown: every seed's accuracy per cell, and its logged training time."
+    lines = ['Per seed (accuracy in %; training: minutes summed over the logged epochs, `train.train_s_logged`):', '',
+             '| student (arch) | method | seed | ' + ' | '.join(COLUMN_NAMES.get(c, c) for c in cols) + ' | training (min) |',
+             '|---|---|---|' + '---|' * (len(cols) + 1)]
     for label, m, rows in _table_rows(res):
         if m == 'teacher': continue
-        for r in rows: lines.append(f"| {label} | {m} | {r.get('seed')} | " + ' | '.join(f"{r['cells'][c]['acc']:.2f}" for c in cols) + ' |')
+        for r in rows: lines.append(f"| {label} | {m} | {r.get('seed')} | " + ' | '.join(f"{r['cells'][c]['acc']:.2f}" for c in cols) + f' | {_minutes(r.get("train"))} |')
     return '\n'.join(lines)
 
+def _minutes(info):
+    "Logged training minutes of a row's or teacher's training info, or '–' where none was logged."
+    s = (info or {}).get('train_s_logged')
+    return f'{s / 60:.1f}' if s else '–'
+
+def _fmt_p(p): return '–' if p is None else f'{p:.2g}'
+def _fmt_ci(ci): return '–' if ci is None else f'[{ci[0]:+.1f}, {ci[1]:+.1f}]'
+
 def _comparison_lines(res):
-    "Markdown: one table of paired differences per reference, then which differences the run resolves."
-    comps = res.get('comparisons') or []
+    "Markdown: the family, then one line per comparison with its seed-level and image-level tests and the verdict."
+    comps, fam = res.get('comparisons') or [], res.get('family') or {}
+    if fam.get('missing'): return ['', f"No comparisons: the declared family names rows this table lacks ({fam['missing']})."]
     if not comps: return []
-    cols = list(res['config']['suite']) + ['worst']
-    out = ['', f"Paired differences (row minus reference, points) on the same {res['data']['n_test']} images: Δ [95% paired bootstrap "
-                f"interval] and the exact p-value ({comps[0]['test']}); **bold**: resolved at p < 0.05; † seeds disagree in sign."]
-    for ref in dict.fromkeys(c['reference'] for c in comps):
-        out += ['', f'Against **{ref}**:', '', '| student | method | ' + ' | '.join(COLUMN_NAMES.get(c, c) for c in cols) + ' |',
-                '|---|---|' + '---|' * len(cols)]
-        by = {}
-        for c in comps:
-            if c['reference'] == ref: by.setdefault((c['student'], c['method']), {})[c['attack']] = c
-        for (s, m), cs in by.items():
-            cell = lambda c: (f"**{c['diff']:+.1f}** [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] p={c['p']:.2g}" if c['resolved']
-                              else f"{c['diff']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] p={c['p']:.2g}") + ('' if c['consistent'] else ' †')
-            out.append(f'| {s} | {m} | ' + ' | '.join(cell(cs[a]) if a in cs else '–' for a in cols) + ' |')
+    S = comps[0]['seeds']
+    out = ['', f"**Family of comparisons** ({fam.get('source', '?')}): references {fam.get('references')}, pairs "
+                f"{[':'.join(p) for p in fam.get('pairs', [])] or 'none'}, attacks {fam.get('attacks')}; "
+                f"**{fam.get('size')} distinct comparisons**, corrected with {fam.get('correction')}. "
+                + (f"A difference is resolved when the paired t-test over the {S} seeds, Holm-adjusted, gives p < 0.05: that is a "
+                   "statement about the methods trained again. The image-level test (exact sign-flip over the per-image sums over "
+                   "seeds) takes these trained networks as fixed: it says only that these networks differ."
+                   if S >= 2 else
+                   "One seed: the exact McNemar test over images, Holm-adjusted, says whether these networks differ; it says "
+                   "nothing about training the methods again."), '',
+           f"Δ: row minus reference, points, mean over seeds, on the same {res['data']['n_test']} images. "
+           + ("Seeds: paired t-test 95% interval and p, Holm p; two-level bootstrap interval (seeds, then images); P(A>B): "
+              "rliable's probability that a new training of the row beats one of the reference. " if S >= 2 else '')
+           + "Images: p of the exact test over images, Holm p.", '',
+           '| student | row | reference | attack | Δ | per seed | ' + ('t 95% | p seeds | Holm p | bootstrap 95% | P(A>B) | ' if S >= 2 else '')
+           + 'p images | Holm p images | verdict |',
+           '|---|---|---|---|---|---|' + ('---|' * 5 if S >= 2 else '') + '---|---|---|']
+    order = {'reference': 0, 'pair': 1}
+    for c in sorted(comps, key=lambda c: (not c.get('in_family'), order.get(c.get('kind'), 2), c['reference'], c['student'])):
+        d = f"**{c['diff']:+.1f}**" if c.get('resolved_in_family') else f"{c['diff']:+.1f}"
+        seeds = (f"{_fmt_ci(c['seed_ci95'])} | {_fmt_p(c['seed_p'])} | {_fmt_p(c.get('p_holm'))} | {_fmt_ci(c['seed_boot_ci95'])} | "
+                 f"{c['prob_improvement']:.2f} | " if S >= 2 else '')
+        out.append(f"| {c['student']} | {c['method']} | {c['reference']} | {COLUMN_NAMES.get(c['attack'], c['attack'])} | {d} | "
+                   + ', '.join(f'{v:+.1f}' for v in c['per_seed']) + f" | {seeds}{_fmt_p(c['image_p'])} | {_fmt_p(c.get('image_p_holm'))} | {c.get('verdict', '')} |")
     out += ['', resolution_sentence(comps)]
     return out
 
 def resolution_sentence(comps, col='aa'):
-    "In words: which differences under `col` the run resolves, and which it does not."
-    cs = [c for c in comps if c['attack'] == col]
+    "In words: which differences under `col` the family resolves, over seeds or only over images, and which it does not."
+    cs = [c for c in comps if c['attack'] == col and c.get('in_family')]
+    if not cs: return f"Under {COLUMN_NAMES.get(col, col)}: no comparison in the family."
     fmt = lambda c: f"{c['method']} vs {c['reference']} ({c['student']}, {c['diff']:+.1f})"
-    res = [fmt(c) for c in cs if c['resolved']]; unres = [fmt(c) for c in cs if not c['resolved']]
-    return (f"Under {COLUMN_NAMES.get(col, col)}: resolved (p < 0.05): {', '.join(res) or 'none'}. "
-            f"Not resolved, so the run cannot tell these apart: {', '.join(unres) or 'none'}.")
+    seen, uniq = set(), []
+    for c in cs:
+        k = (c['student'], frozenset((c['method'], c['reference'])))
+        if k not in seen: seen.add(k); uniq.append(c)
+    if uniq[0]['seeds'] >= 2:
+        res = [fmt(c) for c in uniq if c['resolved_in_family']]
+        img = [fmt(c) for c in uniq if not c['resolved_in_family'] and c['images_resolved_in_family']]
+        no = [fmt(c) for c in uniq if not c['resolved_in_family'] and not c['images_resolved_in_family']]
+        return (f"Under {COLUMN_NAMES.get(col, col)}, after Holm within the family of {uniq[0]['family_size']}: resolved over seeds: "
+                f"{', '.join(res) or 'none'}. These networks differ on the images, but not resolved over seeds: {', '.join(img) or 'none'}. "
+                f"Not resolved at either level: {', '.join(no) or 'none'}.")
+    res = [fmt(c) for c in uniq if c['images_resolved_in_family']]; no = [fmt(c) for c in uniq if not c['images_resolved_in_family']]
+    return (f"Under {COLUMN_NAMES.get(col, col)}, after Holm within the family of {uniq[0]['family_size']} (one seed: about these "
+            f"networks only): differ: {', '.join(res) or 'none'}. Not resolved: {', '.join(no) or 'none'}.")
 
 def latex_table(res):
     "The results as a LaTeX tabular (accuracy $\\pm$ CI half-width, or mean $\\pm$ sd over seeds)."
@@ -194,7 +293,8 @@ def paper_comparison(res):
     cols = [c for c in res['config']['suite'] if c in PAPER_COLUMNS]
     head = ('**Reduced-scale run — not comparable to the paper.** ' if res['reduced'] else '') + \
            f"Ours: preset `{res['preset']}` ({res['scale']}), {res['data']['n_test']} test images. " \
-           f"Paper: {res['paper_reference']}, ResNet-18 / MobileNetV2 students of a WRN-34-20 teacher, 10,000 test images."
+           f"Paper: {res['paper_reference']}, ResNet-18 / MobileNetV2 students of a WRN-34-20 teacher, 10,000 test images. " \
+           f"The teacher row's reference is RobustBench's entry for {PAPER_TEACHER['name']} (clean, AutoAttack), not the paper's table."
     lines = [head, '', '| student (arch) | method | ' + ' | '.join(f'{COLUMN_NAMES[c]} ours / paper / diff' for c in cols) + ' |',
              '|---|---|' + '---|' * len(cols)]
     for label, m, rows in _table_rows(res):
@@ -203,32 +303,68 @@ def paper_comparison(res):
         for c in cols:
             o = float(np.mean([r['cells'][c]['acc'] for r in rows]))
             cells.append(f'{o:.2f} / {p[c]:.2f} / {o - p[c]:+.2f}' if p and c in p else f'{o:.2f} / – / –')
-        lines.append(f"| {label} | {m} | " + ' | '.join(cells) + ' |')
+        lines.append(f"| {label} | {m}{' (reference: RobustBench)' if m == 'teacher' else ''} | " + ' | '.join(cells) + ' |')
     if any(c not in PAPER_COLUMNS for c in res['config']['suite']): lines.append('\n(columns the paper does not report are left out)')
+    if 'pgd10' in cols: lines.append("\nPGD-10 is our attack, 10 steps of 2/255 from a random start, our choice: the paper's column says only \"PGD\".")
     aa = res['config'].get('aa')
     if aa: lines.append(f"\nAA here is a reduced AutoAttack ({json.dumps(aa)}), the paper's is AutoAttack standard.")
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/14_report.ipynb #9b35b565
-def model_info(res, row):
-    "RobustBench-style model info of a table row (its AutoAttack column must exist)."
+# %% ../nbs/14_report.ipynb #6a447736
+METHOD_PAPERS = {  # the paper that defines each method: RobustBench's name, authors, venue and link fields
+    'natural': ('Standard (non-adversarial) training', '', '', ''),
+    'pgd-at': ('Towards Deep Learning Models Resistant to Adversarial Attacks', 'Aleksander Madry, Aleksandar Makelov, Ludwig Schmidt, '
+               'Dimitris Tsipras, Adrian Vladu', 'ICLR 2018', 'https://arxiv.org/abs/1706.06083'),
+    'trades': ('Theoretically Principled Trade-off between Robustness and Accuracy', 'Hongyang Zhang, Yaodong Yu, Jiantao Jiao, '
+               'Eric P. Xing, Laurent El Ghaoui, Michael I. Jordan', 'ICML 2019', 'https://arxiv.org/abs/1901.08573'),
+    'ard': ('Adversarially Robust Distillation', 'Micah Goldblum, Liam Fowl, Soheil Feizi, Tom Goldstein', 'AAAI 2020',
+            'https://arxiv.org/abs/1905.09747'),
+    'iad': ('Reliable Adversarial Distillation with Unreliable Teachers', 'Jianing Zhu, Jiangchao Yao, Bo Han, Jingfeng Zhang, '
+            'Tongliang Liu, Gang Niu, Jingren Zhou, Jianliang Xu, Hongxia Yang', 'ICLR 2022', 'https://arxiv.org/abs/2106.04928'),
+    'rslad': ('Revisiting Adversarial Robustness Distillation: Robust Soft Labels Make Student Better', 'Bojia Zi, Shihao Zhao, '
+              'Xingjun Ma, Yu-Gang Jiang', 'ICCV 2021', 'https://arxiv.org/abs/2108.07969'),
+    'adaad': ('Boosting Accuracy and Robustness of Student Models via Adaptive Adversarial Distillation', 'Bo Huang, Mingyang Chen, '
+              'Yi Wang, Junda Lu, Minhao Cheng, Wei Wang', 'CVPR 2023', ''),
+}
+METHOD_PAPERS['adaiad'] = METHOD_PAPERS['adaad']
+
+def robustbench_arch(arch):
+    "An architecture name of ours in RobustBench's naming (WideResNet-34-20, ResNet-18, MobileNetV2; a narrower ResNet-18 says its width)."
+    import re
+    if m := re.fullmatch(r'wrn-(\d+)-(\d+)', arch): return f'WideResNet-{m[1]}-{m[2]}'
+    if m := re.fullmatch(r'resnet18-w(\d+)', arch): return f'ResNet-18 (base width {m[1]} instead of 64)'
+    return {'resnet18': 'ResNet-18', 'mobilenetv2': 'MobileNetV2'}.get(arch, arch)
+
+def model_info(res, row, written_by=None):
+    """RobustBench-style model info of a table row (its AutoAttack column must exist): the method's paper as name,
+    authors and venue; `written_by` (the commit writing the file) beside the commit of the training, where recorded."""
     if 'aa' not in row['cells']: raise ValueError(f"row {row['student']}/{row['method']} has no 'aa' column: model_info needs AutoAttack")
     reduced, n = res['config'].get('aa') is not None, row['n']
-    note = ([f'reduced AutoAttack {json.dumps(res["config"]["aa"])}'] if reduced else []) + ([f'{n} test images, not 10,000'] if n != 10000 else [])
-    return dict(link='', name=f"{row['method']} student ({res['preset']} preset of adaad)", authors='', additional_data=False,
-                number_forward_passes=1, dataset='cifar10', venue='', architecture=row['arch'], eps='8/255', threat_model='Linf',
+    base = res['config'].get('variants', {}).get(row['method'], {}).get('method', row['method'])
+    name, authors, venue, link = METHOD_PAPERS.get(base, (f'{base} (no paper on record)', '', '', ''))
+    note = ([f'reduced AutoAttack {json.dumps(res["config"]["aa"])}, not AutoAttack standard'] if reduced else []) + \
+           ([f'{n} test images, not 10,000'] if n != 10000 else []) + \
+           (['trained on an offline rebuild of the CIFAR-10 training set, partly JPEG-decoded']
+            if not (res['data'].get('train') or {}).get('official') else []) + \
+           ([f'variant {row["method"]} of {base}: {json.dumps(res["config"]["variants"][row["method"]])}'] if base != row['method'] else []) + \
+           [f'trained and evaluated with adaad, preset {res["preset"]} ({res["scale"]})']
+    train = row.get('train') or {}
+    return dict(link=link, name=name, authors=authors, additional_data=False, number_forward_passes=1, dataset='cifar10', venue=venue,
+                architecture=robustbench_arch(row['arch']), eps='8/255', threat_model='Linf',
                 clean_acc=f"{row['cells']['clean']['acc']:.2f}", reported=f"{row['cells']['aa']['acc']:.2f}",
-                autoattack_acc=f"{row['cells']['aa']['acc']:.2f}", footnote='; '.join(note), unreliable=bool(note),
+                autoattack_acc=f"{row['cells']['aa']['acc']:.2f}", footnote='; '.join(note), unreliable=bool(reduced or n != 10000),
                 adaad=dict(preset=res['preset'], method=row['method'], seed=row.get('seed'), n_test=n, aa=res['config'].get('aa') or 'standard',
-                           ckpt=row['train'].get('ckpt'), git=res.get('git'), data=res['data'].get('exact_note')))
+                           ckpt=train.get('ckpt'), data=res['data'].get('exact_note'), train_s_logged=train.get('train_s_logged'),
+                           written_by=written_by, assembled_at=res.get('git'),
+                           trained_at=train.get('git') or 'not recorded per row; the training ran at or before the assembly commit'))
 
-def write_model_infos(res, out):
+def write_model_infos(res, out, written_by=None):
     "`out/model_info/<student>-<arch>-<method>-s<seed>.json` for every student row with an AutoAttack column."
     for r in res['rows']:
         if r['student'] != 'teacher' and 'aa' in r['cells']:
-            write_json(Path(out) / 'model_info' / f"{r['student']}-{r['arch']}-{r['method']}-s{r.get('seed', 0)}.json", model_info(res, r))
+            write_json(Path(out) / 'model_info' / f"{r['student']}-{r['arch']}-{r['method']}-s{r.get('seed', 0)}.json", model_info(res, r, written_by))
 
-# %% ../nbs/14_report.ipynb #c43ddb9f
+# %% ../nbs/14_report.ipynb #79c2a1d7
 def write_outputs(res, out, labels=None):
     "Comparisons, per-class counts (given the test `labels`), then results.json, table.md, table.tex, vs_paper.md, model_info/ in `out`."
     out = Path(out)
@@ -238,7 +374,7 @@ def write_outputs(res, out, labels=None):
     atomic_write(out / 'table.md', markdown_table(res))
     atomic_write(out / 'table.tex', latex_table(res))
     atomic_write(out / 'vs_paper.md', paper_comparison(res))
-    write_model_infos(res, out)
+    write_model_infos(res, out, written_by=(res.get('reanalysis') or {}).get('commit') or (res.get('git') or {}).get('commit'))
 
 def load_results(path):
     "A results dict written by `run_table` (path to results.json or its folder)."
@@ -249,7 +385,10 @@ def rewrite_tables(path, labels=None, provenance=None):
     """Rewrite the tables (and comparisons, per-class counts with `labels`) from an existing results.json: no training, no
     evaluation. `provenance` (e.g. the commit of this re-analysis) is recorded under `reanalysis`."""
     res = load_results(path)
-    if provenance is not None: res['reanalysis'] = dict(provenance, what='comparisons and per-class counts recomputed from the stored evaluations')
+    if provenance is not None:
+        from importlib.metadata import version
+        res['reanalysis'] = dict(provenance, what='comparisons, their family and per-class counts recomputed from the stored evaluations',
+                                 packages={p: version(p) for p in ('numpy', 'scipy', 'statsmodels', 'rliable')})
     write_outputs(res, Path(path) if Path(path).is_dir() else Path(path).parent, labels); return res
 
 # %% ../nbs/14_report.ipynb #150c4ab2
@@ -335,3 +474,18 @@ def compare_results(new_out, old_out):
             a, b = r['cells'][c]['acc'], o['cells'][c]['acc']
             lines.append(f"| {r['student']} | {r['method']} | {r.get('seed')} | {c} | {a:.2f} | {b:.2f} | {a - b:+.2f} | {p} |")
     return '\n'.join(lines) + '\n'
+
+# %% ../nbs/14_report.ipynb #d2121481
+def _flat(d, prefix=''):
+    "A nested dict as {dotted key: value}."
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v: out.update(_flat(v, f'{prefix}{k}.'))
+        else: out[f'{prefix}{k}'] = v
+    return out
+
+def preset_differences(res_a, res_b, skip=('scale', 'name')):
+    "Every config setting in which results `res_a` and `res_b` differ, as 'key: a -> b' strings."
+    fa, fb = _flat(res_a['config']), _flat(res_b['config'])
+    keys = [k for k in dict.fromkeys([*fa, *fb]) if k.split('.')[0] not in skip]
+    return [f'{k}: {json.dumps(fa.get(k))} -> {json.dumps(fb.get(k))}' for k in keys if fa.get(k) != fb.get(k)]

@@ -38,6 +38,7 @@ _QUICK_T = dict(source='shipped', arch='resnet18-w8', path='teachers/quick-resne
                 train=dict(method='pgd-at', student='resnet18-w8', epochs=6, milestones=(5,), batch_size=128, lr=0.1, steps=3,
                            step_size=3/255, val_n=1000, val_steps=5))
 
+# family: the comparisons a table's verdicts are corrected over (Holm), declared before a run (adaad.report.add_comparisons)
 PRESETS = {
     'quick': dict(
         scale='quick CPU run (a shipped quarter-width ResNet-18 teacher; eighth-width ResNet-18 students on 2,000 images, '
@@ -61,6 +62,7 @@ PRESETS = {
         methods=('natural',) + PAPER_METHODS, variants={}, seeds=(0,),
         train=dict(epochs=2, train_n=1024, batch_size=64, lr=0.05, milestones=(1,), steps=2, step_size=4/255, val_n=100, val_steps=2),
         method_kwargs={'iad': dict(begin=1), 'adaiad': dict(begin=1)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='final', n_test=100,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=20)),
         aa=dict(attacks=['apgd-ce'], n_iter=20, n_restarts=1), eval_batch=100),
@@ -71,6 +73,7 @@ PRESETS = {
         methods=('natural',) + PAPER_METHODS, variants={}, seeds=(0,),
         train=dict(epochs=4, train_n=6000, batch_size=128, lr=0.1, milestones=(3,), steps=3, step_size=3/255, val_n=500, val_steps=5),
         method_kwargs={'iad': dict(begin=2), 'adaiad': dict(begin=2)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)), aa=_CPU_AA, eval_batch=250),
     'gpu-small': dict(
@@ -81,6 +84,7 @@ PRESETS = {
         train=dict(epochs=8, batch_size=256, lr=0.1, milestones=(6,), steps=10, step_size=2/255, val_n=1000, val_steps=10,
                    amp=True, channels_last=True),
         method_kwargs={'iad': dict(begin=2), 'adaiad': dict(begin=2)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides={}, aa=None, eval_batch=500),
     'cpu-long': dict(
@@ -92,6 +96,7 @@ PRESETS = {
         train=dict(epochs=16, train_n=6000, batch_size=128, lr=0.1, milestones=(12,), steps=3, step_size=3/255, val_n=500,
                    val_steps=5, amp=True, channels_last=True),
         method_kwargs={'adaiad': dict(begin=5)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)), aa=_CPU_AA, eval_batch=250),
     'cpu-strong': dict(
@@ -108,6 +113,7 @@ PRESETS = {
         seeds=(0, 1, 2),
         train=dict(epochs=8, train_n=4000, batch_size=128, lr=0.1, milestones=(6,), steps=3, step_size=3/255, val_n=500, val_steps=5),
         method_kwargs={'adaiad': dict(begin=3)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(('adaiad', 'ard'), ('adaiad', 'rslad')), attacks=('aa',)),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'aa'), attack_overrides={},
         aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=50, n_restarts=1, n_target_classes=3), eval_batch=250),
@@ -120,6 +126,7 @@ PRESETS = {
         methods=('pgd-at', 'ard', 'adaad', 'adaiad'), variants={}, seeds=(0,),
         train=dict(epochs=16, train_n=4000, batch_size=128, lr=0.1, milestones=(12,), steps=3, step_size=3/255, val_n=500, val_steps=5),
         method_kwargs={'adaiad': dict(begin=6)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(('adaiad', 'ard'),), attacks=('aa',)),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'aa'), attack_overrides={},
         aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=50, n_restarts=1, n_target_classes=3), eval_batch=250),
@@ -131,6 +138,7 @@ PRESETS = {
         methods=PAPER_METHODS, variants={}, seeds=(0,),
         train=dict(val_n=1000, val_steps=10),
         method_kwargs={},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=10000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides={}, aa=None, eval_batch=200),
 }

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from adaad.stats import bootstrap_ci, compare, mcnemar_exact, per_class, sign_flip_pvalue
+from scipy import stats as st
+
+from adaad.stats import (bootstrap_ci, compare, holm, interaction, mcnemar_exact, per_class, probability_of_improvement, seed_ttest,
+                         seeds_needed, sign_flip_pvalue, ttest_power, two_level_bootstrap, two_level_bootstrap_ci)
 
 
 def pair(n10, n01, n11, n00):
@@ -143,6 +146,8 @@ def test_paired_tool_reads_stored_rows_and_matches_mcnemar(tmp_path):
     assert run('x:y').returncode == 0
     got = json.loads((tmp_path / 'pairs.json').read_text())['pairs']['x:y']['aa']
     assert got['diff'] == pytest.approx(100 * 8 / 72) and got['p'] == pytest.approx(mcnemar_exact(a, b), rel=1e-12)
+    assert json.loads((tmp_path / 'pairs.json').read_text())['exploratory'] and got['verdict'].startswith('exploratory')
+    assert got['p_holm'] == pytest.approx(min(1, 2 * got['p']))        # Holm within this call's two comparisons (clean and AA agree)
     bad = run('x:z')
     assert bad.returncode != 0 and "no row 'z' for student 'S'" in bad.stderr
     bad = subprocess.run([sys.executable, str(tool), str(tmp_path), 'x:y', '--student', 'S', '--attacks', 'cw2'], capture_output=True, text=True)
@@ -175,3 +180,150 @@ def test_paired_tool_against_another_folder_needs_the_same_test_images(tmp_path)
     assert bad.returncode != 0 and "--seeds: row 'x'" in bad.stderr and 'seeds [0]' in bad.stderr
     bad = run(old, '--seeds', 'first')
     assert bad.returncode != 0 and "--seeds must be comma-separated integers" in bad.stderr
+
+
+def with_acc(accs, n=1000):
+    "Per-image correctness, one row per seed, with the given accuracies in points."
+    return np.stack([np.arange(n) < round(v * n / 100) for v in accs])
+
+
+@pytest.mark.parametrize('acc_a,acc_b', [([14.2, 15.4, 15.3], [12.7, 11.5, 12.8]), ([0.5, 2.4, 0.6], [21.1, 24.0, 22.5]),
+                                         ([30.0, 31.5, 29.0, 33.1, 30.2], [29.0, 31.0, 30.5, 31.0, 28.0])])
+def test_seed_ttest_is_the_t_test_of_the_per_seed_differences(acc_a, acc_b):
+    "t = mean / (sd / sqrt(S)) with S - 1 degrees of freedom, computed by hand; the interval is mean +- t_0.975 * sd / sqrt(S)."
+    d = np.array(acc_a) - np.array(acc_b); S = len(d)
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(S))
+    r = seed_ttest(with_acc(acc_a), with_acc(acc_b), list(range(S)), list(range(S)))
+    assert r['t'] == pytest.approx(t, rel=1e-6) and r['p'] == pytest.approx(2 * st.t.sf(abs(t), S - 1), rel=1e-6) and r['df'] == S - 1
+    half = st.t.ppf(0.975, S - 1) * d.std(ddof=1) / math.sqrt(S)
+    assert r['ci'] == pytest.approx([d.mean() - half, d.mean() + half], rel=1e-6)
+    c = compare(with_acc(acc_a), with_acc(acc_b))
+    assert c['level'] == 'seeds' and c['p'] == pytest.approx(r['p']) and c['seed_p'] == c['p'] and c['image_p'] < c['p'] + 1
+
+
+def test_seed_level_needs_two_seeds_and_the_same_seeds():
+    a, b = with_acc([20, 21, 22]), with_acc([19, 20, 20])
+    with pytest.raises(ValueError, match='seed-level test needs two or more seeds'): seed_ttest(a[:1], b[:1])
+    with pytest.raises(ValueError, match=r'seeds_b must be the seeds of seeds_a.*\[0, 1, 2\] and \[0, 1, 3\]'): seed_ttest(a, b, [0, 1, 2], [0, 1, 3])
+    with pytest.raises(ValueError, match='seeds_b must be the seeds of seeds_a'): compare(a, b, seeds_a=[0, 1, 2], seeds_b=[2, 1, 0])
+    with pytest.raises(ValueError, match='seeds_b must be the seeds of seeds_a'): compare(a[:1], b[:1], seeds_a=[0], seeds_b=[1])
+    assert compare(a[:1], b[:1])['level'] == 'images' and compare(a[:1], b[:1])['seed_p'] is None
+
+
+def test_two_level_bootstrap_matches_enumeration_on_a_tiny_case():
+    """Two seeds of two images: every replicate is one of 4 seed draws times 4 x 4 image draws, all equally likely;
+    the bootstrap's frequencies of each value match that exact distribution."""
+    a = np.array([[1, 0], [1, 1]], bool); b = np.array([[0, 0], [0, 1]], bool)
+    d = a.astype(int) - b.astype(int)
+    exact = {}
+    for s1, s2 in itertools.product(range(2), repeat=2):
+        for i1, i2, j1, j2 in itertools.product(range(2), repeat=4):
+            v = round(100 * ((d[s1, i1] + d[s1, i2]) / 2 + (d[s2, j1] + d[s2, j2]) / 2) / 2, 6)
+            exact[v] = exact.get(v, 0) + 1 / 64
+    boot = np.round(two_level_bootstrap(a, b, n_boot=200_000, seed=1), 6)
+    got = {v: float((boot == v).mean()) for v in exact}
+    assert set(np.unique(boot)) <= set(exact) and all(abs(got[v] - exact[v]) < 0.005 for v in exact), (got, exact)
+    lo, hi = two_level_bootstrap_ci(a, b, n_boot=20_000, seed=2)
+    assert lo <= 50 <= hi and (lo, hi) == two_level_bootstrap_ci(a, b, n_boot=20_000, seed=2)
+
+
+def test_two_level_bootstrap_covers_a_known_difference():
+    """Simulated trainings: per seed, true accuracies 0.50 + 0.03 and 0.50 plus a shared and a private seed effect
+    (sd 0.02), 300 images each; the true mean difference is 3 points. The 95% interval covers it about 95% of the time."""
+    rng = np.random.default_rng(0)
+    hits, sims = 0, 200
+    for _ in range(sims):
+        shared = rng.normal(0, 0.02, 8)
+        pa, pb = 0.53 + shared + rng.normal(0, 0.02, 8), 0.50 + shared + rng.normal(0, 0.02, 8)
+        a, b = rng.random((8, 300)) < pa[:, None], rng.random((8, 300)) < pb[:, None]
+        lo, hi = two_level_bootstrap_ci(a, b, n_boot=2000, seed=int(rng.integers(1 << 30)))
+        hits += lo <= 3. <= hi
+    assert 0.88 <= hits / sims <= 0.995, hits / sims
+
+
+def test_probability_of_improvement_counts_pairs_of_trainings():
+    "P(A > B) over all pairs of per-seed accuracies, ties half: counted by hand."
+    xa, xb = [1., 2., 3.], [0., 2.5, 1.]
+    want = sum((x > y) + 0.5 * (x == y) for x in xa for y in xb) / 9
+    assert probability_of_improvement(xa, xb) == pytest.approx(want) == pytest.approx(6.5 / 9)
+    assert probability_of_improvement([5, 6], [1, 2]) == 1. and probability_of_improvement([1, 2], [5, 6]) == 0.
+    with pytest.raises(ValueError, match='acc_b must be a non-empty list'): probability_of_improvement([1.], [])
+
+
+def test_holm_matches_the_step_down_rule_and_statsmodels():
+    "Adjusted p_(k) = max over j <= k of min(1, (m - j + 1) p_(j)), by hand; the same as statsmodels' multipletests."
+    from statsmodels.stats.multitest import multipletests
+    p = [0.01, 0.04, 0.03, 0.005, 0.5, 0.0001]
+    order = np.argsort(p); m = len(p); adj = np.empty(m); run = 0.
+    for k, i in enumerate(order):
+        run = max(run, min(1., (m - k) * p[i])); adj[i] = run
+    got, rej = holm(p)
+    assert got == pytest.approx(adj.tolist()) and got == pytest.approx(multipletests(p, method='holm')[1].tolist())
+    assert rej == [bool(v < 0.05) for v in adj]
+    with pytest.raises(ValueError, match='pvalues: the family of comparisons is empty'): holm([])
+    with pytest.raises(ValueError, match=r'pvalues must lie in \[0, 1\]'): holm([0.1, 1.5])
+
+
+def test_interaction_tests_the_change_of_a_lead():
+    "A lead of 10 vs 2 discordant images that vanishes: the change is the lead (8 of 72 images), tested with McNemar's p; no change gives p = 1."
+    a, b = pair(10, 2, 40, 20)
+    r = interaction(a, b, b, b)
+    assert r['change'] == pytest.approx(100 * 8 / 72) and r['image_p'] == pytest.approx(mcnemar_exact(a, b), rel=1e-12)
+    assert interaction(a, b, a, b)['image_p'] == 1. and interaction(a, b, a, b)['seed_p'] is None
+    with pytest.raises(ValueError, match='a2 and b2 must be evaluations of the same images'): interaction(a, b, a[:50], b[:50])
+
+
+def test_power_and_seeds_needed():
+    "The power agrees with statsmodels' noncentral t where that is finite; seeds needed grow as the level falls."
+    from statsmodels.stats.power import TTestPower
+    for es, S in ((0.5, 10), (1., 5), (2., 3)):
+        assert ttest_power(es, 1., S) == pytest.approx(TTestPower().power(effect_size=es, nobs=S, alpha=0.05), abs=1e-6)
+    assert seeds_needed(1., 1.) == 10 and seeds_needed(7.6, 1.3) == 3 and seeds_needed(2.6, 1.3, alpha=0.05 / 75) > seeds_needed(2.6, 1.3)
+    with pytest.raises(ValueError, match='sd must be a positive'): seeds_needed(1., 0.)
+    with pytest.raises(ValueError, match='delta must be a non-zero'): seeds_needed(0., 1.)
+
+
+def _table(tmp_path, accs, family=None):
+    "A hand-made results folder: rows with per-seed AA and clean accuracies `accs` {method: [acc per seed]}."
+    import json
+    from adaad.evaluate import EvalResult
+    (tmp_path / 'evals').mkdir(exist_ok=True)
+    rows = []
+    for m, per_seed in accs.items():
+        for s, v in enumerate(per_seed):
+            c = np.arange(400) < round(v * 4)
+            r = EvalResult.from_correct({'clean': c, 'aa': c}, labels=torch.zeros(400, dtype=torch.long))
+            (tmp_path / 'evals' / f'{m}-{s}.json').write_text(json.dumps(dict(result=r.to_dict())))
+            rows.append(dict(student='S', arch='x', method=m, seed=s, n=400, eval=f'evals/{m}-{s}.json', cells={}))
+    return dict(rows=rows, config=dict(suite=['clean', 'aa'], **({'family': family} if family else {})))
+
+
+def test_a_table_corrects_within_its_declared_family(tmp_path):
+    """By default every reference comparison under every column (clean, AA, worst), mirrors once: (3 + 3 - 1) x 3 = 15;
+    a declared family of AA against PGD-AT and one pair has 4; resolved only after Holm, on the seed-level p-values."""
+    from adaad.report import add_comparisons
+    accs = {'pgd-at': [20, 22, 21], 'adaad': [25, 28, 26], 'ard': [22, 25, 23.5], 'adaiad': [27, 29, 28.5]}
+    res = _table(tmp_path, accs)
+    comps = add_comparisons(res, tmp_path, n_boot=200)
+    assert res['family']['size'] == 15 and len(comps) == 2 * 3 * 3 and res['family']['source'].startswith('not declared')
+    uniq = {}
+    for c in comps:
+        uniq.setdefault((c['attack'], frozenset((c['method'], c['reference']))), c['p'])
+    want = holm(list(uniq.values()))[0]
+    for c in comps:
+        k = (c['attack'], frozenset((c['method'], c['reference'])))
+        assert c['p_holm'] == pytest.approx(want[list(uniq).index(k)]) and c['resolved_in_family'] == (c['p_holm'] < 0.05)
+    assert any(c['resolved'] and not c['resolved_in_family'] for c in comps)      # the correction changes a verdict
+    res = _table(tmp_path, accs, family=dict(references=['pgd-at'], pairs=[['adaiad', 'ard']], attacks=['aa']))
+    comps = add_comparisons(res, tmp_path, n_boot=200)
+    assert res['family']['size'] == 4 and sum(c['in_family'] for c in comps) == 4
+    assert all(c['p_holm'] is None and c['verdict'].startswith('descriptive') for c in comps if c['attack'] == 'clean')
+    res = _table(tmp_path, accs, family=dict(references=['pgd-at'], pairs=[['adaiad', 'rslad']]))
+    assert add_comparisons(res, tmp_path) == [] and res['family']['missing'] == ['rslad']
+
+
+def test_a_table_refuses_rows_whose_seeds_differ(tmp_path):
+    from adaad.report import add_comparisons
+    res = _table(tmp_path, {'pgd-at': [20, 22, 21], 'adaad': [25, 28, 26]})
+    res['rows'][-1]['seed'] = 5
+    with pytest.raises(ValueError, match=r"rows 'adaad' and 'pgd-at' of 'S' must have the same seeds"): add_comparisons(res, tmp_path)

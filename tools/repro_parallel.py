@@ -4,6 +4,10 @@ process on a 2-core machine), then assemble the table in one last call that reus
 evaluation.
 
     python tools/repro_parallel.py cpu-strong --workers 2 --out results/cpu-strong
+    python tools/repro_parallel.py cpu-strong --seeds 0,1,2,3,4 --methods pgd-at,ard,rslad,adaad,adaiad,adaad-batchmean,adaad-ramp16
+
+`--seeds` and `--methods` replace the preset's (the rows must be rows of the preset; the preset's declared family of
+comparisons must only name rows that are run, or the table makes no comparisons and says so).
 
 1. the teachers, in this process with all threads (every worker needs them; training them twice in one folder is refused);
 2. `--workers` processes, each `run_table` with one thread over every `--workers`-th (row, seed) cell, all rows of the
@@ -38,13 +42,20 @@ def main(argv=None):
     ap.add_argument('--runs', default=None, help='runs folder (default: runs/repro/<preset>)')
     ap.add_argument('--time-limit', type=float, default=None, help='seconds per worker call (default: none)')
     ap.add_argument('--curves', default=None, help='prefix of the training-curve figure (default: <out>/training_curves)')
+    ap.add_argument('--seeds', default=None, help="comma-separated seeds (default: the preset's)")
+    ap.add_argument('--methods', default=None, help="comma-separated rows of the preset (default: all of the preset's)")
     a = ap.parse_args(argv)
     cfg = preset_config(a.preset)
+    try: seeds = list(cfg['seeds']) if a.seeds is None else [int(s) for s in a.seeds.split(',')]
+    except ValueError: sys.exit(f'--seeds must be comma-separated integers such as 0,1,2,3,4, got {a.seeds!r}')
+    methods = list(cfg['methods']) if a.methods is None else a.methods.split(',')
+    unknown = [m for m in methods if m not in cfg['methods']]
+    if unknown: sys.exit(f"--methods: {unknown} are not rows of preset {a.preset!r}; accepted: {list(cfg['methods'])}")
     out = str(Path(a.out or ROOT / 'runs' / 'results' / a.preset).resolve())
     runs = str(Path(a.runs or ROOT / 'runs' / 'repro' / a.preset).resolve())
-    t = run_table(a.preset, methods=[cfg['methods'][0]], seeds=[cfg['seeds'][0]], out_dir=out, runs_dir=runs)  # teachers first
+    t = run_table(a.preset, methods=[methods[0]], seeds=[seeds[0]], out_dir=out, runs_dir=runs)  # teachers first
     if t['status'] != 'done': sys.exit('the teachers did not finish; run again')
-    cells = [(row, seed) for seed in cfg['seeds'] for row in cfg['methods']]   # seed-major: a partial run has whole seeds
+    cells = [(row, seed) for seed in seeds for row in methods]   # seed-major: a partial run has whole seeds
     procs = []
     for w in range(a.workers):
         arg = json.dumps(dict(preset=a.preset, cells=cells[w::a.workers], out=out, runs=runs, time_limit=a.time_limit))
@@ -53,7 +64,7 @@ def main(argv=None):
                                       env=dict(os.environ, OMP_NUM_THREADS='1'), cwd=str(ROOT)))
     codes = [p.wait() for p in procs]
     if any(codes): sys.exit(f'a worker failed ({codes}); see {out}/worker*.log')
-    res = run_table(a.preset, out_dir=out, runs_dir=runs)          # assemble: everything is cached
+    res = run_table(a.preset, out_dir=out, runs_dir=runs, seeds=seeds, methods=methods)   # assemble: everything is cached
     from adaad.report import plot_training_curves
     plot_training_curves(res, a.curves or str(Path(out) / 'training_curves'))
     print(res['status'], f"{len(res['rows'])} rows in {out}")
