@@ -49,6 +49,7 @@ PRESETS = {
         train=dict(epochs=4, train_n=2000, batch_size=128, lr=0.1, milestones=(3,), steps=3, step_size=3/255, val_n=200, val_steps=3,
                    amp='auto'),
         method_kwargs={'adaiad': dict(begin=2)},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=('pgd10',)),
         checkpoint='final', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10'), attack_overrides={}, aa=None, eval_batch=250,
         caveat='one training per method on 2,000 images for 4 epochs: the paired tests say that these four trained networks '
