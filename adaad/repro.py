@@ -34,7 +34,8 @@ _CPU_T = dict(source='train', train=dict(method='pgd-at', student='wrn-10-2', ep
 _GPU_T = dict(source='train', train=dict(method='pgd-at', student='resnet18', epochs=15, batch_size=256, lr=0.1, milestones=(12,),
                                          steps=10, step_size=2/255, val_n=1000, amp=True, channels_last=True))
 _CPU_AA = dict(attacks=['apgd-ce', 'apgd-t'], n_iter=20, n_restarts=1, n_target_classes=3)
-_QUICK_T = dict(source='shipped', arch='resnet18-w8', path='teachers/quick-resnet18-w8.pt', sha256=None,
+_QUICK_T = dict(source='shipped', arch='resnet18-w8', path='teachers/quick-resnet18-w8.pt',
+                sha256='a4f671185f85912a434fd3f6e8cef97b006523600d75e288c14c64e980a0711c',
                 train=dict(method='pgd-at', student='resnet18-w8', epochs=6, milestones=(5,), batch_size=128, lr=0.1, steps=3,
                            step_size=3/255, val_n=1000, val_steps=5))
 
