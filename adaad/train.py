@@ -210,7 +210,7 @@ def check_identity(out, identity, write=True):
         raise ValueError(f'{out} holds checkpoints but no identity.json (an older adaad wrote it): delete it or use another out_dir')
     elif write: atomic_write(f, json.dumps(plain(identity), indent=1) + '\n')   # fresh, or a start that wrote no checkpoint
 
-# %% ../nbs/12_train.ipynb #84647078
+# %% ../nbs/12_train.ipynb #aaafa37f
 def _unwrap(model):
     "The module inside a DDP wrapper (or `model` itself)."
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -238,8 +238,9 @@ class NonFiniteWatch:
 
 def _kept(last_good):
     "What a run stopped by a non-finite value keeps, and what to change."
-    kept = f'Last good checkpoint: {last_good} (not overwritten)' if Path(last_good).exists() else 'No checkpoint was written yet'
-    return f'{kept}. A smaller lr or weight_decay usually cures a diverging loss; a rerun with the same settings resumes the same run'
+    cure = 'a smaller lr or weight_decay usually cures a diverging loss'
+    if Path(last_good).exists(): return f'Last good checkpoint: {last_good} (not overwritten). {cure.capitalize()}: rerun with them in another out_dir'
+    return f'No checkpoint was written yet, so the folder takes a corrected rerun: {cure}'
 
 # %% ../nbs/12_train.ipynb #7aee7903
 def validate(model, val, eps=8/255, steps=10, batch_size=500):
