@@ -7,12 +7,13 @@ __all__ = ['DIGEST_KEY', 'verify_digest', 'read_checkpoint', 'extract_state_dict
            'load_model', 'load_robustbench', 'load_teacher', 'atomic_save', 'rng_state', 'set_rng_state', 'save_state',
            'prev_path', 'save_rotating', 'load_resume']
 
-# %% ../nbs/03_checkpoint.ipynb #6815740e
+# %% ../nbs/03_checkpoint.ipynb #be07a454
 import os, random, re, tempfile, warnings
 from pathlib import Path
 import numpy as np
 import torch
-from .core import atomic_write, content_digest
+from .core import atomic_write, check_choice, content_digest, first_nonfinite
+from .data import DATASETS
 from .models import Normalized, create_model, create_robustbench
 
 # %% ../nbs/03_checkpoint.ipynb #8a863abb
@@ -48,7 +49,7 @@ def extract_state_dict(obj):
     if not isinstance(obj, dict): raise ValueError(f'checkpoint holds a {type(obj).__name__}, not a state dict')
     return {re.sub(r'^(module\.)+', '', k): v for k, v in obj.items()}
 
-# %% ../nbs/03_checkpoint.ipynb #b9f42041
+# %% ../nbs/03_checkpoint.ipynb #e0c4f4cb
 def _arch(model): return getattr(getattr(model, 'model', model), 'arch', type(model).__name__)
 
 def load_weights(model, state, source='checkpoint'):
@@ -82,8 +83,11 @@ def load_robustbench(name, path, dataset='cifar10'):
 def load_teacher(path, arch=None, robustbench=None, dataset='cifar10', device=None):
     "A frozen eval-mode teacher from checkpoint `path`, built as RobustBench model `robustbench` or registry `arch`."
     if (arch is None) == (robustbench is None): raise ValueError('give exactly one of arch= (a registry name) or robustbench= (a RobustBench model name)')
+    check_choice('dataset', dataset, tuple(DATASETS))
     if robustbench is not None: t = load_robustbench(robustbench, path, dataset)
-    else: t = load_model(arch, path, num_classes=10 if dataset == 'cifar10' else 100)
+    else: t = load_model(arch, path, num_classes=DATASETS[dataset][4])
+    bad = first_nonfinite(t.state_dict())
+    if bad: raise ValueError(f'refusing {path}: it holds non-finite weights (first: {bad!r}), which evaluate to meaningless numbers and cannot teach')
     t = t.eval().requires_grad_(False)
     return t.to(device) if device is not None else t
 

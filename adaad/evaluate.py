@@ -6,15 +6,15 @@
 __all__ = ['EPS', 'SPECS', 'SUITES', 'ORDER', 'WHITE_BOX_MULTI', 'AttackSpec', 'resolve_suite', 'wilson_ci', 'order_flags',
            'square_flags', 'loss_flags', 'captured_log', 'EvalResult', 'shards', 'evaluate', 'results_table']
 
-# %% ../nbs/05_evaluate.ipynb #42f76071
-import csv, dataclasses, inspect, io, json, logging, os, time, uuid
+# %% ../nbs/05_evaluate.ipynb #f4a0b488
+import csv, dataclasses, inspect, io, json, logging, os, time, uuid, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
-from .core import atomic_write, check_int, content_digest, plain, tensor_sha256
+from .core import FolderLock, atomic_write, check_device, check_int, content_digest, first_nonfinite, plain, tensor_sha256
 from .stats import per_class
 from .data import to_float
 from .attacks import (autoattack, check_eps, check_images, check_labels, cw_l2, fgsm,
@@ -259,7 +259,7 @@ def _run_whole(spec, model, x, y, batch_size, device, seed, progress):
         bar.update(len(x))
     return _correct(model, xa, y, batch_size, device), ({'warnings': list(msgs)} if msgs else {})
 
-# %% ../nbs/05_evaluate.ipynb #d6a55bff
+# %% ../nbs/05_evaluate.ipynb #b5576db6
 def shards(n, batch_size, shard_size=None):
     "The (start, stop) image ranges of an evaluation of `n` images in shards of `shard_size` (a multiple of `batch_size`)."
     shard_size = n if shard_size is None else check_int(shard_size, 'shard_size')
@@ -273,17 +273,38 @@ def _rank_world():
     import torch.distributed as dist
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
+_PIECE = ('key', 'correct', 'seconds', 'diagnostics')
+
+def _read_piece(f, key, n):
+    "The (correct, seconds, diagnostics) of piece file `f` if it is intact and was computed for `key` on `n` images; else None, with a warning saying why."
+    try:
+        d = json.loads(f.read_text())
+        body = {k: d[k] for k in _PIECE}
+        why = ('it carries no digest (an older adaad wrote it)' if 'sha256' not in d else
+               'its content does not match its digest (damaged or edited)' if d['sha256'] != content_digest(body) else
+               'it was computed for other inputs (model, images, attack or settings)' if body['key'] != key else
+               f"it holds {len(body['correct'])} results for {n} images" if len(body['correct']) != n else None)
+    except (OSError, ValueError, KeyError, TypeError) as e: why = f'it is unreadable ({type(e).__name__}: {str(e)[:100]})'
+    if why is None: return torch.tensor(body['correct'], dtype=torch.bool), body['seconds'], body['diagnostics']
+    warnings.warn(f'evaluation piece {f}: {why}; computing it again')
+    return None
+
+def _write_piece(f, key, correct, seconds, diag):
+    "Write piece file `f` with a SHA-256 of its content (taken on its JSON form, as `_read_piece` will see it)."
+    body = json.loads(json.dumps(dict(key=key, correct=correct.tolist(), seconds=seconds, diagnostics=diag)))
+    atomic_write(f, json.dumps(dict(body, sha256=content_digest(body))) + '\n')
+
 def _piece(spec, model, x, y, start, stop, k, batch_size, device, seed, progress, folder, key):
-    "The (correct, seconds, diagnostics) of one (attack, shard) piece, read from `folder` when its key matches."
+    "The (correct, seconds, diagnostics) of one (attack, shard) piece, read from `folder` when it is intact and its key matches."
     f = None if folder is None else Path(folder) / f'{spec.name}-{start}-{stop}.json'
     if f is not None and f.exists():
-        d = json.loads(f.read_text())
-        if d.get('key') == key: return torch.tensor(d['correct'], dtype=torch.bool), d['seconds'], d['diagnostics']
+        kept = _read_piece(f, key, stop - start)
+        if kept is not None: return kept
     t0 = time.perf_counter()
     if spec.whole: c, diag = _run_whole(spec, model, x[start:stop], y[start:stop], batch_size, device, seed + k, progress)
     else: c, diag = _run_batched(spec, model, x[start:stop], y[start:stop], batch_size, device, seed + start // batch_size, progress)
     out = (c, time.perf_counter() - t0, diag)
-    if f is not None: atomic_write(f, json.dumps(dict(key=key, correct=c.tolist(), seconds=out[1], diagnostics=diag)) + '\n')
+    if f is not None: _write_piece(f, key, c, out[1], diag)
     return out
 
 def _gather(mine, world):
@@ -303,27 +324,33 @@ def _merge(spec, pieces, ranges):
     if all('loss' in d for _, _, d in parts) and parts:
         curve = [sum(len(c) * d['loss'][i] for c, _, d in parts) / n for i in range(len(parts[0][2]['loss']))]
         diag['loss'] = curve
-    warnings = [w for _, _, d in parts for w in d.get('warnings', [])]
-    if warnings: diag['warnings'] = warnings
+    warns = [w for _, _, d in parts for w in d.get('warnings', [])]
+    if warns: diag['warnings'] = warns
     return correct, seconds, diag
 
-# %% ../nbs/05_evaluate.ipynb #12509e6d
+# %% ../nbs/05_evaluate.ipynb #86797ca3
 def evaluate(model, x, y=None, suite='quick', batch_size=200, device=None, progress=True, seed=0, eps=None,
              shard_size=None, pieces_dir=None, **overrides):
     "Accuracy of `model` on (x, y) under each attack of `suite` (see `resolve_suite`), as an `EvalResult`."
     specs = resolve_suite(suite, eps=eps, **overrides)
     x, y = _as_xy(x, y)
     batch_size, seed = check_int(batch_size, 'batch_size'), check_int(seed, 'seed', 0)
-    device = _model_device(model) if device is None else torch.device(device)
+    bad = first_nonfinite(model.state_dict())
+    if bad: raise ValueError(f'model has non-finite weights (first: {bad!r}); its accuracies would mean nothing: check the checkpoint it came from')
+    device = _model_device(model) if device is None else check_device(device)
     ranges, (rank, world) = shards(len(x), batch_size, shard_size), _rank_world()
     jobs = [(spec, k, a, b) for spec in specs for k, (a, b) in enumerate(ranges)]
     digest = None if pieces_dir is None else content_digest(model.state_dict())
+    lock = FolderLock(pieces_dir, 'evaluation') if pieces_dir is not None and rank == 0 else None
     mine = {}
-    with frozen_eval(model):
-        for spec, k, a, b in tqdm(jobs[rank::world], desc='pieces', disable=not progress or len(jobs) < 2, leave=False):
-            key = None if digest is None else dict(model=digest, images=tensor_sha256(x[a:b]) + tensor_sha256(y[a:b]), attack=spec.config(),
-                                                   batch_size=batch_size, seed=seed, shard=[k, a, b])
-            mine[spec.name, a] = _piece(spec, model, x, y, a, b, k, batch_size, device, seed, progress and len(jobs) < 2, pieces_dir, plain(key))
+    try:
+        with frozen_eval(model):
+            for spec, k, a, b in tqdm(jobs[rank::world], desc='pieces', disable=not progress or len(jobs) < 2, leave=False):
+                key = None if digest is None else dict(model=digest, images=tensor_sha256(x[a:b]) + tensor_sha256(y[a:b]), attack=spec.config(),
+                                                       batch_size=batch_size, seed=seed, shard=[k, a, b])
+                mine[spec.name, a] = _piece(spec, model, x, y, a, b, k, batch_size, device, seed, progress and len(jobs) < 2, pieces_dir, plain(key))
+    finally:
+        if lock is not None: lock.release()
     pieces = _gather(mine, world)
     correct, seconds, diag = {}, {}, {}
     for spec in specs:

@@ -57,7 +57,7 @@ class Logits:
     t_nat = property(lambda self: self.t('nat'), doc="$T(x)$")
     t_adv = property(lambda self: self.t('adv'), doc="$T(\\tilde x)$")
 
-# %% ../nbs/09_methods.ipynb #c74137cd
+# %% ../nbs/09_methods.ipynb #d0e54259
 BUDGET_KEYS = ('eps', 'step_size', 'steps', 'init', 'attack_bn')   # overrides that go to the inner's Budget
 
 def _type_ok(value, annotation):
@@ -66,6 +66,12 @@ def _type_ok(value, annotation):
     ok = {float: lambda v: is_real(v) and math.isfinite(v), int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
           bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str), type(None): lambda v: v is None}
     return any(ok[o](value) if o in ok else True for o in opts)
+
+def _between(lo, hi): return f'>= {lo:g}' if hi == math.inf else f'in [{lo:g}, {hi:g}]'
+
+_WEIGHT = lambda what, rest: (0., 1., f'the weight of {what}, 1 minus it the weight of {rest}')
+_EXPONENT = (0., math.inf, "the exponent of the teacher's reliability p_T(x~)[y]^beta; 0 trusts the teacher fully")
+_BEGIN = (0, math.inf, 'the first epoch, 0-based, with the introspection term')
 
 @dataclass(frozen=True)
 class Method:
@@ -81,6 +87,7 @@ class Method:
     weight_decay: ClassVar[float] = 5e-4
     batch_sizes: ClassVar[dict] = {'cifar10': 128, 'cifar100': 128}
     positive: ClassVar[tuple] = ()                 # fields that must be > 0 (temperatures)
+    ranges: ClassVar[dict] = {}                    # field -> (low, high, meaning): the values the definition gives a sense
     budget: Budget | None = Budget()               # the inner maximisation's budget; None: no inner problem
 
     def __post_init__(self):
@@ -89,7 +96,10 @@ class Method:
             if f.init and f.name != 'budget' and not _type_ok(v, f.type):
                 raise ValueError(f"{self.name}: {f.name} must be {f.type}, got {v!r}")
         for k in self.positive:
-            if not getattr(self, k) > 0: raise ValueError(f"{self.name}: {k} must be > 0, got {getattr(self, k)!r}")
+            if not getattr(self, k) > 0: raise ValueError(f"{self.name}: {k} must be > 0 (a temperature), got {getattr(self, k)!r}")
+        for k, (lo, hi, meaning) in self.ranges.items():
+            if not lo <= getattr(self, k) <= hi:
+                raise ValueError(f"{self.name}: {k} must be {_between(lo, hi)} ({meaning}), got {getattr(self, k)!r}")
 
     def objective(self, lg, y):
         "The function $x' \\mapsto L(x')$ the inner maximisation climbs."
@@ -169,7 +179,7 @@ def get_method(method, inner=None, **overrides):
     rest = {k: v for k, v in overrides.items() if k not in own}
     return Combo(outer=_build(outer, own), inner=_build(inner_m, rest))
 
-# %% ../nbs/09_methods.ipynb #3a713505
+# %% ../nbs/09_methods.ipynb #aaa9679f
 @register
 @dataclass(frozen=True)
 class Natural(Method):
@@ -205,6 +215,7 @@ class TRADES(Method):
     source = 'yaodongyu/TRADES trades.py, train_trades_cifar10.py'
     needs_teacher = False
     weight_decay, epochs, milestones = 2e-4, 76, (74, 89, 99)
+    ranges = dict(beta=(0., math.inf, "the weight of the robustness KL term, TRADES' 1/lambda; 0 is natural training"))
     budget: Budget | None = Budget(eps=0.031, step_size=0.007)
     beta: float = 6.                                # weight of the robustness (KL) term, TRADES' 1/lambda
     def objective(self, lg, y):
@@ -225,6 +236,7 @@ class ARD(Method):
     weight_decay, single_decay = 2e-4, True
     batch_sizes = {'cifar10': 128, 'cifar100': 256}
     positive = ('tau',)
+    ranges = dict(alpha=_WEIGHT('the KL term', 'the clean cross-entropy'))
     budget: Budget | None = Budget(init='uniform', bn='train')
     tau: float = 30.                                # distillation temperature
     alpha: float = 1.                               # weight of the KL term; 1 - alpha on the clean CE
@@ -243,6 +255,7 @@ class IAD(Method):
     source = 'ZFancy/IAD IAD-I.py'
     weight_decay, single_decay = 2e-4, True
     positive = ('tau',)
+    ranges = dict(alpha=_WEIGHT('the teacher and introspection terms', 'the clean cross-entropy'), beta=_EXPONENT, begin=_BEGIN)
     budget: Budget | None = Budget(init='uniform', bn='train')
     tau: float = 1.                                 # distillation temperature
     alpha: float = 1.                               # weight of the teacher and introspection terms; 1 - alpha on CE
@@ -280,11 +293,16 @@ class AKD(Method):
     source = 'ZFancy/IAD AKD2.py (standard teacher from pre_train/ST.py)'
     weight_decay, single_decay = 2e-4, True
     positive = ('tau',)
+    ranges = dict(alpha=(0., 1., "alpha_1, the weight of the robust teacher's KL"), alpha2=(0., 1., "alpha_2, the weight of the standard teacher's KL"))
     budget: Budget | None = Budget(init='uniform', bn='train')
     tau: float = 1.                                 # distillation temperature
     alpha: float = 0.5                              # alpha_1, weight of the robust teacher's KL
     alpha2: float = 0.25                            # alpha_2, weight of the standard teacher's KL
     robust_as_standard: bool = False                # True: the robust teacher stands in for T_st (another objective)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.alpha + self.alpha2 > 1:
+            raise ValueError(f'akd: alpha + alpha2 must be <= 1 (the cross-entropy has weight 1 - alpha - alpha2), got {self.alpha} + {self.alpha2}')
     @property
     def needs_standard_teacher(self): return not self.robust_as_standard
     def objective(self, lg, y): return ce_objective(lg.student, y, 'sum')
@@ -304,13 +322,14 @@ class AKDMaroto(Method):
     name = 'akd-maroto'
     source = 'our reading of Maroto et al., arXiv 2203.07159 (abstract only; no code found)'
     positive = ('tau',)
+    ranges = dict(alpha=_WEIGHT('the KL term (lambda)', 'the adversarial cross-entropy'))
     budget: Budget | None = Budget(init='gaussian_clipped')
     tau: float = 1.                                 # distillation temperature
     alpha: float = 0.5                              # lambda, weight of the KL; 1 - lambda on CE
     def objective(self, lg, y): return ce_objective(lg.student, y, 'mean')
     def loss(self, lg, y, epoch): return akd_maroto_loss(lg.s_adv, lg.t_adv, y, self.tau, self.alpha)
 
-# %% ../nbs/09_methods.ipynb #8b7be0e1
+# %% ../nbs/09_methods.ipynb #d58616ee
 @register
 @dataclass(frozen=True)
 class AdaAD(Method):
@@ -320,6 +339,7 @@ class AdaAD(Method):
     name = 'adaad'
     source = 'boyellow/AdaAD AT_helper.py (adaad_inner_loss), main.py (method AdaAD)'
     teacher_in_inner = True
+    ranges = dict(alpha=_WEIGHT('the adversarial KL', 'the clean KL'))
     alpha: float = 1.                               # weight of the adversarial KL; 1 - alpha on the clean KL
     reduction: str | None = None                    # KL reduction; None: official (mean_all on CIFAR-10, else batchmean)
     def __post_init__(self):
@@ -343,6 +363,7 @@ class AdaIAD(Method):
     source = 'boyellow/AdaAD main.py (method AdaAD_with_IAD1)'
     teacher_in_inner = True
     positive = ('tau',)
+    ranges = dict(alpha=_WEIGHT('the teacher and introspection terms (lambda)', 'the clean cross-entropy'), beta=_EXPONENT, begin=_BEGIN)
     tau: float = 30.                                # temperature (official default; IAD's own is 1)
     alpha: float = 1.                               # lambda, weight of the teacher and introspection terms
     beta: float = 0.1                               # exponent of the teacher's reliability
@@ -361,6 +382,8 @@ class MMARD(Method):
     name = 'mmard'
     source = 'our reading of arXiv 2503.06559 (abstract only; no code found)'
     teacher_in_inner = True
+    ranges = dict(boundary_weight=(0., math.inf, "kappa, the weight of the teacher's cross-entropy in the inner objective"),
+                  triangle_weight=(0., math.inf, 'gamma, the weight of the triangle regulariser'))
     boundary_weight: float = 1.                     # kappa, weight of the teacher's CE in the inner objective
     triangle_weight: float = 1.                     # gamma, weight of the triangle regulariser
     base: str = 'adaad'                             # the method whose outer loss MMARD regularises (plug-and-play)

@@ -11,6 +11,7 @@ __all__ = ['ALPHA', 'mcnemar_exact', 'sign_flip_pvalue', 'bootstrap_ci', 'seed_t
 import numpy as np
 import torch
 from scipy import stats as _st
+from .core import check_int, is_real
 
 # %% ../nbs/06_stats.ipynb #8fb849b4
 ALPHA = 0.05    # the level at which a difference is called resolved (after Holm's correction within a family)
@@ -58,6 +59,8 @@ def sign_flip_pvalue(a, b):
 def bootstrap_ci(a, b, n_boot=10_000, seed=0, level=0.95):
     "Paired bootstrap interval (percent points) for mean accuracy(a) - accuracy(b), resampling images."
     a, b = _pair(a, b)
+    n_boot, seed = check_int(n_boot, 'n_boot'), check_int(seed, 'seed', 0)
+    if not (is_real(level) and 0 < level < 1): raise ValueError(f'level must be a number in (0, 1), e.g. 0.95; got {level!r}')
     S, n = a.shape
     d = (a.astype(int) - b.astype(int)).sum(0)              # per-image sums in -S..S
     values, counts = np.unique(d, return_counts=True)
@@ -207,6 +210,11 @@ def per_class(correct, labels, num_classes=None):
     "Per-class counts of `correct` (bool per image) for integer `labels`: dict(correct=[...], total=[...], acc=[...], worst=(class, acc))."
     c, y = _as_matrix(correct, 'correct')[0], np.asarray(labels.cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
     if y.shape != c.shape: raise ValueError(f'labels must give one class per image: {y.shape} labels for {c.shape} images')
+    if y.size and not np.issubdtype(y.dtype, np.integer): raise ValueError(f'labels must be integers, got dtype {y.dtype}')
+    if y.size and y.min() < 0: raise ValueError(f'labels must be >= 0, got {int(y.min())}')
+    if num_classes is not None:
+        num_classes = check_int(num_classes, 'num_classes')
+        if y.size and y.max() >= num_classes: raise ValueError(f'labels must be < num_classes = {num_classes}, got label {int(y.max())}')
     k = int(num_classes or y.max() + 1)
     total, right = np.bincount(y, minlength=k), np.bincount(y, weights=c, minlength=k).astype(int)
     acc = [100. * r / t if t else None for r, t in zip(right, total)]

@@ -189,7 +189,7 @@ def test_train_config_eps(eps):
     ('student', 'resnet19', r"student: unknown model name 'resnet19'; known:"),
     ('dataset', 'svhn', r"dataset must be one of 'cifar10', 'cifar100'; got 'svhn'"),
     ('lr', 0., r'lr must be a number > 0, got 0'), ('lr', float('nan'), r'lr must be a number > 0'),
-    ('weight_decay', -1e-4, r'weight_decay must be a number >= 0'),
+    ('weight_decay', -1e-4, r'weight_decay must be a finite number >= 0'),
     ('epochs', 0, r'epochs must be an int >= 1, got 0'), ('steps', -2, r'steps must be an int >= 0'),
     ('batch_size', 2.5, r'batch_size must be an int >= 1'), ('val_n', 0, r'val_n must be an int >= 1'),
     ('step_size', 0., r'step_size must be a number in \(0, 1\]'), ('save_every', -1, r'save_every must be an int >= 0, got -1'),

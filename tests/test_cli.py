@@ -49,7 +49,7 @@ def test_eval_help_documents_every_option_with_default():
     (['train', '--eps', 'abc'], '--eps: .*not a number'),
     (['train', '--steps', '-1'], '--steps: .*must be an int >= 0'),
     (['train', '--lr', '0'], '--lr: .*must be a number > 0'),
-    (['train', '--method', 'adaad', '--set', 'tau=2', '--teacher', 'x.pt', '--teacher-arch', 'wrn-10-1'], 'checkpoint not found'),
+    (['train', '--method', 'adaad', '--set', 'alpha=0.5', '--teacher', 'x.pt', '--teacher-arch', 'wrn-10-1'], 'checkpoint not found'),
     (['train', '--method', 'adaad'], '--method adaad needs --teacher'),
     (['train', '--teacher', 'x.pt'], 'exactly one of --teacher-arch or --teacher-robustbench'),
     (['teacher', '--method', 'adaad'], "--method for a teacher must be 'pgd-at', 'trades' or 'natural'"),

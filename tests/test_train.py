@@ -215,7 +215,7 @@ def test_new_fields_with_defaults_do_not_orphan_old_runs(tmp_path):
     from adaad.train import check_identity, run_identity
     ident = run_identity(_cfg(), data=_identity_data())
     old = _json.loads(_json.dumps(ident)); del old['config']['eps_ramp_epochs']; del old['config']['diagnostics']
-    (tmp_path / 'identity.json').write_text(_json.dumps(old))
+    (tmp_path / 'identity.json').write_text(_json.dumps(old)); (tmp_path / 'last.pt').touch()   # a checkpoint binds the folder
     check_identity(tmp_path, ident)                                       # accepted
     with pytest.raises(ValueError, match='eps_ramp_epochs'):
         check_identity(tmp_path, run_identity(_cfg(eps_start=1 / 255, eps_ramp_epochs=2), data=_identity_data()))
