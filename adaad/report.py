@@ -96,7 +96,7 @@ def add_per_class(res, out, labels):
         r['per_class'] = {k: per_class(c, labels) for k, c in {**e.correct, 'worst': e.worst_correct}.items()}
     return res
 
-# %% ../nbs/14_report.ipynb #0e528797
+# %% ../nbs/14_report.ipynb #cac2405c
 COLUMN_NAMES = dict(clean='Clean', fgsm='FGSM', pgd10='PGD-10', pgd20='PGD-20', cw2='CW2', cwinf='CWinf', aa='AA', square='Square', worst='worst case')
 
 def _label(row):
@@ -192,31 +192,36 @@ def latex_table(res):
 def paper_comparison(res):
     "Each cell next to the paper's number and the difference (ours - paper), with the scale of the run stated."
     cols = [c for c in res['config']['suite'] if c in PAPER_COLUMNS]
+    ref = res.get('paper')   # a run that names its own reference (e.g. CIFAR-100); else the CIFAR-10 poster
+    table, teacher = (ref['table'], ref['teacher']) if ref else (PAPER_TABLE, PAPER_TEACHER)
+    setting = ref['setting'] if ref else 'ResNet-18 / MobileNetV2 students of a WRN-34-20 teacher, 10,000 test images'
     head = ('**Reduced-scale run — not comparable to the paper.** ' if res['reduced'] else '') + \
            f"Ours: preset `{res['preset']}` ({res['scale']}), {res['data']['n_test']} test images. " \
-           f"Paper: {res['paper_reference']}, ResNet-18 / MobileNetV2 students of a WRN-34-20 teacher, 10,000 test images."
+           f"Paper: {res['paper_reference']}, {setting}."
     lines = [head, '', '| student (arch) | method | ' + ' | '.join(f'{COLUMN_NAMES[c]} ours / paper / diff' for c in cols) + ' |',
              '|---|---|' + '---|' * len(cols)]
+    missing = ' / not available / –' if ref else ' / – / –'
     for label, m, rows in _table_rows(res):
-        p = {k: PAPER_TEACHER[k] for k in ('clean', 'aa')} if m == 'teacher' else PAPER_TABLE.get(rows[0]['student'], {}).get(m)
+        p = {k: teacher[k] for k in ('clean', 'aa')} if m == 'teacher' else table.get(rows[0]['student'], {}).get(m)
         cells = []
         for c in cols:
             o = float(np.mean([r['cells'][c]['acc'] for r in rows]))
-            cells.append(f'{o:.2f} / {p[c]:.2f} / {o - p[c]:+.2f}' if p and c in p else f'{o:.2f} / – / –')
+            cells.append(f'{o:.2f} / {p[c]:.2f} / {o - p[c]:+.2f}' if p and c in p else f'{o:.2f}{missing}')
         lines.append(f"| {label} | {m} | " + ' | '.join(cells) + ' |')
+    if ref: lines.append(f"\nThe teacher's reference numbers: {ref['teacher_source']}.")
     if any(c not in PAPER_COLUMNS for c in res['config']['suite']): lines.append('\n(columns the paper does not report are left out)')
     aa = res['config'].get('aa')
     if aa: lines.append(f"\nAA here is a reduced AutoAttack ({json.dumps(aa)}), the paper's is AutoAttack standard.")
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/14_report.ipynb #9b35b565
+# %% ../nbs/14_report.ipynb #7ffab2d9
 def model_info(res, row):
     "RobustBench-style model info of a table row (its AutoAttack column must exist)."
     if 'aa' not in row['cells']: raise ValueError(f"row {row['student']}/{row['method']} has no 'aa' column: model_info needs AutoAttack")
     reduced, n = res['config'].get('aa') is not None, row['n']
     note = ([f'reduced AutoAttack {json.dumps(res["config"]["aa"])}'] if reduced else []) + ([f'{n} test images, not 10,000'] if n != 10000 else [])
     return dict(link='', name=f"{row['method']} student ({res['preset']} preset of adaad)", authors='', additional_data=False,
-                number_forward_passes=1, dataset='cifar10', venue='', architecture=row['arch'], eps='8/255', threat_model='Linf',
+                number_forward_passes=1, dataset=res.get('dataset', 'cifar10'), venue='', architecture=row['arch'], eps='8/255', threat_model='Linf',
                 clean_acc=f"{row['cells']['clean']['acc']:.2f}", reported=f"{row['cells']['aa']['acc']:.2f}",
                 autoattack_acc=f"{row['cells']['aa']['acc']:.2f}", footnote='; '.join(note), unreliable=bool(note),
                 adaad=dict(preset=res['preset'], method=row['method'], seed=row.get('seed'), n_test=n, aa=res['config'].get('aa') or 'standard',
