@@ -69,7 +69,7 @@ class CifarSplit:
         return CifarSplit(self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)], self.num_classes,
                           self.name, self.split, src)
 
-# %% ../nbs/01_data.ipynb #597ebb4f
+# %% ../nbs/01_data.ipynb #d070d262
 def _official_md5s(name):
     "{file: md5} of the official archive, from torchvision's own list (empty if torchvision is missing)."
     try: from torchvision import datasets
@@ -83,10 +83,20 @@ def _md5(path):
         for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
     return h.hexdigest()
 
+def _other_dataset(name, root, path):
+    "A sentence naming the other CIFAR that `root` (or the folder `path` meant for `name`) holds instead, else ''."
+    for other, (ofolder, otrain, otest, _, _) in DATASETS.items():
+        if other == name: continue
+        if root.name == ofolder: return f' The root {root} is itself the {other} folder {ofolder!r}, not a folder that holds {name}.'
+        if path.is_dir() and any((path / f).is_file() for f in otrain + otest):
+            return f' {path} holds {other} files ({", ".join(otrain + otest)}), not {name}.'
+        if (root / ofolder).is_dir(): return f' {root} holds {other} ({ofolder!r}) but no {name}.'
+    return ''
+
 def _missing_msg(name, folder, root):
     return (f"no {name} found: looked for the folder {folder!r} under {root.resolve()} (root argument, else $ADAAD_DATA, "
-            f"else ./data). Get it with load_cifar({name!r}, ..., download=True), which uses torchvision's downloader, or "
-            f"unpack the official python archive there and pass root= or set ADAAD_DATA.")
+            f"else ./data).{_other_dataset(name, root, root / folder)} Get it with load_cifar({name!r}, ..., download=True), "
+            f"which uses torchvision's downloader, or unpack the official python archive there and pass root= or set ADAAD_DATA.")
 
 def _download(name, root):
     "Fetch the official archive with torchvision into `root`."

@@ -291,19 +291,24 @@ def latex_table(res):
 def paper_comparison(res):
     "Each cell next to the paper's number and the difference (ours - paper), with the scale of the run stated."
     cols = [c for c in res['config']['suite'] if c in PAPER_COLUMNS]
+    ref = res.get('paper')   # a run that names its own reference (e.g. CIFAR-100); else the CIFAR-10 poster
+    table, teacher = (ref['table'], ref['teacher']) if ref else (PAPER_TABLE, PAPER_TEACHER)
+    setting = ref['setting'] if ref else 'ResNet-18 / MobileNetV2 students of a WRN-34-20 teacher, 10,000 test images'
     head = ('**Reduced-scale run — not comparable to the paper.** ' if res['reduced'] else '') + \
            f"Ours: preset `{res['preset']}` ({res['scale']}), {res['data']['n_test']} test images. " \
-           f"Paper: {res['paper_reference']}, ResNet-18 / MobileNetV2 students of a WRN-34-20 teacher, 10,000 test images. " \
-           f"The teacher row's reference is RobustBench's entry for {PAPER_TEACHER['name']} (clean, AutoAttack), not the paper's table."
+           f"Paper: {res['paper_reference']}, {setting}." + ('' if ref else
+           f" The teacher row's reference is RobustBench's entry for {PAPER_TEACHER['name']} (clean, AutoAttack), not the paper's table.")
     lines = [head, '', '| student (arch) | method | ' + ' | '.join(f'{COLUMN_NAMES[c]} ours / paper / diff' for c in cols) + ' |',
              '|---|---|' + '---|' * len(cols)]
+    missing = ' / not available / –' if ref else ' / – / –'
     for label, m, rows in _table_rows(res):
-        p = {k: PAPER_TEACHER[k] for k in ('clean', 'aa')} if m == 'teacher' else PAPER_TABLE.get(rows[0]['student'], {}).get(m)
+        p = {k: teacher[k] for k in ('clean', 'aa')} if m == 'teacher' else table.get(rows[0]['student'], {}).get(m)
         cells = []
         for c in cols:
             o = float(np.mean([r['cells'][c]['acc'] for r in rows]))
-            cells.append(f'{o:.2f} / {p[c]:.2f} / {o - p[c]:+.2f}' if p and c in p else f'{o:.2f} / – / –')
+            cells.append(f'{o:.2f} / {p[c]:.2f} / {o - p[c]:+.2f}' if p and c in p else f'{o:.2f}{missing}')
         lines.append(f"| {label} | {m}{' (reference: RobustBench)' if m == 'teacher' else ''} | " + ' | '.join(cells) + ' |')
+    if ref: lines.append(f"\nThe teacher's reference numbers: {ref['teacher_source']}.")
     if any(c not in PAPER_COLUMNS for c in res['config']['suite']): lines.append('\n(columns the paper does not report are left out)')
     if 'pgd10' in cols: lines.append("\nPGD-10 is our attack, 10 steps of 2/255 from a random start, our choice: the paper's column says only \"PGD\".")
     aa = res['config'].get('aa')
@@ -349,7 +354,7 @@ def model_info(res, row, written_by=None):
            ([f'variant {row["method"]} of {base}: {json.dumps(res["config"]["variants"][row["method"]])}'] if base != row['method'] else []) + \
            [f'trained and evaluated with adaad, preset {res["preset"]} ({res["scale"]})']
     train = row.get('train') or {}
-    return dict(link=link, name=name, authors=authors, additional_data=False, number_forward_passes=1, dataset='cifar10', venue=venue,
+    return dict(link=link, name=name, authors=authors, additional_data=False, number_forward_passes=1, dataset=res.get('dataset', 'cifar10'), venue=venue,
                 architecture=robustbench_arch(row['arch']), eps='8/255', threat_model='Linf',
                 clean_acc=f"{row['cells']['clean']['acc']:.2f}", reported=f"{row['cells']['aa']['acc']:.2f}",
                 autoattack_acc=f"{row['cells']['aa']['acc']:.2f}", footnote='; '.join(note), unreliable=bool(reduced or n != 10000),

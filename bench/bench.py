@@ -56,14 +56,17 @@ def forward_flops(model):
     return 2 * sum(macs)
 
 
-def step_flops(method, fs, ft, impl):
-    "FLOPs of one image's training step: `impl` 'naive' = the official passes, else ours (K inner steps, 2F / 3F per pass)."
-    inner = {'adaad': 2 * K * (fs + ft), 'adaiad': 2 * K * (fs + ft), 'rslad': 2 * K * fs + ft, 'ard': 2 * K * fs,
-             'pgd-at': 2 * K * fs}[method]
+def step_flops(method, fs, ft, impl, k=K, ft_st=0):
+    """FLOPs of one image's training step: `impl` 'naive' = the official passes (the benchmark's five methods), else ours;
+    `k` inner steps, 2F per forward + input gradient, 3F per forward + full backward, F per forward without a graph; `ft_st`
+    the forward FLOPs of AKD's standard teacher. IAD and AdaIAD are counted with their introspection term on (after warm-up)."""
+    inner = {'adaad': 2 * k * (fs + ft), 'adaiad': 2 * k * (fs + ft), 'rslad': 2 * k * fs + ft, 'ard': 2 * k * fs,
+             'pgd-at': 2 * k * fs, 'natural': 0, 'trades': fs + 2 * k * fs, 'iad': 2 * k * fs, 'akd': 2 * k * fs}[method]
     if impl == 'naive':
         outer = {'adaad': 6 * fs + 2 * ft, 'adaiad': 6 * fs + ft, 'rslad': 6 * fs, 'ard': 6 * fs + ft, 'pgd-at': 4 * fs}[method]
     else:   # alpha = 1: no clean student pass where its weight is 0; AdaIAD after the warm-up needs S(x)
-        outer = {'adaad': 3 * fs + ft, 'adaiad': 6 * fs + ft, 'rslad': 6 * fs, 'ard': 3 * fs + ft, 'pgd-at': 3 * fs}[method]
+        outer = {'adaad': 3 * fs + ft, 'adaiad': 6 * fs + ft, 'rslad': 6 * fs, 'ard': 3 * fs + ft, 'pgd-at': 3 * fs,
+                 'natural': 3 * fs, 'trades': 6 * fs, 'iad': 6 * fs + 2 * ft, 'akd': 3 * fs + ft + ft_st}[method]
     return inner + outer
 
 

@@ -263,3 +263,15 @@ def test_cli_errors_from_the_library_name_the_parameter(tmp_path, capsys):
         code, err = _cli(['teacher', '--method', 'pgd-at', '--out', str(tmp_path / 'r'), '--data-root', str(tmp_path)] + args
                          if args[0] != '--student' else ['train', '--method', 'natural', '--data-root', str(tmp_path)] + args, capsys)
         assert code == 2 and msg in err, (args, err)
+
+
+def test_preset_teacher_file_of_another_architecture_names_the_file(tmp_path):
+    "The CIFAR-100 preset's teacher spec pointed at a file of another network and class count: the file and the model are named."
+    from adaad.repro import obtain_teacher, preset_config
+    torch.save(create_model('wrn-10-1').state_dict(), tmp_path / 'teacher.pt')
+    spec = dict(preset_config('paper-cifar100')['teacher'], path=str(tmp_path / 'teacher.pt'))
+    with pytest.raises(ValueError, match=r"teacher file .*teacher\.pt cannot be loaded as RobustBench model 'Chen2021LTD_WRN34_10' for "
+                                         r"cifar100: .*classifier has 10 outputs but cifar100 has 100 classes"):
+        obtain_teacher(spec, tmp_path, None, 'cpu', dataset='cifar100')
+    with pytest.raises(FileNotFoundError, match=r"teacher file .*nope\.pt is missing .*download Chen2021LTD_WRN34_10"):
+        obtain_teacher(dict(spec, path=str(tmp_path / 'nope.pt')), tmp_path, None, 'cpu', dataset='cifar100')

@@ -178,3 +178,31 @@ def test_gpu_benchmark_without_a_gpu_points_to_the_dry_run(tmp_path):
     "Without CUDA the GPU benchmark stops before writing anything and names the CPU dry run instead."
     p = _gpu_script(tmp_path)
     assert p.returncode == 2 and 'no CUDA GPU' in p.stderr and 'DRY_RUN=1' in p.stderr and not list(tmp_path.iterdir())
+def test_flop_accounting_of_every_paper_method():
+    "The passes of each method's step as the library runs it, in units of the forward FLOPs (student 1, teacher 10, standard teacher 5)."
+    fs, ft, st = 1, 10, 5
+    ours = {m: bench.step_flops(m, fs, ft, 'ours', k=10, ft_st=st) for m in ('natural', 'pgd-at', 'trades', 'ard', 'iad', 'rslad', 'akd', 'adaad', 'adaiad')}
+    assert ours == {'natural': 3, 'pgd-at': 23, 'trades': 27, 'ard': 33, 'iad': 46, 'rslad': 36, 'akd': 38, 'adaad': 233, 'adaiad': 236}
+    assert bench.step_flops('adaad', fs, ft, 'ours') == ours['adaad']   # k defaults to the official 10 steps
+
+
+def test_projection_of_a_preset_from_its_trainings():
+    "Every training of a preset with its own epochs, images and inner steps; wall times from the FLOPs at a stated rate."
+    import project
+    rows = project.trainings('gpu-small')
+    assert [r['what'] for r in rows][:3] == ['teacher', 'standard_teacher', 'RN-18/pgd-at/s0'] and len(rows) == 2 + 2 * 8
+    fs, fm = (bench.forward_flops(create_model(a)) for a in ('resnet18', 'mobilenetv2'))
+    t = rows[0]
+    assert (t['method'], t['arch'], t['epochs'], t['images'], t['steps']) == ('pgd-at', 'resnet18', 15, 49_000, 10)
+    assert t['flops'] == 15 * 49_000 * bench.step_flops('pgd-at', fs, 0, 'ours', k=10)
+    assert (rows[1]['method'], rows[1]['steps'], rows[1]['flops']) == ('natural', 0, 15 * 49_000 * 3 * fs)   # AKD's standard teacher
+    a = next(r for r in rows if r['what'] == 'MN-V2/adaad/s0')
+    assert a['flops'] == 8 * 49_000 * bench.step_flops('adaad', fm, fs, 'ours', k=10)
+    p = project.project('gpu-small', rate_official=1e12, peak=1e15, utilisation=0.5)
+    total = sum(r['flops'] for r in rows)
+    assert p['hours_gpu_1'] == pytest.approx(total / 5e14 / 3600) and p['days_official_1'] == pytest.approx(total / 1e12 / 86400)
+    assert max(r['flops'] for r in rows) / 5e14 / 3600 <= p['hours_gpu_8'] < p['hours_gpu_1']
+    assert project.longest_first([4, 3, 3, 2], 2) == 6 and project.longest_first([5, 1], 8) == 5
+    # the official code's rate: its AdaAD step (1,198.5 GFLOP) x 50,000 images in the 45.9 minutes of one logged epoch
+    assert project.official_rate() / 1e12 == pytest.approx(1198.5e9 * 50_000 / 2753 / 1e12, rel=1e-3)
+    assert project.duration(90) == '2 min' and project.duration(5 * 3600) == '5.0 h' and project.duration(30 * 86400) == '30 days'

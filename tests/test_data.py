@@ -121,3 +121,36 @@ def test_batches_deterministic_and_sharded():
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
     assert not torch.equal(torch.cat([y for _, y in a]), torch.cat([y for _, y in batches(s, 8, shuffle=True, seed=1, epoch=5)]))
     with pytest.raises(ValueError, match='batch_size'): next(batches(s, 0))
+
+
+def test_cifar100_splits_from_a_written_folder(tmp_path):
+    "CIFAR-100 cannot be downloaded on the build machines: a small folder in its official layout, written here, is read exactly."
+    folder = tmp_path / 'cifar-100-python'; folder.mkdir()
+    rng = np.random.default_rng(1)
+    raw = {}
+    for name, n in [('train', 12), ('test', 5)]:
+        raw[name] = {b'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8), b'fine_labels': [int(v) for v in rng.integers(0, 100, n)],
+                     b'coarse_labels': [int(v) for v in rng.integers(0, 20, n)]}
+        with open(folder / name, 'wb') as f: pickle.dump(raw[name], f, protocol=2)
+    for split in ('train', 'test'):
+        s = load_cifar('cifar100', split, root=tmp_path, device='cpu')
+        assert s.num_classes == 100 and s.name == 'cifar100' and s.source['official'] is False
+        assert torch.equal(s.x.reshape(len(s), -1), torch.from_numpy(raw[split][b'data']))
+        assert s.y.tolist() == raw[split][b'fine_labels']   # the fine labels, not the 20 coarse ones
+
+
+def test_cifar100_asked_of_a_cifar10_folder_says_so(tmp_path):
+    "A CIFAR-100 run pointed at CIFAR-10 data is told which dataset it found, wherever the folder is."
+    _write_cifar10(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no cifar100 found.*'cifar-100-python'.* holds cifar10 \('cifar-10-batches-py'\) but no cifar100"):
+        load_cifar('cifar100', 'train', root=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"is itself the cifar10 folder 'cifar-10-batches-py'"):
+        load_cifar('cifar100', 'train', root=tmp_path / 'cifar-10-batches-py')
+    (tmp_path / 'cifar-10-batches-py').rename(tmp_path / 'cifar-100-python')   # CIFAR-10 files under the CIFAR-100 name
+    with pytest.raises(FileNotFoundError, match=r"incomplete: missing \['train'\].*holds cifar10 files"):
+        load_cifar('cifar100', 'train', root=tmp_path)
+    with pytest.raises(ValueError, match=r'labels outside \[0, 10\)'):   # and the other way round: CIFAR-100 labels read as CIFAR-10
+        d = {'data': np.zeros((3, 3072), np.uint8), 'labels': [0, 50, 99]}
+        (tmp_path / 'c10' / 'cifar-10-batches-py').mkdir(parents=True)
+        for n in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']: pickle.dump(d, open(tmp_path / 'c10' / 'cifar-10-batches-py' / n, 'wb'))
+        load_cifar('cifar10', 'test', root=tmp_path / 'c10')

@@ -107,3 +107,72 @@ def test_real_checkpoint_from_pyautoattack(cifar_test):
     m = load_model('resnet18', PYAA_MODEL)
     with torch.no_grad(): acc = (m(cifar_test.x[:200].float() / 255).argmax(1) == cifar_test.y[:200]).float().mean()
     assert acc > 0.9
+
+
+# ---- teacher files as users get them ------------------------------------------------------------------------------------
+def _teacher_file(tmp_path, form, num_classes=10):
+    "A wrn-10-1 saved in one of the layouts RobustBench and the official scripts use; (network, path)."
+    import collections
+    import numpy as np
+    net = create_model('wrn-10-1', num_classes)
+    sd, pre = net.state_dict(), collections.OrderedDict(('module.' + k, v) for k, v in net.state_dict().items())
+    obj = {'plain': sd, 'plain-module': pre,                                   # RobustBench / AdaAD main.py (LTD teachers)
+           'state_dict': {'state_dict': pre, 'epoch': 76, 'best_prec1': 55.3},   # IAD's scripts: DataParallel under 'state_dict'
+           'model_state_dict': {'model_state_dict': sd, 'optimizer_state_dict': {'lr': 0.1}, 'epoch': 3},
+           'net': {'net': sd, 'acc': 84.1, 'epoch': 109, 'arch': 'WideResNet'},   # AdaAD main.py's own checkpoints
+           'numpy-scalar': {'state_dict': sd, 'best_acc': np.float64(55.3)},
+           'namespace': {'net': pre, 'args': __import__('argparse').Namespace(lr=0.1)},
+           'pickled-model': net}[form]
+    torch.save(obj, tmp_path / f'{form}.pt')
+    return net, tmp_path / f'{form}.pt'
+
+
+@pytest.mark.parametrize('form', ['plain', 'plain-module', 'state_dict', 'model_state_dict', 'net'])
+@pytest.mark.parametrize('dataset', ['cifar10', 'cifar100'])
+def test_teacher_file_layouts_load(tmp_path, form, dataset):
+    from adaad.checkpoint import load_teacher
+    net, path = _teacher_file(tmp_path, form, 10 if dataset == 'cifar10' else 100)
+    t = load_teacher(path, arch='wrn-10-1', dataset=dataset)
+    assert _same(net, t) and not t.training and not any(p.requires_grad for p in t.parameters())
+
+
+@pytest.mark.parametrize('form, obj', [('numpy-scalar', 'numpy._core.multiarray.scalar'), ('namespace', 'argparse.Namespace'),
+                                       ('pickled-model', 'adaad.models.WideResNet')])
+def test_teacher_file_with_objects_is_refused_then_converted_once(tmp_path, form, obj):
+    "weights_only=True refuses the file, naming the object and the command; the command converts it, then it loads safely."
+    import subprocess, sys
+    from adaad.checkpoint import load_teacher
+    net, path = _teacher_file(tmp_path, form)
+    with pytest.raises(ValueError) as e: load_teacher(path, arch='wrn-10-1')
+    msg = str(e.value)
+    assert str(path) in msg and obj.replace('._core', '') in msg.replace('._core', '') and 'trust' in msg
+    cmd = msg[msg.index('python -c'):]
+    assert cmd.startswith('python -c "from adaad.checkpoint import convert_checkpoint; convert_checkpoint(')
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(f"{sys.executable} {cmd[len('python '):]}",
+                       shell=True, capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(root)})
+    assert r.returncode == 0, r.stderr
+    converted = path.with_name(f'{path.stem}.weights.pt')
+    assert _same(net, load_teacher(converted, arch='wrn-10-1')) and path.exists()
+
+
+@pytest.mark.parametrize('arch, dataset, msg', [
+    ('wrn-10-2', 'cifar10', r"teacher file .*plain-module\.pt cannot be loaded as 'wrn-10-2' with 10 classes \(cifar10\): .*shape mismatches"),
+    ('resnet18', 'cifar10', r"teacher file .*plain-module\.pt cannot be loaded as 'resnet18'.*keys the model has"),
+    ('wrn-10-1', 'cifar100', r"cannot be loaded as 'wrn-10-1' with 100 classes \(cifar100\).*classifier has 10 outputs but cifar100 has 100 classes")])
+def test_teacher_file_of_another_architecture_or_class_count(tmp_path, arch, dataset, msg):
+    from adaad.checkpoint import load_teacher
+    _, path = _teacher_file(tmp_path, 'plain-module')
+    with pytest.raises(ValueError, match=msg): load_teacher(path, arch=arch, dataset=dataset)
+
+
+def test_robustbench_teacher_of_the_other_dataset_names_the_file(tmp_path):
+    "A CIFAR-10 LTD-layout file given as the CIFAR-100 teacher (sub_block1, 100 classes) is refused, naming file and model."
+    from adaad.checkpoint import load_teacher
+    _, path = _teacher_file(tmp_path, 'plain-module')
+    ROBUSTBENCH[('cifar100', '_test_small')] = dict(arch='wrn-10-1', sub_block1=True)
+    try:
+        with pytest.raises(ValueError, match=r"teacher file .*plain-module\.pt cannot be loaded as RobustBench model '_test_small' for cifar100.*"
+                                             r"keys the model has and the checkpoint plain-module\.pt lacks, e\.g\. \['sub_block1.*classifier has 10 outputs"):
+            load_teacher(path, robustbench='_test_small', dataset='cifar100')
+    finally: del ROBUSTBENCH[('cifar100', '_test_small')]

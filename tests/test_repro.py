@@ -23,11 +23,31 @@ def _outputs(nb_json):
 
 
 def test_presets_are_data():
-    assert set(PRESETS) == {'quick', 'smoke', 'cpu-small', 'cpu-long', 'cpu-strong', 'cpu-strong-long', 'gpu-small', 'paper'}
+    assert set(PRESETS) == {'quick', 'smoke', 'cpu-small', 'cpu-long', 'cpu-strong', 'cpu-strong-long', 'gpu-small', 'paper', 'paper-cifar100'}
     assert json.dumps(PRESETS)  # plain data only
     assert PRESETS['paper']['n_test'] == 10000 and PRESETS['paper']['teacher']['name'] == 'Chen2021LTD_WRN34_20'
     assert sum(len(v) for v in PAPER_TABLE.values()) == 16
     with pytest.raises(ValueError, match='preset must be one of'): preset_config('huge')
+
+
+def test_cifar100_preset_has_the_official_settings():
+    "paper-cifar100: RobustBench's CIFAR-100 LTD teacher, CIFAR-100 in every training, ARD's batch 256, AdaAD's batchmean KL."
+    from adaad.losses import adaad_reduction
+    from adaad.models import ROBUSTBENCH
+    from adaad.repro import dataset_of, train_config
+    from adaad.train import TrainConfig, build_method, resolve
+    c = preset_config('paper-cifar100')
+    assert dataset_of(c) == 'cifar100' and c['n_test'] == 10000 and c['aa'] is None and c['eval_shard'] == 1000
+    t = c['teacher']
+    assert (t['source'], t['name']) == ('robustbench', 'Chen2021LTD_WRN34_10') and ROBUSTBENCH[('cifar100', t['name'])]['sub_block1']
+    assert set(c['methods']) == set(PRESETS['paper']['methods']) and c['students'] == PRESETS['paper']['students']
+    tcs = {m: resolve(train_config(c, m, 'resnet18')) for m in c['methods']}
+    assert all(tc.dataset == 'cifar100' for tc in tcs.values())
+    assert {m: tc.batch_size for m, tc in tcs.items()} == {m: 256 if m == 'ard' else 128 for m in c['methods']}
+    assert {m: (tc.epochs, tc.steps) for m, tc in tcs.items()} == {m: (tc.epochs, tc.steps) for m, tc in
+                                                                  ((m, resolve(train_config(preset_config('paper'), m, 'resnet18'))) for m in c['methods'])}
+    assert adaad_reduction(100) == 'batchmean' and build_method(tcs['adaad']).reduction is None   # chosen from the classes
+    assert resolve(TrainConfig(**{'dataset': 'cifar100', **c['standard_teacher']['train']})).student == 'wrn-34-10'
 
 
 def test_table_and_sweep_notebooks(tmp_path, data_root):

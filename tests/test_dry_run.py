@@ -1,0 +1,141 @@
+"""Dry runs: every code path of the paper-scale presets (their architectures, teachers and teacher files, methods, suite,
+sharded evaluation, model-info files and paper comparison) at toy size on the CPU, from `run_table`, the notebook and make."""
+import json, os, pickle, re, shutil, subprocess, sys, time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adaad.report import PAPER_TABLE
+from adaad.repro import DRY_RUN, PRESETS, run_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread): yield
+
+
+def write_cifar100(root, n=8):
+    "A small folder in the official CIFAR-100 layout (random images, labels spread over the 100 classes)."
+    folder = root / 'cifar-100-python'; folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ('train', 'test'):
+        d = {b'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8), b'fine_labels': [int(v) for v in rng.integers(0, 100, n)],
+             b'coarse_labels': [0] * n}
+        with open(folder / name, 'wb') as f: pickle.dump(d, f, protocol=2)
+    return root
+
+
+def _dry(preset, data_root, tmp_path):
+    "Run the dry run of `preset`; (results dict, out folder, seconds). The runs folder (GBs of checkpoints) is removed."
+    out, runs = tmp_path / 'res', tmp_path / 'runs'
+    t0 = time.time()
+    res = run_table(preset, dry_run=True, data_root=str(data_root), out_dir=str(out), runs_dir=str(runs))
+    teacher_dir = runs / 'dry-run-teachers'
+    seconds = time.time() - t0
+    print(f'dry run of {preset}: {seconds:.0f} s')
+    res['_teacher_files'] = sorted(p.name for p in teacher_dir.glob('*.pt')) if teacher_dir.is_dir() else []
+    if res['teacher'].get('source') == 'robustbench':   # the file as the official main.py reads it
+        sd = torch.load(res['teacher']['ckpt'], weights_only=True)
+        res['_teacher_keys_prefixed'] = all(k.startswith('module.') for k in sd)
+    shutil.rmtree(runs)
+    return res, out, seconds
+
+
+def _check_common(res, out, preset):
+    cfg = PRESETS[preset]
+    students = [(label, arch, m) for label, arch in cfg['students'].items() for m in cfg['methods']]
+    assert res['status'] == 'done' and res['dry_run'] and res['reduced']
+    assert [(r['student'], r['arch'], r['method']) for r in res['rows'][1:]] == students
+    for r in res['rows']:
+        assert list(r['cells']) == list(cfg['suite']) and r['n'] == DRY_RUN['n_test']
+    assert res['config']['train']['epochs'] == 1 and res['config']['eval_shard'] == DRY_RUN['eval_shard']
+    assert res['wall_s'] > 0 and all(r['train'].get('status', 'done') == 'done' for r in res['rows'])
+    # every evaluation went in shards, each (attack, shard) piece kept
+    for r in res['rows']:
+        pieces = out / 'evals' / (Path(r['eval']).stem + '.pieces')
+        assert sorted(p.name for p in pieces.iterdir()) == sorted(f"{a}-{s}-{s + DRY_RUN['eval_shard']}.json" for a in cfg['suite'] for s in range(0, DRY_RUN['n_test'], DRY_RUN['eval_shard']))
+    infos = sorted((out / 'model_info').glob('*.json'))
+    assert len(infos) == len(students)
+    for f in infos: assert json.loads(f.read_text())['dataset'] == res['dataset']
+    vs = (out / 'vs_paper.md').read_text()
+    assert vs.startswith('**Reduced-scale run') and 'DRY RUN of preset' in vs
+    return vs
+
+
+@pytest.mark.timeout(1800)   # a few CPU minutes; room for a machine shared with other work
+def test_dry_run_paper(data_root, tmp_path):
+    "The paper preset: the WRN-34-20 LTD teacher from a file in the official layout, AKD's WRN-34-10 standard teacher, 16 students."
+    res, out, _ = _dry('paper', data_root, tmp_path)
+    vs = _check_common(res, out, 'paper')
+    assert res['_teacher_files'] == ['Chen2021LTD_WRN34_20.pt'] and res['_teacher_keys_prefixed']
+    assert res['rows'][0]['arch'] == 'Chen2021LTD_WRN34_20' and res['standard_teacher']['arch'] == 'wrn-34-10'
+    assert res['dataset'] == 'cifar10' and f"/ {PAPER_TABLE['RN-18']['adaad']['clean']:.2f} /" in vs
+
+
+@pytest.mark.timeout(1800)
+def test_dry_run_paper_cifar100(tmp_path):
+    "The CIFAR-100 preset on a CIFAR-100-format folder written here: its teacher, its dataset in every file, no CIFAR-10 number."
+    root = write_cifar100(tmp_path / 'data')
+    res, out, _ = _dry('paper-cifar100', root, tmp_path)
+    vs = _check_common(res, out, 'paper-cifar100')
+    assert res['_teacher_files'] == ['Chen2021LTD_WRN34_10.pt'] and res['_teacher_keys_prefixed']
+    assert res['dataset'] == 'cifar100' and res['data']['train']['path'].endswith('cifar-100-python')
+    assert res['paper']['teacher'] == dict(name='Chen2021LTD_WRN34_10', clean=64.07, aa=30.59)
+    n_cols = len(PRESETS['paper-cifar100']['suite'])   # every student cell, and the teacher's columns RobustBench does not report
+    assert vs.count('/ not available /') == 16 * n_cols + n_cols - 2 and '| 64.07 |' not in vs and '/ 64.07 /' in vs and 'RobustBench' in vs
+    cifar10_numbers = {f'{v:.2f}' for rows in PAPER_TABLE.values() for cells in rows.values() for v in cells.values()}
+    assert not [n for n in re.findall(r'/ (\d+\.\d\d) /', vs) if n in cifar10_numbers]
+
+
+@pytest.mark.timeout(1800)
+def test_dry_run_gpu_small_from_the_notebook(data_root, tmp_path):
+    "gpu-small through the notebook's `dry_run` parameter, with the preset's students and methods as `make repro` passes them."
+    papermill = pytest.importorskip('papermill')
+    params = dict(preset='gpu-small', dry_run=True, methods=None, students=None, train_n=None, n_test=None, scratch=False,
+                  data_root=str(data_root), out_dir=str(tmp_path / 'res'), runs_dir=str(tmp_path / 'runs'))
+    t0 = time.time()
+    papermill.execute_notebook(str(ROOT / 'nbs' / 'repro_table.ipynb'), str(tmp_path / 'nb.ipynb'), kernel_name='python3',
+                               cwd=str(ROOT / 'nbs'), parameters=params, progress_bar=False)
+    print(f'dry run of gpu-small (notebook): {time.time() - t0:.0f} s')
+    shutil.rmtree(tmp_path / 'runs')
+    res = json.loads((tmp_path / 'res' / 'results.json').read_text())
+    _check_common(res, tmp_path / 'res', 'gpu-small')
+    assert res['teacher']['arch'] == 'resnet18' and res['teacher']['train']['amp'] is True
+    assert 'DRY RUN of preset gpu-small' in (tmp_path / 'nb.ipynb').read_text()
+
+
+def test_dry_run_bad_input(tmp_path):
+    "An unknown preset, and a CIFAR-100 preset pointed at a folder that holds CIFAR-10 only, are refused by name."
+    with pytest.raises(ValueError, match=r"preset must be one of \['quick', 'smoke'.*'paper-cifar100'\], got 'papr'"):
+        run_table('papr', dry_run=True, out_dir=str(tmp_path / 'o'), runs_dir=str(tmp_path / 'r'))
+    with pytest.raises(ValueError, match='dry_run must be True or False'): run_table('paper', dry_run='yes')
+    (tmp_path / 'd' / 'cifar-10-batches-py').mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"preset 'paper-cifar100' runs on cifar100 .*'cifar-100-python'.* holds cifar10"):
+        run_table('paper-cifar100', dry_run=True, data_root=str(tmp_path / 'd'), out_dir=str(tmp_path / 'o'), runs_dir=str(tmp_path / 'r'))
+    assert not (tmp_path / 'o' / 'results.json').exists()
+
+
+def _make(*args):
+    "`make -n` (print, run nothing) of the repository's Makefile with the running interpreter's environment as VENV."
+    venv = Path(sys.executable).parent.parent
+    return subprocess.run(['make', '-n', '-C', str(ROOT), f'VENV={venv}', *args], capture_output=True, text=True)
+
+
+def test_make_repro_dry_run_command():
+    "`make repro PRESET=... DRY_RUN=1` runs the notebook with dry_run True into runs/results/<preset>-dry-run, never with COMMIT=1."
+    if shutil.which('make') is None: pytest.skip('no make')
+    r = _make('repro', 'PRESET=paper-cifar100', 'DRY_RUN=1')
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if 'papermill nbs/repro_table.ipynb' in l)
+    assert '-p dry_run True' in r.stdout and 'runs/results/paper-cifar100-dry-run/repro_table.ipynb' in line
+    assert '-p committed None' in r.stdout
+    assert '-p dry_run False' in _make('repro', 'PRESET=paper').stdout
+    bad = _make('repro', 'PRESET=paper', 'DRY_RUN=1', 'COMMIT=1')
+    assert bad.returncode != 0 and 'drop COMMIT=1' in bad.stderr
+    # the recipe's first line refuses a preset that does not exist, naming PRESET and the accepted ones
+    check = next(l for l in _make('repro', 'PRESET=papr', 'DRY_RUN=1').stdout.splitlines() if 'unknown_preset' in l)
+    r = subprocess.run(check, shell=True, capture_output=True, text=True, cwd=ROOT, env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    assert r.returncode == 1 and "PRESET must be one of ['quick', 'smoke'" in r.stderr and "got 'papr'" in r.stderr
