@@ -44,18 +44,21 @@ _QUICK_T = dict(source='shipped', arch='resnet18-w8', path='teachers/quick-resne
 # family: the comparisons a table's verdicts are corrected over (Holm), declared before a run (adaad.report.add_comparisons)
 PRESETS = {
     'quick': dict(
-        scale='quick CPU run (a shipped quarter-width ResNet-18 teacher; eighth-width ResNet-18 students on 2,000 images, '
-              '4 epochs, 3 inner steps; one seed; no AutoAttack): shows what distillation does in minutes, not comparable to the paper',
+        scale='quick CPU run (a shipped ResNet-18 teacher of base width 8; students of base width 4 on 2,000 images, 6 epochs, '
+              '3 inner steps; one seed; no AutoAttack): shows what distillation does in minutes, not comparable to the paper',
         teacher=_QUICK_T, standard_teacher=None,
         students={'RN-18': 'resnet18-w4'},
-        methods=('natural', 'pgd-at', 'adaad', 'adaiad'), variants={}, seeds=(0,),
-        train=dict(epochs=4, train_n=2000, batch_size=128, lr=0.1, milestones=(3,), steps=3, step_size=3/255, val_n=200, val_steps=3,
+        methods=('natural', 'pgd-at', 'adaad', 'adaad-batchmean', 'adaiad'),
+        variants={'adaad-batchmean': dict(method='adaad', method_kwargs=dict(reduction='batchmean'))},
+        seeds=(0,),
+        train=dict(epochs=6, train_n=2000, batch_size=128, lr=0.1, milestones=(5,), steps=3, step_size=3/255, val_n=200, val_steps=3,
                    amp='auto'),
         method_kwargs={'adaiad': dict(begin=2)},
-        family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=('pgd10',)),
+        family=dict(references=('pgd-at',), pairs=(('adaad', 'natural'), ('adaad-batchmean', 'natural'), ('adaiad', 'natural'),
+                                                     ('adaad-batchmean', 'adaad')), attacks=('pgd10',)),
         checkpoint='final', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10'), attack_overrides={}, aa=None, eval_batch=250,
-        caveat='one training per method on 2,000 images for 4 epochs: the paired tests say that these four trained networks '
+        caveat='one training per method on 2,000 images for 6 epochs: the paired tests say that these five trained networks '
                'differ on these 1,000 test images, not that the methods would rank the same when trained again (that needs '
                'several seeds, as in cpu-strong) or at the paper\'s scale; without AutoAttack, PGD accuracies are upper bounds '
                'of robust accuracy'),
