@@ -228,7 +228,7 @@ def _write_model_info(a, r):
     row = dict(student='eval', arch=a.arch or a.robustbench, method=Path(a.ckpt).name, n=r.n, cells=cells, train=dict(ckpt=str(a.ckpt)))
     aa = [s for s in r.config['suite'] if s['name'] == 'aa']
     version = aa[0]['kwargs'].get('version') if aa else None
-    res = dict(preset='adaad eval', config=dict(aa=None if version == 'standard' else (aa[0]['kwargs'] if aa else None)),
+    res = dict(preset='adaad eval', scale=f'an evaluation of {Path(a.ckpt).name} by adaad eval', dataset=a.dataset, config=dict(aa=None if version == 'standard' else (aa[0]['kwargs'] if aa else None)),
                git=None, data=dict(exact_note=f'{a.dataset} test set, first {r.n} images'))
     info = model_info(res, row); info['adaad'].update(ckpt_sha256=file_sha256(a.ckpt), eps=a.eps, suite=a.suite)
     write_json(a.model_info, info)
