@@ -56,7 +56,7 @@ def _check_common(res, out, preset):
     # every evaluation went in shards, each (attack, shard) piece kept
     for r in res['rows']:
         pieces = out / 'evals' / (Path(r['eval']).stem + '.pieces')
-        assert sorted(p.name for p in pieces.iterdir()) == sorted(f"{a}-{s}-{s + DRY_RUN['eval_shard']}.json" for a in cfg['suite'] for s in range(0, DRY_RUN['n_test'], DRY_RUN['eval_shard']))
+        assert sorted(p.name for p in pieces.glob('*.json')) == sorted(f"{a}-{s}-{s + DRY_RUN['eval_shard']}.json" for a in cfg['suite'] for s in range(0, DRY_RUN['n_test'], DRY_RUN['eval_shard']))
     infos = sorted((out / 'model_info').glob('*.json'))
     assert len(infos) == len(students)
     for f in infos: assert json.loads(f.read_text())['dataset'] == res['dataset']

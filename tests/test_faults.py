@@ -313,18 +313,22 @@ def _sources(): return sorted(PKG.glob('*.py'))
 
 
 def test_every_torch_load_is_weights_only():
-    "Each `torch.load(` call in the package passes weights_only=True inside its parentheses."
-    calls = 0
+    """Each `torch.load(` call in the package passes weights_only=True inside its parentheses, except the one in
+    `convert_checkpoint`, the explicit one-off conversion of a file the user trusts, whose docstring says so."""
+    calls = unsafe = 0
     for f in _sources():
         text = f.read_text()
         for m in re.finditer(r'torch\.load\(', text):
             depth, i = 1, m.end()
             while depth and i < len(text): depth += {'(': 1, ')': -1}.get(text[i], 0); i += 1
             args = text[m.end():i]
+            fn = text[text.rfind('\ndef ', 0, m.start()):m.start()]
+            if f.name == 'checkpoint.py' and fn.startswith('\ndef convert_checkpoint(') and 'only for a file you trust' in fn:
+                unsafe += 1; continue
             assert re.search(r'weights_only\s*=\s*True', args), f'{f.name}: torch.load({args}'
             calls += 1
         assert not re.search(r'\bpickle\.loads?\(|\bdill\b|\bjoblib\.load', text) or f.name == 'data.py', f.name
-    assert calls >= 1
+    assert calls >= 1 and unsafe <= 1
 
 
 def test_no_shell_in_the_package():
