@@ -34,13 +34,15 @@ check-nbdev: install
 nbtest: install data
 	cd nbs && ../$(BIN)/nbdev_test --n_workers 2 --path .
 
+# The tests run in WORKERS processes (pytest-xdist); the tests that share the session's trained networks stay in one.
+WORKERS ?= 2
 pytest: install data
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup
 
 test: check-nbdev nbtest pytest
 
 test-slow: install data
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup -m slow
 
 # The paper's table with a preset (quick, smoke, cpu-small, cpu-long, cpu-strong, cpu-strong-long, gpu-small, paper,
 # paper-cifar100): `make repro` runs `quick` (minutes on a CPU, from the shipped teacher), `make repro PRESET=cpu-strong`
