@@ -368,4 +368,4 @@ register_attack('cw2', cw_l2, white_box=True, multi_step=True, norm='l2', budget
                 kwargs=dict(c=0.1, kappa=0.01, lr=0.01, steps=1000, abort_early=True))
 register_attack('square', square, white_box=False, multi_step=True, whole=True, kwargs=dict(eps=EPS, n_queries=5000), **_LINF)
 register_attack('aa', autoattack, white_box=True, multi_step=True, ensemble=True, whole=True, kwargs=dict(eps=EPS, version='standard'), **_LINF)
-register_attack('aa-reduced', autoattack_reduced, white_box=True, multi_step=True, ensemble=True, whole=True, kwargs=dict(eps=EPS), **_LINF);
+register_attack('aa-reduced', autoattack_reduced, white_box=True, multi_step=True, ensemble=True, whole=True, kwargs=dict(eps=EPS), **_LINF)
