@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['REDUCTIONS', 'LOCK_NAME', 'is_real', 'check_int', 'check_positive', 'check_choice', 'as_float', 'reduce_batch', 'kl',
            'atomic_write', 'clean_temporaries', 'write_json', 'FolderBusy', 'FolderLock', 'check_writable',
-           'check_device', 'first_nonfinite', 'file_sha256', 'tensor_sha256', 'content_digest', 'plain']
+           'check_device', 'first_nonfinite', 'file_sha256', 'tensor_sha256', 'content_digest', 'plain',
+           'renamed_argument']
 
 # %% ../nbs/00_core.ipynb #1b4042a9
 import errno, hashlib, json, math, numbers, os, socket, tempfile, time, warnings
@@ -215,3 +216,11 @@ def plain(o):
     if isinstance(o, (list, tuple)): return [plain(v) for v in o]
     if isinstance(o, dict): return {str(k): plain(v) for k, v in o.items()}
     return o
+
+# %% ../nbs/00_core.ipynb #48b95685
+def renamed_argument(old_value, value, old, new, where, stacklevel=3):
+    "`value`, or `old_value` given under the former name `old` (with a DeprecationWarning naming `new`); both given is a TypeError."
+    if old_value is None: return value
+    if value is not None: raise TypeError(f"{where}: give {new} only ({old} is its former name), got both")
+    warnings.warn(f"{where}: {old} is deprecated, use {new}", DeprecationWarning, stacklevel=stacklevel)
+    return old_value

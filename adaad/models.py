@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['MBV2_CFG', 'CIFAR10_MEAN', 'CIFAR10_STD', 'MODELS', 'PARAM_COUNTS', 'ROBUSTBENCH', 'BasicBlock', 'ResNet',
            'PreActBlock', 'PreActResNet', 'InvertedResidual', 'MobileNetV2', 'WideBlock', 'NetworkBlock', 'WideResNet',
-           'Normalized', 'model_names', 'create_model', 'count_params', 'create_robustbench']
+           'Normalized', 'register_model', 'model_names', 'create_model', 'count_params', 'create_robustbench']
 
 # %% ../nbs/02_models.ipynb #c8c3d9c2
-import math, re
+import inspect, math, re
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -164,11 +164,34 @@ class Normalized(nn.Module):
     def forward(self, x): return self.model((x - self.mean) / self.std)
 
 # %% ../nbs/02_models.ipynb #ecc45cba
-MODELS = {'resnet18': lambda num_classes, **kw: ResNet((2, 2, 2, 2), num_classes, **kw),
-          'preact_resnet18': lambda num_classes, **kw: PreActResNet((2, 2, 2, 2), num_classes, **kw),
-          'mobilenetv2': lambda num_classes, **kw: MobileNetV2(num_classes, **kw)}
+MODELS = {}
 _WRN = re.compile(r'^wrn-(\d+)-(\d+)$')
 _NARROW = re.compile(r'^resnet18-w(\d+)$')
+
+def _key(name):
+    "The registry key of model name `name`: lower case, and '-' for '_' in WideResNet names."
+    key = str(name).lower()
+    return key.replace('_', '-') if key.startswith('wrn') else key
+
+def register_model(name, fn=None):
+    "Add architecture `fn(num_classes, **kwargs) -> nn.Module` (a class or a function) to `MODELS` as `name`; a decorator without `fn`."
+    if fn is None: return lambda f: register_model(name, f)
+    if not isinstance(name, str) or not re.fullmatch(r'[a-z0-9][a-z0-9_.-]*', name) or _WRN.match(_key(name)) or _NARROW.match(_key(name)):
+        raise ValueError(f"name must be a lower-case model name of letters, digits, '-', '_' or '.', not of the patterns "
+                         f"wrn-D-W or resnet18-wK, got {name!r}")
+    try: inspect.signature(fn).bind(10)
+    except TypeError: raise TypeError(f'register_model({name!r}): fn must be a class or function taking the number of classes '
+                                      f'as its first argument, fn(num_classes, **kwargs), got {fn!r}') from None
+    except ValueError: pass   # a builtin without a signature: taken on trust
+    old, q = MODELS.get(_key(name)), lambda f: (getattr(f, '__module__', None), getattr(f, '__qualname__', None))
+    if old is not None and q(old) != q(fn):
+        raise ValueError(f'name {name!r} is already registered (by {q(old)[0]}.{q(old)[1]}): choose another name for {q(fn)[1]}')
+    MODELS[_key(name)] = fn
+    return fn
+
+register_model('resnet18', lambda num_classes, **kw: ResNet((2, 2, 2, 2), num_classes, **kw))
+register_model('preact_resnet18', lambda num_classes, **kw: PreActResNet((2, 2, 2, 2), num_classes, **kw))
+register_model('mobilenetv2', lambda num_classes, **kw: MobileNetV2(num_classes, **kw))
 PARAM_COUNTS = {'resnet18': 11_173_962, 'preact_resnet18': 11_172_170, 'mobilenetv2': 2_296_922,
                 'wrn-28-10': 36_479_194, 'wrn-34-10': 46_160_474, 'wrn-34-20': 184_531_674, 'wrn-70-16': 266_796_506}
 
@@ -179,7 +202,7 @@ def model_names():
 def create_model(name, num_classes=10, normalize=None, **kwargs):
     "A registry model by `name`, with an optional `normalize=(mean, std)` layer in front."
     if not isinstance(num_classes, int) or num_classes < 2: raise ValueError(f'num_classes must be an int >= 2, got {num_classes!r}')
-    key = str(name).lower().replace('_', '-') if str(name).lower().startswith('wrn') else str(name).lower()
+    key = _key(name)
     if key in MODELS: model = MODELS[key](num_classes, **kwargs)
     elif m := _WRN.match(key): model = WideResNet(int(m[1]), int(m[2]), num_classes, **kwargs)
     elif (m := _NARROW.match(key)) and int(m[1]) >= 1: model = ResNet((2, 2, 2, 2), num_classes, width=int(m[1]), **kwargs)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from .core import atomic_write, write_json
 from .evaluate import EvalResult, wilson_ci
-from .stats import compare, per_class
+from .stats import SIGNIFICANCE, compare, per_class
 
 # %% ../nbs/14_report.ipynb #812c7b01
 PAPER_COLUMNS = ('clean', 'fgsm', 'pgd10', 'cw2', 'aa')
@@ -147,7 +147,7 @@ def add_comparisons(res, out, references=None, n_boot=10_000):
     res['comparisons'] = comps
     if comps:
         correct_family(comps, lambda c: c['attack'] in fam['attacks'])
-        res['family'] = dict(fam, size=comps[0]['family_size'], correction="Holm (statsmodels.stats.multitest), alpha 0.05",
+        res['family'] = dict(fam, size=comps[0]['family_size'], correction=f"Holm (statsmodels.stats.multitest), significance level {SIGNIFICANCE}",
                              level='seeds (paired t-test)' if comps[0]['seeds'] >= 2 else 'images (exact McNemar / sign-flip)')
     return comps
 
@@ -189,22 +189,23 @@ def _table_rows(res):
 def markdown_table(res):
     "The results as markdown: the main table, per-seed values, the paired comparisons and what they resolve."
     cols, seeds = res['config']['suite'], res.get('parameters', {}).get('seeds') or [0]
+    has_aa = 'aa' in cols
     aa = 'AA' if res['config'].get('aa') is None else 'AA (reduced)'
     lines = [f"**{res['preset']}** — {res['scale']}. Test images: {res['data']['n_test']} ({res['data']['exact_note']}). Seeds: {seeds}.",
              f"Attacks: {', '.join(cols)}; changes to the paper's attacks: {json.dumps(res['config']['attack_overrides'])}"
-             + (f"; AA reduced: {json.dumps(res['config']['aa'])}" if res['config'].get('aa') else '') + '.', '',
+             + (f"; AA reduced: {json.dumps(res['config']['aa'])}" if has_aa and res['config'].get('aa') else '') + '.', '',
              ('Cells: accuracy in % [95% Wilson interval]' if len(seeds) == 1 else 'Cells: mean ± sd over seeds, accuracy in %') + '. '
              + f"Training time, summed over the logged epochs: teacher {_minutes(res.get('teacher'))} min, students "
              + f"{sum((r.get('train') or {}).get('train_s_logged') or 0 for r in res['rows'] if r['student'] != 'teacher') / 3600:.1f} h"
              + (' (per row and seed below)' if len(seeds) > 1 else '') + '.', '',
-             '| student (arch) | method | ' + ' | '.join(COLUMN_NAMES.get(c, c) for c in cols) + f' | worst class under {aa} |',
-             '|---|---|' + '---|' * (len(cols) + 1)]
+             '| student (arch) | method | ' + ' | '.join(COLUMN_NAMES.get(c, c) for c in cols) + (f' | worst class under {aa} |' if has_aa else ' |'),
+             '|---|---|' + '---|' * (len(cols) + has_aa)]
     for label, m, rows in _table_rows(res):
-        lines.append(f"| {label} | {m} | " + ' | '.join(_cell(rows, c) for c in cols) + f' | {_worst_class(rows)} |')
+        lines.append(f"| {label} | {m} | " + ' | '.join(_cell(rows, c) for c in cols) + (f' | {_worst_class(rows)} |' if has_aa else ' |'))
     if len(seeds) > 1: lines += ['', _per_seed_table(res, cols)]
     lines += _comparison_lines(res)
     flagged = [f"- {_label(r)} {r['method']}" + (f" (seed {r['seed']})" if r.get('seed') is not None else '') + f": {'; '.join(r['flags'])}" for r in res['rows'] if r.get('flags')]
-    if flagged: lines += ['', 'Flags raised by the evaluation\'s own checks (e.g. a weak reduced AA above PGD-10):'] + flagged
+    if flagged: lines += ['', 'Flags raised by the evaluation\'s own checks' + (' (e.g. a weak reduced AA above PGD-10):' if has_aa else ':')] + flagged
     if res['status'] != 'done': lines += ['', f"Status: **{res['status']}** (rows missing; run again to continue)."]
     return '\n'.join(lines) + '\n'
 
@@ -255,8 +256,13 @@ def _comparison_lines(res):
                  f"{c['prob_improvement']:.2f} | " if S >= 2 else '')
         out.append(f"| {c['student']} | {c['method']} | {c['reference']} | {COLUMN_NAMES.get(c['attack'], c['attack'])} | {d} | "
                    + ', '.join(f'{v:+.1f}' for v in c['per_seed']) + f" | {seeds}{_fmt_p(c['image_p'])} | {_fmt_p(c.get('image_p_holm'))} | {c.get('verdict', '')} |")
-    out += ['', resolution_sentence(comps)]
+    out += [s for col in _sentence_columns(res, fam) for s in ('', resolution_sentence(comps, col))]
     return out
+
+def _sentence_columns(res, fam):
+    "The columns the closing sentences speak of: AA where the table has it, else the attacks the family declares."
+    if 'aa' in res['config']['suite']: return ['aa']
+    return [a for a in fam.get('attacks') or [] if a != 'worst'] if str(fam.get('source', '')).startswith('declared') else []
 
 def resolution_sentence(comps, col='aa'):
     "In words: which differences under `col` the family resolves, over seeds or only over images, and which it does not."
@@ -297,7 +303,7 @@ def paper_comparison(res):
     head = ('**Reduced-scale run — not comparable to the paper.** ' if res['reduced'] else '') + \
            f"Ours: preset `{res['preset']}` ({res['scale']}), {res['data']['n_test']} test images. " \
            f"Paper: {res['paper_reference']}, {setting}." + ('' if ref else
-           f" The teacher row's reference is RobustBench's entry for {PAPER_TEACHER['name']} (clean, AutoAttack), not the paper's table.")
+           f" The teacher row's reference is RobustBench's entry for {PAPER_TEACHER['name']} ({'clean, AutoAttack' if 'aa' in cols else 'clean'}), not the paper's table.")
     lines = [head, '', '| student (arch) | method | ' + ' | '.join(f'{COLUMN_NAMES[c]} ours / paper / diff' for c in cols) + ' |',
              '|---|---|' + '---|' * len(cols)]
     missing = ' / not available / –' if ref else ' / – / –'
@@ -312,7 +318,7 @@ def paper_comparison(res):
     if any(c not in PAPER_COLUMNS for c in res['config']['suite']): lines.append('\n(columns the paper does not report are left out)')
     if 'pgd10' in cols: lines.append("\nPGD-10 is our attack, 10 steps of 2/255 from a random start, our choice: the paper's column says only \"PGD\".")
     aa = res['config'].get('aa')
-    if aa: lines.append(f"\nAA here is a reduced AutoAttack ({json.dumps(aa)}), the paper's is AutoAttack standard.")
+    if aa and 'aa' in cols: lines.append(f"\nAA here is a reduced AutoAttack ({json.dumps(aa)}), the paper's is AutoAttack standard.")
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/14_report.ipynb #6a447736
@@ -406,7 +412,7 @@ def plot_eps_sweep(results, out_prefix=None, show=False):
     fig, ax = plt.subplots(figsize=(5, 3.4))
     aa_label = 'reduced AutoAttack (8/255)' if (res.get('config') or {}).get('aa') else 'AutoAttack (8/255)'
     for col, lab, colour in (('clean', 'clean', 'tab:blue'), ('aa', aa_label, 'tab:red')):
-        if not pts: break
+        if not pts or col not in pts[0]['cells']: continue
         e = [p['eps_255'] for p in pts]
         ax.plot(e, [p['cells'][col]['acc'] for p in pts], 'o-', color=colour, label=lab)
         ax.fill_between(e, [p['cells'][col]['ci95'][0] for p in pts], [p['cells'][col]['ci95'][1] for p in pts],

@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['PRESETS', 'PAPER_SCALE', 'PAPER_REFERENCES', 'PACKAGES', 'DRY_RUN', 'unknown_preset', 'dataset_of', 'preset_config',
            'train_config', 'repo_root', 'default_data_root', 'git_info', 'package_versions', 'hardware_info',
-           'cached_eval', 'autoattack_reduced', 'eval_suite', 'teacher_file', 'shipped_teacher_file', 'shipped_record',
-           'obtain_teacher', 'build_teacher', 'dry_run_config', 'dry_run_teacher', 'selected_checkpoint',
-           'logged_curve', 'logged_train_s', 'run_cell', 'run_table', 'check_seeds', 'run_eps_sweep']
+           'cached_eval', 'eval_suite', 'teacher_file', 'shipped_teacher_file', 'shipped_record', 'obtain_teacher',
+           'build_teacher', 'dry_run_config', 'dry_run_teacher', 'selected_checkpoint', 'logged_curve',
+           'logged_train_s', 'run_cell', 'run_table', 'check_seeds', 'run_eps_sweep']
 
 # %% ../nbs/15_repro.ipynb #488eab9c
 import collections, copy, dataclasses, json, math, os, platform, subprocess, time
@@ -16,6 +16,7 @@ import torch
 
 from .core import atomic_write, check_choice, file_sha256, plain, tensor_sha256, write_json
 from .data import load_cifar, first_n
+from .attacks import ATTACKS, autoattack_reduced
 from .evaluate import evaluate, wilson_ci, EvalResult
 from .checkpoint import atomic_save, load_checkpoint, load_teacher
 from .fast import resolve_amp
@@ -278,32 +279,11 @@ def cached_eval(model, test, ckpt, path, suite, overrides, batch_size=200, devic
     return r, dict(cached=False, wall_s=wall, key=key)
 
 # %% ../nbs/15_repro.ipynb #c44fb5f9
-def autoattack_reduced(model, x, y, eps=8/255, attacks=('apgd-ce',), n_iter=20, n_restarts=1, n_target_classes=3,
-                       seed=0, batch_size=500, device=None):
-    "pyautoattack's APGD-CE / APGD-T with `n_iter` iterations, `n_restarts` restarts and `n_target_classes` targets."
-    import sys
-    from pyautoattack import AutoAttack
-    from adaad.attacks import frozen_eval, project_linf, _rng_devices
-    attacks = list(attacks)
-    if not attacks or any(a not in ('apgd-ce', 'apgd-t') for a in attacks):
-        raise ValueError(f"attacks must be a non-empty list drawn from ['apgd-ce', 'apgd-t'], got {attacks!r}")
-    device = torch.device(x.device if device is None else device)
-    tracer = sys.gettrace()
-    try:
-        with frozen_eval(model), torch.random.fork_rng(devices=_rng_devices(device)):
-            aa = AutoAttack(model, norm='Linf', eps=eps, version='custom', attacks=attacks, seed=seed, device=device)
-            aa.verbose = False
-            aa.apgd.n_iter, aa.apgd.n_restarts = n_iter, n_restarts
-            aa.apgd_targeted.n_iter, aa.apgd_targeted.n_target_classes = n_iter, n_target_classes
-            x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
-    finally: sys.settrace(tracer)
-    return project_linf(x_adv.to(x.device, x.dtype), x, eps).detach()
-
 def eval_suite(cfg):
     "The suite of preset dict `cfg`: attack names, with `aa` replaced by `autoattack_reduced` where `cfg['aa']` is set."
-    from adaad.evaluate import AttackSpec, EPS
     aa = cfg.get('aa')
-    return [AttackSpec('aa', autoattack_reduced, dict(eps=EPS, **aa), whole=True) if n == 'aa' and aa else n for n in cfg['suite']]
+    reduced = dataclasses.replace(ATTACKS['aa-reduced'], name='aa').replace(**aa) if aa else None
+    return [reduced if n == 'aa' and aa else n for n in cfg['suite']]
 
 def _suite_key(suite): return [s if isinstance(s, str) else s.config() for s in suite]
 

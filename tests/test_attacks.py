@@ -172,7 +172,21 @@ def test_autoattack_leaves_trace_and_rng(toy):
 
 
 def test_attacks_registry():
-    assert set(ATTACKS) == {'fgsm', 'pgd', 'cw_l2', 'square', 'autoattack'}
+    "One registry of evaluation columns, each with the declarations the sanity flags read."
+    assert list(ATTACKS) == ['clean', 'fgsm', 'pgd10', 'pgd20', 'cwinf', 'cw2', 'square', 'aa', 'aa-reduced']
+    assert all(s.declared for n, s in ATTACKS.items() if n != 'clean')
+    assert ATTACKS['pgd10'].fn is pgd and ATTACKS['cw2'].norm == 'l2' and ATTACKS['cw2'].radius() is None
+    assert not ATTACKS['square'].white_box and ATTACKS['aa'].ensemble and not ATTACKS['fgsm'].multi_step
+
+
+def test_pgd_step_size_and_its_former_name(toy):
+    "`step_size` is PGD's step; `alpha=` still works with a DeprecationWarning naming `step_size`; both at once is refused."
+    model, x, y = toy
+    with pytest.warns(DeprecationWarning, match='pgd: alpha is deprecated, use step_size'):
+        old = pgd(model, x, y, alpha=1 / 255, steps=3, seed=0)
+    assert torch.equal(old, pgd(model, x, y, step_size=1 / 255, steps=3, seed=0))
+    assert not torch.equal(old, pgd(model, x, y, steps=3, seed=0))   # the default step size is eps/4, not 1/255
+    with pytest.raises(TypeError, match='give step_size only'): pgd(model, x, y, step_size=1 / 255, alpha=1 / 255)
 
 
 # ---------- bad input ----------
@@ -184,8 +198,8 @@ BAD = [
     (pgd, dict(eps='8/255'), TypeError, r"eps must be a number in \(0, 1\], got '8/255'"),
     (pgd, dict(steps=0), ValueError, r'steps must be an integer >= 1, got 0'),
     (pgd, dict(steps=2.5), TypeError, r'steps must be an integer >= 1, got 2.5'),
-    (pgd, dict(alpha=0.), ValueError, r'alpha must be a finite number > 0, got 0.0'),
-    (pgd, dict(alpha=-1.), ValueError, r'alpha must be a finite number > 0'),
+    (pgd, dict(step_size=0.), ValueError, r'step_size must be a finite number > 0, got 0.0'),
+    (pgd, dict(step_size=-1.), ValueError, r'step_size must be a finite number > 0'),
     (pgd, dict(restarts=0), ValueError, r'restarts must be an integer >= 1, got 0'),
     (pgd, dict(loss='l2'), ValueError, r"loss must be one of \['ce', 'cw'\], got 'l2'"),
     (pgd, dict(loss='cw', kappa=-1.), ValueError, r'kappa must be a finite number >= 0'),

@@ -90,8 +90,8 @@ def test_labels_beyond_the_model_classes():
     with pytest.raises(ValueError, match=r'y must hold class indices in \[0, 10\)|classes'): pgd(MODEL, X, torch.tensor([0, 1, 2, 10]))
 
 
-@pytest.mark.parametrize('kw,msg', [(dict(alpha=0.), r'alpha must be a finite number > 0'),
-                                    (dict(alpha=-1 / 255), r'alpha must be a finite number > 0'),
+@pytest.mark.parametrize('kw,msg', [(dict(step_size=0.), r'step_size must be a finite number > 0'),
+                                    (dict(step_size=-1 / 255), r'step_size must be a finite number > 0'),
                                     (dict(restarts=0), r'restarts must be an integer >= 1'),
                                     (dict(loss='mse'), r'loss'),
                                     (dict(seed=-1), r'seed must be an integer >= 0')])

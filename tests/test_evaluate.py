@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
-from adaad.evaluate import (SPECS, SUITES, AttackSpec, EvalResult, evaluate, order_flags, resolve_suite, wilson_ci)
+from adaad.attacks import ATTACKS, AttackSpec
+from adaad.evaluate import (SUITES, EvalResult, evaluate, order_flags, resolve_suite, wilson_ci)
 
 
 def toy(n=48, c=10, seed=0):
@@ -29,11 +30,11 @@ def toy_result():
 
 # ---------- suites ----------
 def test_suites_are_the_paper_protocol():
-    paper = {s.name: s for s in SUITES['paper']}
-    assert list(paper) == ['clean', 'fgsm', 'pgd10', 'cw2', 'aa'] and [s.name for s in SUITES['quick']] == ['clean', 'pgd10']
+    paper = {s.name: s for s in resolve_suite('paper')}
+    assert list(paper) == ['clean', 'fgsm', 'pgd10', 'cw2', 'aa'] and list(SUITES['quick']) == ['clean', 'pgd10']
     assert paper['fgsm'].kwargs == dict(eps=8 / 255)
     p = paper['pgd10'].kwargs
-    assert p['eps'] == 8 / 255 and p['steps'] == 10 and p['random_start'] and p['alpha'] is None   # alpha = eps/4 = 2/255
+    assert p['eps'] == 8 / 255 and p['steps'] == 10 and p['random_start'] and p['step_size'] is None   # eps/4 = 2/255
     assert paper['cw2'].kwargs == dict(c=0.1, kappa=0.01, lr=0.01, steps=1000, abort_early=True)
     assert paper['aa'].kwargs == dict(eps=8 / 255, version='standard') and paper['aa'].whole
 
@@ -43,8 +44,8 @@ def test_resolve_suite_overrides_and_eps():
     kw = {s.name: s.kwargs for s in specs}
     assert kw['fgsm']['eps'] == kw['pgd10']['eps'] == kw['aa']['eps'] == 4 / 255 and 'eps' not in kw['cw2']
     assert kw['cw2']['steps'] == 100 and kw['pgd10']['steps'] == 20
-    assert SPECS['cw2'].kwargs['steps'] == 1000                # the registry is not mutated
-    custom = AttackSpec('pgd3', SPECS['pgd10'].fn, dict(steps=3))
+    assert ATTACKS['cw2'].kwargs['steps'] == 1000                # the registry is not mutated
+    custom = AttackSpec('pgd3', ATTACKS['pgd10'].fn, dict(steps=3))
     assert [s.name for s in resolve_suite(['clean', custom])] == ['clean', 'pgd3']
 
 

@@ -152,3 +152,18 @@ def test_git_info_outside_a_checkout_reads_the_recorded_provenance(tmp_path, mon
     assert (g['commit'], g['dirty'], g['dirty_files']) == ('a' * 40, True, ['x.py']) and str(rec) in g['source']
     rec.write_text('{"dirty": false}')
     with pytest.raises(ValueError, match='ADAAD_GIT_INFO'): git_info(tmp_path)
+
+
+def test_the_reduced_autoattack_is_a_registered_attack_that_reads_the_committed_evaluations():
+    "`aa-reduced` is an attack of the registry; a preset's `aa` column built from it keys exactly as the committed evaluations do."
+    import glob
+    from adaad.attacks import ATTACKS, autoattack_reduced
+    from adaad.repro import _suite_key, eval_suite
+    assert ATTACKS['aa-reduced'].fn is autoattack_reduced and ATTACKS['aa-reduced'].ensemble
+    checked = 0
+    for preset in ('smoke', 'cpu-small', 'cpu-long', 'cpu-strong', 'cpu-strong-long'):
+        for f in sorted(glob.glob(str(ROOT / 'results' / preset / 'evals' / '*.json')))[:1]:
+            key = json.loads(Path(f).read_text())['key']
+            assert _suite_key(eval_suite(preset_config(preset))) == key['suite'], f
+            checked += 1
+    assert checked >= 4

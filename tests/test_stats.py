@@ -278,8 +278,9 @@ def test_power_and_seeds_needed():
     from statsmodels.stats.power import TTestPower
     for es, S in ((0.5, 10), (1., 5), (2., 3)):
         assert ttest_power(es, 1., S) == pytest.approx(TTestPower().power(effect_size=es, nobs=S, alpha=0.05), abs=1e-6)
-    assert seeds_needed(1., 1.) == 10 and seeds_needed(7.6, 1.3) == 3 and seeds_needed(2.6, 1.3, alpha=0.05 / 75) > seeds_needed(2.6, 1.3)
+    assert seeds_needed(1., 1.) == 10 and seeds_needed(7.6, 1.3) == 3 and seeds_needed(2.6, 1.3, significance=0.05 / 75) > seeds_needed(2.6, 1.3)
     with pytest.raises(ValueError, match='sd must be a positive'): seeds_needed(1., 0.)
+    with pytest.raises(ValueError, match='significance and power must lie in'): seeds_needed(1., 1., significance=1.5)
     with pytest.raises(ValueError, match='delta must be a non-zero'): seeds_needed(0., 1.)
 
 
@@ -327,3 +328,18 @@ def test_a_table_refuses_rows_whose_seeds_differ(tmp_path):
     res = _table(tmp_path, {'pgd-at': [20, 22, 21], 'adaad': [25, 28, 26]})
     res['rows'][-1]['seed'] = 5
     with pytest.raises(ValueError, match=r"rows 'adaad' and 'pgd-at' of 'S' must have the same seeds"): add_comparisons(res, tmp_path)
+
+
+def test_the_significance_level_is_not_called_alpha():
+    "`significance` (and `SIGNIFICANCE`) name the level; `alpha=` and `ALPHA` still work, with a DeprecationWarning naming the new name."
+    import adaad.stats as st
+    from adaad.stats import holm
+    assert st.SIGNIFICANCE == 0.05
+    with pytest.warns(DeprecationWarning, match='seeds_needed: alpha is deprecated, use significance'):
+        assert seeds_needed(2.6, 1.3, alpha=0.01) == seeds_needed(2.6, 1.3, significance=0.01) > seeds_needed(2.6, 1.3)
+    with pytest.warns(DeprecationWarning, match='holm: alpha is deprecated'):
+        assert holm([0.02, 0.03], alpha=0.01)[1] == [False, False] and holm([0.02, 0.03])[1] == [True, True]
+    with pytest.warns(DeprecationWarning, match='ttest_power: alpha is deprecated'):
+        assert ttest_power(1., 1., 5, alpha=0.01) == ttest_power(1., 1., 5, significance=0.01) < ttest_power(1., 1., 5)
+    with pytest.warns(DeprecationWarning, match='use SIGNIFICANCE'): assert st.ALPHA == 0.05
+    with pytest.raises(TypeError, match='give significance only'): holm([0.5], significance=0.1, alpha=0.1)
