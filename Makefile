@@ -53,8 +53,13 @@ test-slow: install data
 # results/<preset>/ itself (and the training-curve figure into figures/) (see nbs/15_repro.ipynb).
 # `make repro PRESET=paper DRY_RUN=1` runs every code path of the preset at toy size (a few images, one epoch of two
 # steps, attacks cut to two steps) into runs/results/<preset>-dry-run/: minutes on a CPU, numbers meaningless.
+# `make repro IMPORT=mymod` (or IMPORT=mod1,mod2) imports your own modules first (the notebook's `imports`), so the
+# methods, attacks and architectures they register can be rows, attacks and students (REPRO_ARGS='-y ...' sets them);
+# the modules are looked for on PYTHONPATH and in this folder. The same table by parallel one-thread workers:
+# `adaad table --preset P --workers N` (notebook 13).
 PRESET ?= quick
 REPRO_ARGS ?=
+IMPORT ?=
 COMMIT ?=
 DRY_RUN ?=
 ifneq ($(and $(COMMIT),$(DRY_RUN)),)
@@ -66,8 +71,8 @@ CHECK_PRESET = $(BIN)/python -c "import sys; from adaad.repro import unknown_pre
 repro: install data
 	@$(CHECK_PRESET)
 	mkdir -p $(REPRO_OUT)
-	$(BIN)/papermill nbs/repro_table.ipynb $(REPRO_OUT)/repro_table.ipynb --cwd nbs -k python3 --log-output --no-progress-bar \
-		-p preset $(PRESET) -p scratch False -p progress True -p out_dir $(CURDIR)/$(REPRO_OUT) -p curves $(REPRO_CURVES) -p dry_run $(if $(DRY_RUN),True,False) \
+	$(if $(IMPORT),PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}") $(BIN)/papermill nbs/repro_table.ipynb $(REPRO_OUT)/repro_table.ipynb --cwd nbs -k python3 --log-output --no-progress-bar \
+		-p preset $(PRESET) -p scratch False -p progress True -p out_dir $(CURDIR)/$(REPRO_OUT) -p curves $(REPRO_CURVES) -p dry_run $(if $(DRY_RUN),True,False) $(if $(IMPORT),-p imports $(IMPORT)) \
 		-p committed $(if $(or $(COMMIT),$(DRY_RUN)),None,$(CURDIR)/results/$(PRESET)) -y '{"methods": null, "students": null, "train_n": null, "n_test": null}' $(REPRO_ARGS)
 
 # Remake a preset's shipped teacher (teachers/<name>.pt and its record teachers/<name>.json) from the training its preset

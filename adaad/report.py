@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['PAPER_COLUMNS', 'PAPER_TABLE', 'PAPER_METHODS', 'PAPER_TEACHER', 'CIFAR10_CLASSES', 'DEFAULT_REFERENCES',
-           'COLUMN_NAMES', 'METHOD_PAPERS', 'CURVE_PANELS', 'eval_path', 'row_result', 'groups', 'declared_family',
-           'correct_family', 'verdict', 'add_comparisons', 'add_per_class', 'markdown_table', 'resolution_sentence',
-           'latex_table', 'paper_comparison', 'robustbench_arch', 'model_info', 'write_model_infos', 'write_outputs',
-           'load_results', 'rewrite_tables', 'plot_eps_sweep', 'plot_training_curves', 'compare_results',
-           'preset_differences']
+           'COLUMN_NAMES', 'METHOD_PAPERS', 'CURVE_PANELS', 'PAIR_ATTACKS', 'eval_path', 'row_result', 'groups',
+           'declared_family', 'correct_family', 'verdict', 'add_comparisons', 'add_per_class', 'markdown_table',
+           'resolution_sentence', 'latex_table', 'paper_comparison', 'robustbench_arch', 'model_info',
+           'write_model_infos', 'write_outputs', 'load_results', 'rewrite_tables', 'plot_eps_sweep',
+           'plot_training_curves', 'compare_results', 'preset_differences', 'seed_rows', 'compare_pairs', 'pairs_file',
+           'pairs_summary']
 
 # %% ../nbs/14_report.ipynb #0395b413
 import json
@@ -500,3 +501,100 @@ def preset_differences(res_a, res_b, skip=('scale', 'name')):
     fa, fb = _flat(res_a['config']), _flat(res_b['config'])
     keys = [k for k in dict.fromkeys([*fa, *fb]) if k.split('.')[0] not in skip]
     return [f'{k}: {json.dumps(fa.get(k))} -> {json.dumps(fb.get(k))}' for k in keys if fa.get(k) != fb.get(k)]
+
+# %% ../nbs/14_report.ipynb #a21c0002
+PAIR_ATTACKS = ('clean', 'pgd10', 'aa')   # compare_pairs' default attacks, those of them the rows were evaluated under
+
+def seed_rows(res, folder, student, method, seeds=None):
+    """The rows of `method` for `student` in results `res` (read from `folder`), one per seed in seed order (only `seeds`
+    where given), each with its `eval` made the absolute path of its evaluation file, so rows of two folders compare."""
+    g = groups(res)
+    rows = g.get((student, method))
+    if not rows:
+        have = sorted(m for s, m in g if s == student) or sorted({f'{s} (student)' for s, _ in g})
+        raise ValueError(f'no row {method!r} for student {student!r} in {Path(folder) / "results.json"}; accepted: {have}')
+    have = sorted(r.get('seed') or 0 for r in rows)
+    if seeds is not None:
+        if any(s not in have for s in seeds): raise ValueError(f'seeds: row {method!r} in {folder} has seeds {have}, asked for {sorted(seeds)}')
+        rows = [r for r in rows if (r.get('seed') or 0) in seeds]
+    return [dict(r, eval=str(eval_path(folder, r).resolve())) for r in sorted(rows, key=lambda r: r.get('seed') or 0)]
+
+def _same_images(rows, what):
+    "Refuse `rows` (from `seed_rows`) whose evaluation files were computed on different test images."
+    ids = set()
+    for r in rows:
+        k = _eval_key('', r)
+        if k is None: raise FileNotFoundError(f"the evaluation file {r['eval']} of row {r['student']}/{r['method']} is missing")
+        ids.add((k.get('n'), k.get('test_sha256')))
+    if len(ids) != 1: raise ValueError(f'{what}: rows evaluated on different test images (n or test_sha256 differ: {sorted(ids, key=str)})')
+
+def _pair_attacks(rows, attacks, what):
+    "The attacks to compare `rows` under: `attacks` (each in every row's evaluation, or 'worst'), else those of `PAIR_ATTACKS` they have."
+    have = set.intersection(*(set(row_result('', r).correct) for r in rows))
+    if attacks is None:
+        cols = [a for a in PAIR_ATTACKS if a in have]
+        if not cols: raise ValueError(f'{what}: the rows have none of the default attacks {list(PAIR_ATTACKS)}; give attacks from {sorted(have)}')
+        return cols
+    bad = [a for a in attacks if a != 'worst' and a not in have]
+    if bad or not attacks: raise ValueError(f"attacks: {bad or attacks} not in the evaluations of {what}; accepted: {sorted(have) + ['worst']}")
+    return list(attacks)
+
+def _pair_names(pairs, name):
+    "[(row_a, row_b)] from 'row_a:row_b' strings or pairs; a clear error naming `name` otherwise."
+    out = []
+    for p in pairs:
+        q = p.split(':') if isinstance(p, str) else list(p)
+        if len(q) != 2 or not all(q): raise ValueError(f'{name} must be pairs row_a:row_b of method names, got {p!r}')
+        out.append(tuple(q))
+    return out
+
+def compare_pairs(folder, pairs, against=None, student='RN-18', attacks=None, seeds=None, interactions=(), n_boot=10_000):
+    """Exploratory paired comparisons of stored rows: for each pair (row_a, row_b) of method names, row a of the results
+    in `folder` against row b of those in `against` (default: `folder`), per attack, paired by seed, Holm-corrected
+    within this call; with `interactions` (and `against`), the change of the difference a - b between the two folders.
+    A dict, as `pairs.json` holds it (`pairs_file` names the file)."""
+    from adaad.stats import interaction
+    if not pairs: raise ValueError('pairs must name at least one pair row_a:row_b')
+    if interactions and against is None: raise ValueError('interactions need against: the change is between two results folders')
+    other = against or folder
+    res, res_b = load_results(folder), load_results(other)
+    out = dict(source=str(Path(folder) / 'results.json'), git=res.get('git'), student=student, seeds=seeds, exploratory=True,
+               note='pairs chosen after the table was seen: exploratory, outside the declared family; Holm only within these pairs',
+               pairs={})
+    if against is not None:
+        diffs = preset_differences(res, res_b) if res.get('config') and res_b.get('config') else None
+        out.update(against=str(Path(other) / 'results.json'), against_git=res_b.get('git'), preset_differences=diffs)
+    for a, b in _pair_names(pairs, 'pairs'):
+        ra, rb = seed_rows(res, folder, student, a, seeds), seed_rows(res_b, other, student, b, seeds)
+        if [r.get('seed') for r in ra] != [r.get('seed') for r in rb]:
+            raise ValueError(f'{a}:{b}: the rows are paired by seed, but row a has seeds {[r.get("seed") for r in ra]} and row b '
+                             f'{[r.get("seed") for r in rb]}: choose common ones with seeds')
+        _same_images(ra + rb, f'{a}:{b}')
+        out['pairs'][f'{a}:{b}'] = {c: _compare_rows('', student, a, b, ra, rb, c, 'exploratory', n_boot)
+                                    for c in _pair_attacks(ra + rb, attacks, f'{a}:{b}')}
+    flat = [c for p in out['pairs'].values() for c in p.values()]
+    for c in correct_family(flat): c['verdict'] = 'exploratory: ' + c['verdict']
+    if interactions: out['interactions'] = {}
+    for a, b in _pair_names(interactions, 'interactions'):
+        g = [seed_rows(r, f, student, m, seeds) for r, f in ((res, folder), (res_b, other)) for m in (a, b)]
+        _same_images(sum(g, []), f'interactions {a}:{b}')
+        out['interactions'][f'{a}:{b}'] = {c: interaction(*(_stack('', rows, c) for rows in g), n_boot=n_boot)
+                                           for c in _pair_attacks(sum(g, []), attacks, f'interactions {a}:{b}')}
+    return out
+
+def pairs_file(folder, against=None):
+    "Where the result of `compare_pairs` goes: `folder/pairs.json`, or `folder/pairs_vs_<against's folder name>.json`."
+    return Path(folder) / ('pairs.json' if against is None else f'pairs_vs_{Path(against).resolve().name}.json')
+
+def pairs_summary(d):
+    "The result `d` of `compare_pairs` as text: the preset differences, a line per pair and one per interaction."
+    lines = ['preset differences (folder -> against): ' + '; '.join(d['preset_differences'])] if d.get('preset_differences') else []
+    for pair, cs in d['pairs'].items():
+        lines.append(f"{pair.replace(':', ' - ')}: " + ', '.join(
+            f"{k} {c['diff']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] p={c['p']:.2g} ({c['level']}; Holm {c['p_holm']:.2g})"
+            for k, c in cs.items()))
+    for pair, cs in (d.get('interactions') or {}).items():
+        a, b = pair.split(':')
+        lines.append(f'change of {a} - {b} (folder minus against): ' + ', '.join(
+            f"{k} {c['diff1']:+.1f} vs {c['diff2']:+.1f}: {c['change']:+.1f} p={c['image_p']:.2g}" for k, c in cs.items()))
+    return '\n'.join(lines)

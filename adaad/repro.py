@@ -7,14 +7,15 @@ __all__ = ['PRESETS', 'PAPER_SCALE', 'PAPER_REFERENCES', 'PACKAGES', 'DRY_RUN', 
            'train_config', 'repo_root', 'default_data_root', 'git_info', 'package_versions', 'hardware_info',
            'cached_eval', 'eval_suite', 'teacher_file', 'shipped_teacher_file', 'shipped_record', 'obtain_teacher',
            'build_teacher', 'dry_run_config', 'dry_run_teacher', 'selected_checkpoint', 'logged_curve',
-           'logged_train_s', 'run_cell', 'run_table', 'check_seeds', 'run_eps_sweep']
+           'logged_train_s', 'run_cell', 'check_rows', 'run_table', 'check_seeds', 'import_modules',
+           'run_table_parallel', 'run_eps_sweep']
 
 # %% ../nbs/15_repro.ipynb #488eab9c
-import collections, copy, dataclasses, json, math, os, platform, subprocess, time
+import collections, copy, dataclasses, importlib, json, math, os, platform, subprocess, time
 from pathlib import Path
 import torch
 
-from .core import atomic_write, check_choice, file_sha256, plain, tensor_sha256, write_json
+from .core import atomic_write, check_choice, check_int, file_sha256, plain, tensor_sha256, write_json
 from .data import load_cifar, first_n
 from .attacks import ATTACKS, autoattack_reduced
 from .evaluate import evaluate, wilson_ci, EvalResult
@@ -490,21 +491,35 @@ def _eval_settings(ctx, suite=None):
     return dict(suite=eval_suite(dict(cfg, suite=suite)), overrides={k: v for k, v in cfg['attack_overrides'].items() if k in suite},
                 batch_size=cfg['eval_batch'], device=ctx['device'], progress=ctx['progress'], seed=0, shard_size=cfg.get('eval_shard'))
 
+def _table_plan(preset, out_dir, runs_dir, dry_run, methods=None, suite=None, seeds=None, epochs=None, train_n=None, **changes):
+    "(preset dict, results folder, runs folder, seeds) of a `run_table` call: the preset with the call's changes, cut to toy size for a dry run."
+    if not isinstance(dry_run, bool): raise ValueError(f'dry_run must be True or False, got {dry_run!r}')
+    cfg = preset_config(preset, methods=list(methods) if methods else None, suite=list(suite) if suite else None,
+                        seeds=list(seeds) if seeds is not None else None, train=dict(epochs=epochs, train_n=train_n), **changes)
+    check_rows(cfg)
+    tag = f"{cfg['name']}-dry-run" if dry_run else cfg['name']
+    out = Path(out_dir or repo_root() / ('runs/results' if dry_run else 'results') / tag)
+    runs = Path(runs_dir or repo_root() / 'runs' / 'repro' / tag)
+    if dry_run: cfg = dry_run_config(cfg, runs / 'dry-run-teachers')
+    return cfg, out, runs, check_seeds(cfg.get('seeds', (0,)))
+
+def check_rows(cfg):
+    "Refuse a row of preset dict `cfg` that is neither one of its variants nor a registered method (your own module's: import it first)."
+    from adaad.methods import known_methods
+    ok = list(cfg.get('variants') or {}) + list(known_methods())
+    bad = [m for m in cfg['methods'] if m not in ok]
+    if bad: raise ValueError(f"methods: {bad} are neither variants of preset {cfg['name']!r} nor registered methods (a method of your "
+                             f"own module is registered when the module is imported: adaad --import MODULE, or imports=); accepted: {ok}")
+
 def run_table(preset='smoke', teacher=None, students=None, methods=None, epochs=None, data_root=None, n_test=None,
               suite=None, out_dir=None, runs_dir=None, seeds=None, device=None, time_limit=None, progress=False,
               attack_overrides=None, train_n=None, variants=None, log=None, dry_run=False):
     """Train and evaluate the table of `preset` for every seed; writes results.json and the tables to `out_dir`; returns the
     results dict. `log` (e.g. `print`) receives a line when each training starts and ends and one per attack evaluated;
     `dry_run=True` runs every code path of the preset at toy size (`dry_run_config`) into `-dry-run` folders."""
-    if not isinstance(dry_run, bool): raise ValueError(f'dry_run must be True or False, got {dry_run!r}')
-    cfg = preset_config(preset, teacher=teacher, students=students, methods=list(methods) if methods else None, n_test=n_test,
-                        suite=list(suite) if suite else None, attack_overrides=attack_overrides, variants=variants,
-                        seeds=list(seeds) if seeds is not None else None, train=dict(epochs=epochs, train_n=train_n))
-    tag = f"{cfg['name']}-dry-run" if dry_run else cfg['name']
-    out = out_dir or repo_root() / ('runs/results' if dry_run else 'results') / tag
-    runs = runs_dir or repo_root() / 'runs' / 'repro' / tag
-    if dry_run: cfg = dry_run_config(cfg, Path(runs) / 'dry-run-teachers')
-    seeds = check_seeds(cfg.get('seeds', (0,)))
+    cfg, out, runs, seeds = _table_plan(preset, out_dir, runs_dir, dry_run, teacher=teacher, students=students, methods=methods,
+                                        epochs=epochs, n_test=n_test, suite=suite, seeds=seeds, attack_overrides=attack_overrides,
+                                        train_n=train_n, variants=variants)
     ctx = _context(cfg, out, runs, device, data_root, time_limit, progress)
     ctx['log'] = log or (lambda line: None)
     res = dict(_header(ctx, 'table', seeds=seeds), rows=[], runs={})
@@ -524,13 +539,11 @@ def _train_rows(ctx, res, tmodel, smodel, seeds):
     cells = [(label, arch, row, seed) for label, arch in cfg['students'].items() for row in cfg['methods'] for seed in seeds]
     for i, (label, arch, row, seed) in enumerate(cells, 1):
         if ctx['time_limit'] is not None and time.time() - ctx['t0'] > ctx['time_limit']: return 'paused'
-        tc = train_config(cfg, row, arch, seed=seed, data_root=ctx['data_root'], device=ctx['device'])
-        name = f'{label}-{arch}-{row}-s{seed}'
+        tc, name = _cell_config(ctx, label, arch, row, seed)
         ctx['log'](f"[{i}/{len(cells)}] {label} {row} seed {seed}: training {arch}, {resolve(tc).epochs} epochs"
                    f"{', bf16' if tc.amp else ', fp32'} ({time.time() - ctx['t0']:.0f} s so far)")
         res['runs'][f'{label}/{row}/{seed}'] = str(ctx['runs'] / name)
-        cell = run_cell(tc, ctx['runs'] / name, out / 'evals' / f'{name}.json', cfg, _data_of(ctx, tc), ctx['device'],
-                        tmodel, smodel, ctx['test'], ev, ctx['left'](), ctx['progress'])
+        cell = _table_cell(ctx, tc, name, tmodel, smodel, ev)
         if cell['status'] != 'done': return 'paused'
         ctx['log'](f"    trained in {cell['train_s_logged'] or 0:.0f} s; last validation: "
                    + ', '.join(f'{k} {v:.1f}%' for k, v in _last_val(cell['curve']).items()))
@@ -538,6 +551,16 @@ def _train_rows(ctx, res, tmodel, smodel, seeds):
         info = {k: v for k, v in cell.items() if k not in ('model', 'result', 'cache')}
         res['rows'].append(dict(_row(label, arch, row, cell['result'], cell['cache'], info, seed), eval=f'evals/{name}.json'))
     return 'done'
+
+def _cell_config(ctx, label, arch, row, seed):
+    "(TrainConfig, name) of the table cell (student `label` of architecture `arch`, row `row`, seed `seed`) in `ctx`."
+    tc = train_config(ctx['cfg'], row, arch, seed=seed, data_root=ctx['data_root'], device=ctx['device'])
+    return tc, f'{label}-{arch}-{row}-s{seed}'
+
+def _table_cell(ctx, tc, name, tmodel, smodel, ev):
+    "Train cell `name` into the runs folder and evaluate it into `evals/<name>.json` of the results folder: `run_cell`'s dict."
+    return run_cell(tc, ctx['runs'] / name, ctx['out'] / 'evals' / f'{name}.json', ctx['cfg'], _data_of(ctx, tc), ctx['device'],
+                    tmodel, smodel, ctx['test'], ev, ctx['left'](), ctx['progress'])
 
 def _last_val(curve):
     "The clean and PGD validation accuracies of the last logged epoch that has them."
@@ -555,6 +578,85 @@ def check_seeds(seeds):
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f'seeds must be a non-empty list of distinct ints >= 0, got {seeds!r}')
     return seeds
+
+# %% ../nbs/15_repro.ipynb #b21c0002
+def _worker_main():
+    "A worker process of `run_table_parallel`: its job (pickled by the caller) from stdin, a JSON line per finished cell to stdout."
+    import pickle, sys
+    job = pickle.load(sys.stdin.buffer)
+    torch.set_num_threads(1)
+    import_modules(job['imports'])
+    ctx = dict(_context(job['cfg'], job['out'], job['runs'], job['device'], job['data_root'], None, False), log=lambda line: None)
+    teachers, ev, deadline = _teachers(ctx)[:2], _eval_settings(ctx), job['deadline']
+    ctx['left'] = lambda: None if deadline is None else max(1., deadline - time.time())
+    for cell in job['cells']:
+        t0 = time.time()
+        status = 'paused' if deadline is not None and t0 >= deadline else _table_cell(ctx, *_cell_config(ctx, *cell), *teachers, ev)['status']
+        print(json.dumps(dict(cell=cell, status=status, seconds=time.time() - t0)), flush=True)
+
+def _file_teacher(spec, info):
+    "Teacher spec `spec` as the worker processes read it: a trained teacher from its finished checkpoint, others as they are."
+    if spec is None or spec.get('source') != 'train': return spec
+    return dict(source='checkpoint', arch=info['arch'], path=info['ckpt'])
+
+def import_modules(imports, name='imports'):
+    "Import each module named in `imports` (a list of names, or one comma-separated string): registering your own methods, attacks, architectures."
+    mods = [m.strip() for m in imports.split(',') if m.strip()] if isinstance(imports, str) else list(imports or ())
+    if not all(isinstance(m, str) and m for m in mods): raise ValueError(f'{name} must be module names, got {imports!r}')
+    for m in mods: importlib.import_module(m)
+    return mods
+
+def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, **kw):
+    """`run_table(preset, **kw)` with its cells trained by `workers` one-thread processes, each importing `imports` first;
+    the results dict (status 'paused', without rows or files written, where `time_limit` stopped some cells)."""
+    import inspect
+    unknown = sorted(set(kw) - set(inspect.signature(run_table).parameters))
+    if unknown: raise TypeError(f'run_table_parallel takes run_table\'s keywords; unknown: {unknown}')
+    workers, imports = check_int(workers, 'workers'), import_modules(imports)
+    plan = {k: kw.get(k) for k in ('teacher', 'students', 'methods', 'epochs', 'n_test', 'suite', 'seeds', 'attack_overrides', 'train_n', 'variants')}
+    cfg, out, runs, seeds = _table_plan(preset, kw.get('out_dir'), kw.get('runs_dir'), kw.get('dry_run', False), **plan)
+    ctx = _context(cfg, out, runs, kw.get('device'), kw.get('data_root'), kw.get('time_limit'), kw.get('progress', False))
+    _, _, ti, si = _teachers(ctx)
+    res = dict(_header(ctx, 'table', seeds=seeds, workers=workers), rows=[], runs={}, teacher=ti, standard_teacher=si, status='paused')
+    if ti is None or any(i is not None and i.get('ckpt') is None for i in (ti, si)): return res   # a teacher's training paused
+    cells = [(label, arch, row, seed) for seed in seeds for label, arch in cfg['students'].items() for row in cfg['methods']]
+    setup = dict(cfg=dict(cfg, teacher=_file_teacher(cfg['teacher'], ti), standard_teacher=_file_teacher(cfg.get('standard_teacher'), si)),
+                 out=str(out), runs=str(runs), device=str(ctx['device']), data_root=ctx['data_root'], imports=imports)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = None if kw.get('time_limit') is None else ctx['t0'] + kw['time_limit']
+    status = _run_workers(setup, cells, deadline, workers, log or (lambda line: None))
+    if any(s != 'done' for s in status.values()): return dict(res, cells_done=sum(s == 'done' for s in status.values()), cells=len(cells))
+    return run_table(preset, **dict(kw, out_dir=out, runs_dir=runs, time_limit=None), log=log)
+
+def _worker_env():
+    "The environment of a worker process: one thread, and every folder the caller imports from (its `sys.path`) on PYTHONPATH."
+    import sys
+    path = [p or os.getcwd() for p in sys.path] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
+    return dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(dict.fromkeys(path)))
+
+def _run_workers(setup, cells, deadline, workers, log):
+    "Train and evaluate `cells` in `workers` processes, every `workers`-th cell each; {cell: status}. A failed worker is an error naming its log."
+    import pickle, sys, threading
+    procs, status = [], {}
+    for w in range(workers):
+        err = open(Path(setup['out']) / f'worker{w}.log', 'a')
+        p = subprocess.Popen([sys.executable, '-c', 'from adaad.repro import _worker_main; _worker_main()'], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=err, env=_worker_env(), text=False)
+        p.stdin.write(pickle.dumps(dict(setup, cells=cells[w::workers], deadline=deadline))); p.stdin.close()
+        procs.append((p, err))
+    def read(p):
+        for line in p.stdout:
+            d = json.loads(line); label, arch, row, seed = c = tuple(d['cell'])
+            status[c] = d['status']
+            log(f"[{len(status)}/{len(cells)}] {label} {row} seed {seed}: {d['status']} ({d['seconds']:.0f} s in a worker)")
+    readers = [threading.Thread(target=read, args=(p,)) for p, _ in procs]
+    for t in readers: t.start()
+    for t in readers: t.join()
+    codes = [p.wait() for p, _ in procs]
+    for _, err in procs: err.close()
+    failed = [f"worker{w}.log ({(Path(setup['out']) / f'worker{w}.log').read_text().strip().splitlines()[-1:]})" for w, c in enumerate(codes) if c]
+    if failed: raise RuntimeError(f"{len(failed)} of {workers} workers failed; their output, last line: {'; '.join(failed)} in {setup['out']}")
+    return status
 
 # %% ../nbs/15_repro.ipynb #b03baa67
 def run_eps_sweep(preset='smoke', eps_list=(2, 4, 6, 8, 10, 12, 14, 16), steps=10, student='RN-18', method='adaad',

@@ -52,7 +52,7 @@ def test_eval_help_documents_every_option_with_default():
     (['train', '--method', 'adaad', '--set', 'alpha=0.5', '--teacher', 'x.pt', '--teacher-arch', 'wrn-10-1'], 'checkpoint not found'),
     (['train', '--method', 'adaad'], '--method adaad needs --teacher'),
     (['train', '--teacher', 'x.pt'], 'exactly one of --teacher-arch or --teacher-robustbench'),
-    (['teacher', '--method', 'adaad'], "--method for a teacher must be 'pgd-at', 'trades' or 'natural'"),
+    (['teacher', '--method', 'adaad'], r"--method for a teacher must be a method that reads no teacher: one of \[.*'pgd-at', 'trades'.*\], got 'adaad'"),
     (['train', '--method', 'akd', '--teacher', 'x.pt', '--teacher-arch', 'wrn-10-1', '--standard-teacher-arch', 'wrn-10-1'], '--standard-teacher-arch / --standard-teacher-robustbench need --standard-teacher'),
     (['--import', 'no_such_module_xyz', 'train'], '--import no_such_module_xyz'),
     (['eval', '--ckpt', 'x.pt'], 'exactly one of --arch or --robustbench'),
@@ -60,6 +60,28 @@ def test_eval_help_documents_every_option_with_default():
 def test_bad_values_are_refused_by_name(args, msg, capsys):
     code, out = _run(args, capsys)
     assert code == 2 and __import__('re').search(msg, out.err), out.err
+
+
+COMMANDS = ('train', 'teacher', 'eval', 'table', 'compare')
+
+
+@pytest.mark.parametrize('cmd', COMMANDS)
+def test_every_command_takes_import(cmd, capsys):
+    "`--import MODULE` after any command is parsed by it and imported before the command runs (a missing module is refused by name)."
+    assert set(next(a for a in parser()._actions if a.dest == 'cmd').choices) == set(COMMANDS)
+    assert any('--import' in a.option_strings for a in _sub(cmd)._actions)
+    code, out = _run([cmd, '--import', 'no_such_module_xyz'], capsys)
+    assert code == 2 and '--import no_such_module_xyz' in out.err, out.err
+
+
+def test_teacher_takes_any_registered_method_without_a_teacher(capsys):
+    """`adaad teacher` asks each method whether it reads a teacher: the user's teacher-free method (tests/user_methods.py)
+    passes that check (the command then stops at the next one, the device); a distillation method is refused, naming
+    --method and the accepted methods, the user's among them."""
+    code, out = _run(['teacher', '--import', 'user_methods', '--method', 'user-pgd', '--device', 'nodevice'], capsys)
+    assert code == 2 and '--device' in out.err and '--method' not in out.err, out.err
+    code, out = _run(['teacher', '--import', 'user_methods', '--method', 'user-rslad'], capsys)
+    assert code == 2 and __import__('re').search(r"--method for a teacher must be a method that reads no teacher: one of \[.*'user-pgd'.*\], got 'user-rslad'", out.err)
 
 
 def test_missing_checkpoint_and_class_mismatch(tmp_path, capsys, data_root):
@@ -90,7 +112,7 @@ def test_console_script_installed():
     "The `adaad` executable that `pip install` puts beside the interpreter runs and lists its commands."
     exe = Path(sys.executable).with_name('adaad')
     out = subprocess.run([str(exe), '--help'], capture_output=True, text=True)
-    assert out.returncode == 0 and all(c in out.stdout for c in ('train', 'teacher', 'eval')), out.stderr
+    assert out.returncode == 0 and all(c in out.stdout for c in COMMANDS), out.stderr
     out = subprocess.run([str(exe), 'train', '--help'], capture_output=True, text=True)
     assert '--eps-ramp-epochs' in out.stdout and '--standard-teacher' in out.stdout
 

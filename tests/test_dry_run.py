@@ -139,3 +139,51 @@ def test_make_repro_dry_run_command():
     check = next(l for l in _make('repro', 'PRESET=papr', 'DRY_RUN=1').stdout.splitlines() if 'unknown_preset' in l)
     r = subprocess.run(check, shell=True, capture_output=True, text=True, cwd=ROOT, env={**os.environ, 'PYTHONPATH': str(ROOT)})
     assert r.returncode == 1 and "PRESET must be one of ['quick', 'smoke'" in r.stderr and "got 'papr'" in r.stderr
+
+
+def _user_env():
+    "The environment of a process that should find the user's module only where the user keeps it (tests/, given as the working folder or on PYTHONPATH)."
+    return dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+
+
+@pytest.mark.timeout(1800)
+def test_parallel_table_trains_a_user_method(data_root, tmp_path):
+    """`adaad table --import user_methods --workers 2` on the quick preset's dry run, from the folder that holds the user's
+    module: both cells, the user's method and a preset row, are trained and evaluated by the worker processes (which
+    import the module themselves), then the table is assembled without training or evaluating again."""
+    out, runs = tmp_path / 'res', tmp_path / 'runs'
+    cmd = [str(Path(sys.executable).with_name('adaad')), 'table', '--import', 'user_methods', '--preset', 'quick', '--dry-run',
+           '--workers', '2', '--methods', 'pgd-at,user-rslad', '--out', str(out), '--runs', str(runs), '--data-root', str(data_root)]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT / 'tests', capture_output=True, text=True, env=_user_env())
+    print(f'adaad table --workers 2 (quick, dry run): {time.time() - t0:.0f} s')
+    assert r.returncode == 0, r.stderr + ''.join(p.read_text() for p in out.glob('worker*.log'))
+    res = json.loads((out / 'results.json').read_text())
+    assert res['status'] == 'done' and res['dry_run'] and [row['method'] for row in res['rows']] == ['teacher', 'pgd-at', 'user-rslad']
+    assert all(row['train']['train_wall_s'] == 0. and row['eval_cached'] for row in res['rows'][1:])   # the workers did both
+    assert json.loads((Path(res['runs']['RN-18/user-rslad/0']) / 'config.json').read_text())['method'] == 'user-rslad'
+    assert sorted(p.name for p in out.glob('worker*.log')) == ['worker0.log', 'worker1.log'] and '[2/2] RN-18' in r.stdout
+    assert (out / 'training_curves.png').exists() and 'done: 3 rows' in r.stdout
+
+
+@pytest.mark.timeout(1800)
+def test_repro_notebook_imports_a_user_method(data_root, tmp_path, monkeypatch):
+    "The reproduction notebook's `imports` (what `make repro IMPORT=...` passes, a comma-separated string) makes the user's method a row."
+    papermill = pytest.importorskip('papermill')
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(ROOT / 'tests'), str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    params = dict(preset='quick', dry_run=True, methods=['user-rslad'], students=None, train_n=None, n_test=None, scratch=False,
+                  imports='user_methods', data_root=str(data_root), out_dir=str(tmp_path / 'res'), runs_dir=str(tmp_path / 'runs'))
+    papermill.execute_notebook(str(ROOT / 'nbs' / 'repro_table.ipynb'), str(tmp_path / 'nb.ipynb'), kernel_name='python3',
+                               cwd=str(ROOT / 'nbs'), parameters=params, progress_bar=False)
+    res = json.loads((tmp_path / 'res' / 'results.json').read_text())
+    assert res['status'] == 'done' and [r['method'] for r in res['rows']] == ['teacher', 'user-rslad']
+    assert json.loads((Path(res['runs']['RN-18/user-rslad/0']) / 'config.json').read_text())['method'] == 'user-rslad'
+
+
+def test_make_repro_passes_imports():
+    "`make repro IMPORT=mod1,mod2` hands the notebook `imports` and puts this folder on the kernel's PYTHONPATH."
+    if shutil.which('make') is None: pytest.skip('no make')
+    r = _make('repro', 'PRESET=quick', 'DRY_RUN=1', 'IMPORT=user_methods,other')
+    line = next(l for l in r.stdout.splitlines() if 'papermill nbs/repro_table.ipynb' in l)
+    assert r.returncode == 0 and '-p imports user_methods,other' in r.stdout and line.startswith(f'PYTHONPATH="{ROOT}')
+    assert '-p imports' not in _make('repro', 'PRESET=quick').stdout

@@ -126,60 +126,99 @@ def test_diagnostics_of_a_student_equal_to_its_teacher():
     assert torch.equal(net[1].running_mean, bn) and torch.equal(torch.get_rng_state(), state) and net.training
 
 
-def test_paired_tool_reads_stored_rows_and_matches_mcnemar(tmp_path):
-    """tools/paired.py on a hand-made results folder: each pair's AA difference and p-value are those of the counts
-    (a right and b wrong 10 times, the reverse twice), over the rows' stored evaluation files; an unknown row is refused."""
-    import json, subprocess, sys
-    from pathlib import Path
+def _compare(args, capsys):
+    "`adaad compare ARGS` in this process: (exit code, stdout, stderr)."
+    from adaad.cli import main
+    try: main(['compare', *args]); code = 0
+    except SystemExit as e: code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _stored_rows(folder, rows, key=None):
+    "A results folder holding `rows` {method: (seeds, images) correctness under clean and aa}, one evaluation file per seed."
+    import json
     from adaad.evaluate import EvalResult
+    (folder / 'evals').mkdir(parents=True)
+    out = []
+    for name, c in rows.items():
+        for s, cs in enumerate(np.atleast_2d(c)):
+            r = EvalResult.from_correct({'clean': cs, 'aa': cs}, labels=torch.zeros(len(cs), dtype=torch.long))
+            (folder / 'evals' / f'{name}-{s}.json').write_text(json.dumps(dict(key=key or {}, wall_s=0, result=r.to_dict())))
+            out.append(dict(student='S', method=name, seed=s, eval=f'evals/{name}-{s}.json'))
+    (folder / 'results.json').write_text(json.dumps(dict(rows=out, git=None, config=dict(suite=['clean', 'aa']))))
+    return folder
+
+
+def test_compare_reads_stored_rows_and_matches_mcnemar(tmp_path, capsys):
+    """`adaad compare` on a hand-made results folder: each pair's AA difference and p-value are those of the counts
+    (a right and b wrong 10 times, the reverse twice), over the rows' stored evaluation files; an unknown row and an
+    attack the rows lack are refused by name."""
+    import json
     a, b = pair(10, 2, 40, 20)
-    (tmp_path / 'evals').mkdir()
-    rows = []
-    for name, c in (('x', a), ('y', b)):
-        r = EvalResult.from_correct({'clean': c, 'aa': c}, labels=torch.zeros(len(c), dtype=torch.long))
-        (tmp_path / 'evals' / f'{name}.json').write_text(json.dumps(dict(key={}, wall_s=0, result=r.to_dict())))
-        rows.append(dict(student='S', method=name, seed=0, eval=f'evals/{name}.json'))
-    (tmp_path / 'results.json').write_text(json.dumps(dict(rows=rows, git=None)))
-    tool = Path(__file__).resolve().parents[1] / 'tools' / 'paired.py'
-    run = lambda *p: subprocess.run([sys.executable, str(tool), str(tmp_path), *p, '--student', 'S', '--attacks', 'clean,aa'],
-                                    capture_output=True, text=True)
-    assert run('x:y').returncode == 0
-    got = json.loads((tmp_path / 'pairs.json').read_text())['pairs']['x:y']['aa']
+    _stored_rows(tmp_path, dict(x=a, y=b))
+    code, out, err = _compare([str(tmp_path), 'x:y', '--student', 'S', '--attacks', 'clean,aa'], capsys)
+    assert code == 0, err
+    d = json.loads((tmp_path / 'pairs.json').read_text())
+    got = d['pairs']['x:y']['aa']
     assert got['diff'] == pytest.approx(100 * 8 / 72) and got['p'] == pytest.approx(mcnemar_exact(a, b), rel=1e-12)
-    assert json.loads((tmp_path / 'pairs.json').read_text())['exploratory'] and got['verdict'].startswith('exploratory')
+    assert d['exploratory'] and got['verdict'].startswith('exploratory') and 'x - y: clean +11.1' in out
     assert got['p_holm'] == pytest.approx(min(1, 2 * got['p']))        # Holm within this call's two comparisons (clean and AA agree)
-    bad = run('x:z')
-    assert bad.returncode != 0 and "no row 'z' for student 'S'" in bad.stderr
-    bad = subprocess.run([sys.executable, str(tool), str(tmp_path), 'x:y', '--student', 'S', '--attacks', 'cw2'], capture_output=True, text=True)
-    assert bad.returncode != 0 and "--attacks: 'cw2' is not in row 'x'" in bad.stderr
+    code, _, err = _compare([str(tmp_path), 'x:z', '--student', 'S'], capsys)
+    assert code == 2 and "no row 'z' for student 'S'" in err and "accepted: ['x', 'y']" in err
+    code, _, err = _compare([str(tmp_path), 'x:y', '--student', 'S', '--attacks', 'cw2'], capsys)
+    assert code == 2 and "attacks: ['cw2'] not in the evaluations of x:y; accepted: ['aa', 'clean', 'worst']" in err
+    code, _, err = _compare([str(tmp_path), 'x-y', '--student', 'S'], capsys)
+    assert code == 2 and 'pairs must be pairs row_a:row_b' in err
 
 
-def test_paired_tool_against_another_folder_needs_the_same_test_images(tmp_path):
+def test_compare_gives_the_p_value_of_the_tables_comparison(tmp_path, capsys):
+    "Three seeds of two stored rows: `adaad compare x:pgd-at` gives the seed-level p-value and interval the table's own comparison gives."
+    import json
+    from adaad.report import add_comparisons, load_results
+    rng = np.random.default_rng(0)
+    _stored_rows(tmp_path, {'pgd-at': rng.random((3, 200)) < 0.4, 'x': rng.random((3, 200)) < [[0.5], [0.45], [0.55]]})
+    res = load_results(tmp_path)
+    add_comparisons(res, tmp_path)
+    table = next(c for c in res['comparisons'] if (c['method'], c['reference'], c['attack']) == ('x', 'pgd-at', 'aa'))
+    code, _, err = _compare([str(tmp_path), 'x:pgd-at', '--student', 'S', '--attacks', 'aa'], capsys)
+    assert code == 0, err
+    got = json.loads((tmp_path / 'pairs.json').read_text())['pairs']['x:pgd-at']['aa']
+    assert table['level'] == got['level'] == 'seeds' and got['seeds'] == 3
+    assert got['p'] == table['p'] and got['ci95'] == table['ci95'] and got['diff'] == table['diff']
+
+
+def test_compare_against_another_folder_needs_the_same_test_images(tmp_path, capsys):
     """--against reads row b from another results folder: x there vs x here is the McNemar of their counts; a folder
     whose evaluation ran on other test images, and a seed a row lacks, are refused by name."""
-    import json, subprocess, sys
-    from pathlib import Path
-    from adaad.evaluate import EvalResult
+    import json
     a, b = pair(3, 11, 30, 20)
-    def folder(name, c, sha):
-        d = tmp_path / name; (d / 'evals').mkdir(parents=True)
-        r = EvalResult.from_correct({'aa': c}, labels=torch.zeros(len(c), dtype=torch.long))
-        (d / 'evals' / 'x.json').write_text(json.dumps(dict(key=dict(n=len(c), test_sha256=sha), wall_s=0, result=r.to_dict())))
-        (d / 'results.json').write_text(json.dumps(dict(rows=[dict(student='S', method='x', seed=0, eval='evals/x.json')], git=None)))
-        return d
-    new, old, moved = folder('new', a, 'abc'), folder('old', b, 'abc'), folder('moved', b, 'def')
-    tool = Path(__file__).resolve().parents[1] / 'tools' / 'paired.py'
-    run = lambda other, *p: subprocess.run([sys.executable, str(tool), str(new), 'x:x', '--student', 'S', '--attacks', 'aa',
-                                            '--against', str(other), *p], capture_output=True, text=True)
-    assert run(old).returncode == 0
+    new = _stored_rows(tmp_path / 'new', dict(x=a), key=dict(n=len(a), test_sha256='abc'))
+    old = _stored_rows(tmp_path / 'old', dict(x=b), key=dict(n=len(a), test_sha256='abc'))
+    moved = _stored_rows(tmp_path / 'moved', dict(x=b), key=dict(n=len(a), test_sha256='def'))
+    run = lambda other, *p: _compare([str(new), 'x:x', '--student', 'S', '--attacks', 'aa', '--against', str(other), *p], capsys)
+    assert run(old)[0] == 0
     got = json.loads((new / 'pairs_vs_old.json').read_text())['pairs']['x:x']['aa']
     assert got['diff'] == pytest.approx(100 * (3 - 11) / 64) and got['p'] == pytest.approx(mcnemar_exact(a, b), rel=1e-12)
-    bad = run(moved)
-    assert bad.returncode != 0 and 'different test images' in bad.stderr and not (new / 'pairs_vs_moved.json').exists()
-    bad = run(old, '--seeds', '1')
-    assert bad.returncode != 0 and "--seeds: row 'x'" in bad.stderr and 'seeds [0]' in bad.stderr
-    bad = run(old, '--seeds', 'first')
-    assert bad.returncode != 0 and "--seeds must be comma-separated integers" in bad.stderr
+    code, _, err = run(moved)
+    assert code == 2 and 'different test images' in err and not (new / 'pairs_vs_moved.json').exists()
+    code, _, err = run(old, '--seeds', '1')
+    assert code == 2 and "seeds: row 'x'" in err and 'has seeds [0]' in err
+    code, _, err = run(old, '--seeds', 'first')
+    assert code == 2 and '--seeds: must be comma-separated integers' in err
+
+
+def test_compare_reproduces_the_committed_pairs():
+    "`compare_pairs` recomputes, from the committed evaluations, the committed 16- against 8-epoch differences and their interaction."
+    import json
+    from pathlib import Path
+    from adaad.report import compare_pairs
+    root = Path(__file__).resolve().parents[1] / 'results'
+    old = json.loads((root / 'cpu-strong-long' / 'pairs_vs_cpu-strong.json').read_text())
+    d = compare_pairs(root / 'cpu-strong-long', ['adaiad:adaiad'], against=root / 'cpu-strong', seeds=[0], attacks=['aa'], interactions=['adaiad:adaad'])
+    for k in ('diff', 'p', 'ci95', 'n10', 'n01'): assert d['pairs']['adaiad:adaiad']['aa'][k] == old['pairs']['adaiad:adaiad']['aa'][k]
+    assert json.loads(json.dumps(d['interactions']['adaiad:adaad']['aa'])) == old['interactions']['adaiad:adaad']['aa']
+    assert d['preset_differences'] == old['preset_differences']
 
 
 def with_acc(accs, n=1000):
