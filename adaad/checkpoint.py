@@ -154,10 +154,11 @@ def set_rng_state(s):
     random.setstate(s['python'])
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
-def save_state(path, model, opt, epoch, step, best, config):
-    "Write a resumable checkpoint of `model` (unwrapped), `opt`, progress, RNG states and the `config` dict (atomic, checksummed)."
+def save_state(path, model, opt, epoch, step, best, config, method_state=None):
+    "Write a resumable checkpoint of `model` (unwrapped), `opt`, progress, RNG states, the `config` dict and the method's state, if any (atomic, checksummed)."
+    extra = {} if method_state is None else dict(method_state=method_state)
     return atomic_save(dict(state_dict=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, step=step,
-                            best=best, rng=rng_state(), config=config), path, checksum=True)
+                            best=best, rng=rng_state(), config=config, **extra), path, checksum=True)
 
 def prev_path(path):
     "The previous checkpoint kept beside `path` (`last.pt` -> `last.prev.pt`)."

@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['adaad_reduction', 'adaad_loss', 'natural_loss', 'pgd_at_loss', 'trades_loss', 'ard_loss', 'reliability_weights',
            'introspection_term', 'adaiad_loss', 'iad_loss', 'rslad_loss', 'akd_chen_loss', 'akd_maroto_loss',
-           'triangle_term', 'mmard_loss']
+           'triangle_term', 'mmard_loss', 'mirror_point', 'igdm_term', 'igdm_ramp', 'igdm_loss', 'class_weights',
+           'classwise_weighted']
 
 # %% ../nbs/08_losses.ipynb #a7c80f72
 import torch
@@ -108,3 +109,38 @@ def triangle_term(s_nat, s_adv, t_adv, reduction=None):
 def mmard_loss(base_loss, s_nat, s_adv, t_adv, triangle_weight=1., reduction=None):
     "Our reading of MMARD's outer loss: $\\mathcal L_{\\text{base}} + \\gamma\\,\\mathcal R_\\triangle$."
     return base_loss + triangle_weight * triangle_term(s_nat, s_adv, t_adv, reduction)
+
+# %% ../nbs/08_losses.ipynb #be0e9022
+def mirror_point(x, x_adv):
+    "$x - \\delta$ for $\\delta = \\tilde x - x$: the inner point reflected through $x$, not clipped."
+    return x - (x_adv - x)
+
+def igdm_term(s_plus, s_minus, t_plus, t_minus):
+    "$\\frac1B\\sum_i\\mathrm{KL}(\\sigma(T(x_i+\\delta_i)-T(x_i-\\delta_i))\\|\\sigma(S(x_i+\\delta_i)-S(x_i-\\delta_i)))$."
+    return kl(t_plus - t_minus, s_plus - s_minus, reduction='batchmean')
+
+def igdm_ramp(epoch, ramp_epochs=200):
+    "The weight ramp of IGDM at 0-based `epoch`: $t/E$ with the 1-based epoch $t$ = `epoch + 1`, $E$ = `ramp_epochs`."
+    return (epoch + 1) / ramp_epochs
+
+def igdm_loss(base_loss, s_plus, s_minus, t_plus, t_minus, epoch=0, matching_weight=1., ramp_epochs=200):
+    "IGDM's outer loss: $\\mathcal L_{\\text{base}} + \\gamma\\,\\frac{t}{E}\\,\\mathcal L_{\\text{IGDM}}$."
+    return base_loss + matching_weight * igdm_ramp(epoch, ramp_epochs) * igdm_term(s_plus, s_minus, t_plus, t_minus)
+
+# %% ../nbs/08_losses.ipynb #92712dc6
+def class_weights(kappa, counts, exponent=2., low=5/6, high=5/2, offset=1e-5):
+    "Fair-ARD's class weights from per-class sums `kappa` of correct inner steps over `counts` examples (see above)."
+    seen = counts > 0
+    r = (kappa[seen] / counts[seen] + offset) ** -exponent
+    w = torch.ones_like(kappa)
+    w[seen] = (r * seen.sum() / r.sum()).clamp(low, high)
+    return w
+
+def classwise_weighted(loss_of_rows, y, weights):
+    "$\\frac1B\\sum_i w_{y_i}\\ell_i$ for a batch-mean loss: $\\sum_c w_c\\frac{B_c}{B}L_c$, $L_c$ = `loss_of_rows(y == c)`."
+    out = 0.
+    for c in y.unique().tolist():
+        keep = y == c
+        loss = loss_of_rows(keep)
+        out = out + loss * weights[c].to(loss.dtype) * keep.sum().to(loss.dtype) / len(y)
+    return out

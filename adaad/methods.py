@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['BUDGET_KEYS', 'METHODS', 'ALIASES', 'Logits', 'Method', 'register', 'known_methods', 'method_class', 'field_names',
            'get_method', 'Natural', 'PGDAT', 'TRADES', 'ARD', 'IAD', 'RSLAD', 'AKD', 'AKDMaroto', 'AdaAD', 'AdaIAD',
-           'MMARD', 'Combo', 'inner_point', 'training_loss']
+           'MMARD', 'Combo', 'inner_point', 'training_loss', 'BaseBudget', 'PlugIn', 'IGDM', 'FairARD']
 
 # %% ../nbs/09_methods.ipynb #06fae0b5
 import dataclasses, math, numbers, types, typing
@@ -16,14 +16,15 @@ from .core import check_choice, is_real
 from .attacks import frozen_eval
 from .inner import Budget, find_inner, adaad_objective, fixed_target_objective, ce_objective, mmard_objective
 from .losses import (natural_loss, adaad_reduction, adaad_loss, adaiad_loss, iad_loss, pgd_at_loss, trades_loss, ard_loss,
-                          rslad_loss, akd_chen_loss, akd_maroto_loss, mmard_loss)
+                          rslad_loss, akd_chen_loss, akd_maroto_loss, mmard_loss,
+                          igdm_loss, mirror_point, class_weights, classwise_weighted)
 
 # %% ../nbs/09_methods.ipynb #f33041e7
 class Logits:
     "The logits of one batch, each computed on first use and cached: student with a graph, teachers without."
-    def __init__(self, student, teacher, x, x_adv=None, teacher_st=None, num_classes=None):
+    def __init__(self, student, teacher, x, x_adv=None, teacher_st=None, num_classes=None, state=None):
         self.student, self.teacher, self.teacher_st, self.x, self.x_adv, self.cache = student, teacher, teacher_st, x, x_adv, {}
-        self.num_classes = num_classes
+        self.num_classes, self.state = num_classes, state    # state: the method's tensors across batches (Method.new_state)
 
     def input(self, at):
         "$x$ for `at='nat'`, $\\tilde x$ for `at='adv'`."
@@ -110,6 +111,12 @@ class Method:
     def passes(self, epoch):
         "The official student forward passes of one batch ('nat'/'adv'), for `faithful=True`."
         return ('adv',)
+    state_sums: ClassVar[tuple] = ()               # entries of the state summed over processes before `end_epoch`
+    def new_state(self, num_classes, device=None):
+        "The tensors this method carries across batches and epochs (None: none); the trainer keeps and checkpoints them."
+        return None
+    def end_epoch(self, state, epoch):
+        "Update `state` after the last batch of epoch `epoch` (its `state_sums` entries summed over processes)."
 
     @property
     def uses_teacher(self):
@@ -436,14 +443,126 @@ def _logs(loss, lg, y):
         if ('s', at) in lg.cache: logs[f'acc_{at}'] = (lg.cache['s', at].detach().argmax(1) == y).float().mean()
     return logs
 
-def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, faithful=False, teacher_st=None, inner=None, **overrides):
-    "One batch of `method`: inner maximisation, student in train mode, outer loss; returns `(loss, logs)`."
+def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, faithful=False, teacher_st=None, inner=None, state=None, **overrides):
+    "One batch of `method`: inner maximisation, student in train mode, outer loss; returns `(loss, logs)`. `state`: the method's `new_state`."
     m = get_method(method, inner, **overrides)
     if not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool) or epoch < 0: raise ValueError(f"epoch must be an int >= 0; got {epoch!r}")
     if teacher is None and m.uses_teacher: raise ValueError(f"method {m.name!r} needs a teacher; got teacher=None")
-    lg = Logits(student, teacher, x, teacher_st=teacher_st, num_classes=num_classes)
+    lg = Logits(student, teacher, x, teacher_st=teacher_st, num_classes=num_classes, state=state)
     lg.x_adv = inner_point(m, lg, y)
     student.train()
     if faithful: lg.replay(m.passes(epoch))
     loss = m.loss(lg, y, epoch)
     return loss, _logs(loss, lg, y)
+
+# %% ../nbs/09_methods.ipynb #36fa9b78
+@dataclass(frozen=True)
+class BaseBudget(Budget):
+    "A plug-in's budget taken from its base method: it follows the base when the base changes."
+
+@dataclass(frozen=True)
+class PlugIn(Method):
+    "A method that extends the inner point and loss of another, `base`; its budget is the base's unless set."
+    teacher_in_inner = property(lambda self: self._base.teacher_in_inner)
+    budget: Budget | None = None                    # None: the base's budget
+    base: str = 'adaad'                             # the method extended
+    def plug_in(self, **overrides):
+        "Check `base` (another registered method, with an inner maximisation) and build it with `overrides` it accepts."
+        check_choice('base', self.base, tuple(n for n in known_methods() if not issubclass(method_class(n), type(self))))
+        base = get_method(self.base, **{k: v for k, v in overrides.items() if k in field_names(method_class(self.base))})
+        if base.budget is None:
+            raise ValueError(f"{self.name}: base {self.base!r} has no inner maximisation, and {self.name} needs its inner "
+                             f"point x~; choose a base with one (e.g. 'adaad', 'ard', 'rslad')")
+        object.__setattr__(self, '_base', base)
+        if self.budget is None or type(self.budget) is BaseBudget:
+            object.__setattr__(self, 'budget', BaseBudget(**dataclasses.asdict(base.budget)))
+    def with_budget(self, **changes):
+        return replace(self, budget=Budget(**{**dataclasses.asdict(self.budget), **changes}))
+    def objective(self, lg, y): return self._base.objective(lg, y)
+    def passes(self, epoch): return self._base.passes(epoch)
+
+def _mirror_logits(lg):
+    "$S(x-\\delta)$ with a graph and $T(x-\\delta)$ without, for $\\delta = \\tilde x - x$ (not cached)."
+    xm = mirror_point(lg.x, lg.input('adv'))
+    s = lg.student(xm)
+    with torch.no_grad(), frozen_eval(lg.teacher): t = lg.teacher(xm)
+    return s, t
+
+@register
+@dataclass(frozen=True)
+class IGDM(PlugIn):
+    """IGDM (Lee et al., arXiv 2312.03286) on a `base` method: its inner point and loss, plus
+    $\\gamma\\frac{t}{E}\\frac1B\\sum_i\\mathrm{KL}(\\sigma(T(x_i+\\delta_i)-T(x_i-\\delta_i))\\|\\sigma(S(x_i+\\delta_i)-S(x_i-\\delta_i)))$, $\\delta = \\tilde x - x$."""
+    name = 'igdm'
+    source = 'HongsinLee/saad igdm.py (training loop; adaad_inner_loss in attacks.py)'
+    weight_decay = 2e-4
+    ranges = dict(matching_weight=(0., math.inf, "gamma, the weight of the gradient-matching term at the end of the ramp"),
+                  ramp_epochs=(1, math.inf, 'E, the epochs over which the weight of the gradient-matching term grows linearly'))
+    base: str = 'adaad'                             # the method whose inner point and loss IGDM extends
+    matching_weight: float = 1.                     # gamma (--igdm_alpha), weight of the gradient-matching term
+    ramp_epochs: int = 200                          # E: the weight is gamma * t / E at the 1-based epoch t
+    base_reduction: str | None = 'batchmean'        # the base's KL reduction where it has one; None: the base's own
+    def __post_init__(self):
+        super().__post_init__()
+        if self.base_reduction is not None: check_choice('base_reduction', self.base_reduction, ('sum', 'batchmean', 'mean_all'))
+        self.plug_in(**({} if self.base_reduction is None else dict(reduction=self.base_reduction)))
+    def loss(self, lg, y, epoch):
+        base = self._base.loss(lg, y, epoch)
+        s_minus, t_minus = _mirror_logits(lg)
+        return igdm_loss(base, lg.s_adv, s_minus, lg.t_adv, t_minus, epoch, self.matching_weight, self.ramp_epochs)
+
+def _counting(objective, student, y, kappa):
+    "`objective`, also adding to `kappa[c]` the examples of class c the student classifies correctly at each point."
+    def hook(module, inputs, out): kappa.index_add_(0, y, (out.detach().argmax(1) == y).to(kappa.dtype))
+    def counted(x_adv):
+        h = student.register_forward_hook(hook)
+        try: return objective(x_adv)
+        finally: h.remove()
+    return counted
+
+def _rows(lg, keep):
+    "A view of `lg` with the rows `keep` of its cached logits (so the base's loss recomputes no pass)."
+    sub = Logits(lg.student, lg.teacher, lg.x[keep], None if lg.x_adv is None else lg.x_adv[keep], lg.teacher_st, lg.num_classes)
+    sub.cache = {k: v[keep] for k, v in lg.cache.items()}
+    return sub
+
+@register
+@dataclass(frozen=True)
+class FairARD(PlugIn):
+    """Fair-ARD (Yue et al., NeurIPS 2023) on a `base` method: $\\frac1B\\sum_i w_{y_i}\\ell_i$ with the base's per-example loss
+    $\\ell_i$ and $w_c = \\mathrm{clip}(C\\,(\\bar\\kappa_c+10^{-5})^{-\\beta} / \\sum_{c'}(\\bar\\kappa_{c'}+10^{-5})^{-\\beta}, \\frac56, \\frac52)$
+    from the previous epoch's mean count $\\bar\\kappa_c$ of inner steps at which the student was right (1 in the first epoch)."""
+    name = 'fair-ard'
+    source = 'NISP-official/Fair-ARD Fair-ARD.py, Fair-IAD.py, Fair-RSLAD.py (AttackPGD / rslad_inner_loss Kappa, weight_assign, train)'
+    state_sums = ('kappa', 'count')
+    ranges = dict(class_weight_exponent=(0., math.inf, "beta, the exponent of a class's difficulty in its weight; 0 weighs classes equally"),
+                  min_class_weight=(0., math.inf, 'the smallest class weight (clip)'), max_class_weight=(0., math.inf, 'the largest class weight (clip)'))
+    base: str = 'ard'                               # the method whose per-example loss is re-weighted by class
+    class_weight_exponent: float = 2.               # beta (--beta)
+    min_class_weight: float = 5/6                   # clip of the normalised weights
+    max_class_weight: float = 5/2
+    def __post_init__(self):
+        super().__post_init__()
+        if self.min_class_weight > self.max_class_weight:
+            raise ValueError(f'{self.name}: min_class_weight must be <= max_class_weight, got {self.min_class_weight} > {self.max_class_weight}')
+        self.plug_in()
+    def new_state(self, num_classes, device=None):
+        z = lambda v: torch.full((num_classes,), v, dtype=torch.float32, device=device)
+        return dict(weights=z(1.), kappa=z(0.), count=z(0.))
+    def end_epoch(self, state, epoch):
+        state['weights'].copy_(class_weights(state['kappa'], state['count'], self.class_weight_exponent,
+                                             self.min_class_weight, self.max_class_weight))
+        state['kappa'].zero_(); state['count'].zero_()
+    def objective(self, lg, y):
+        f = self._base.objective(lg, y)
+        if lg.state is None: return f
+        lg.state['count'].index_add_(0, y, torch.ones_like(y, dtype=lg.state['count'].dtype))
+        return _counting(f, lg.student, y, lg.state['kappa'])
+    def loss(self, lg, y, epoch):
+        full = self._base.loss(lg, y, epoch)        # the base's passes on the whole batch, in its order
+        w = None if lg.state is None else lg.state['weights']
+        if w is None or bool((w == 1).all()): return full
+        return classwise_weighted(lambda keep: self._base.loss(_rows(lg, keep), y[keep], epoch), y, w)
+
+for _k in _SCHEDULE[:5]:
+    setattr(FairARD, _k, property(lambda self, _k=_k: getattr(self._base, _k)))

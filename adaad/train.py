@@ -289,6 +289,7 @@ class Run:
     progress: bool = True
     done: bool = False
     lock: FolderLock | None = None
+    method_state: dict | None = None   # the tensors of `Method.new_state`, kept across batches and epochs
 
     def summary(self, status):
         "The dict `train` returns."
@@ -369,6 +370,7 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     run = Run(cfg, method, out, model, model, opt, teacher, teacher_st, train_set, val, device, rank, world, progress=progress,
               deadline=None if time_limit is None else time.time() + time_limit, lock=lock)
+    run.method_state = method.new_state(train_set.num_classes, device)
     if (out / 'DONE').exists() and (out / 'final.pt').exists():  # finished earlier, with the same identity: reuse it
         model.load_state_dict(read_checkpoint(out / 'final.pt')['state_dict']); model.eval()
         run.best, run.done = json.loads((out / 'DONE').read_text())['best'], True
@@ -379,6 +381,7 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
         model.load_state_dict(st['state_dict']); opt.load_state_dict(st['optimizer'])
         run.epoch, run.step, run.best = st['epoch'], st['step'], st['best']
         set_rng_state(st['rng'])
+        for k, v in (st.get('method_state') or {}).items(): run.method_state[k].copy_(v)
     else: torch.manual_seed(cfg.seed + 1)
     if rank == 0:
         atomic_write(out / 'config.json', json.dumps(plain(asdict(cfg)), indent=1))
@@ -391,7 +394,14 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
 def _save_last(run, epoch, step):
     "Check the loss watch and the weights, then write `last.pt` (keeping the previous one)."
     run.watch.check(epoch, run.out / 'last.pt'); check_finite_weights(run.model, f'at epoch {epoch}, batch {step}')
-    save_rotating(run.out / 'last.pt', run.model, run.opt, epoch, step, run.best, plain(asdict(run.cfg)))
+    save_rotating(run.out / 'last.pt', run.model, run.opt, epoch, step, run.best, plain(asdict(run.cfg)), method_state=run.method_state)
+
+def _end_method_epoch(run, epoch):
+    "Sum the method's `state_sums` over the processes and let it update its state after epoch `epoch`."
+    if run.method_state is None: return
+    if run.world > 1:
+        for k in run.method.state_sums: dist.all_reduce(run.method_state[k])
+    run.method.end_epoch(run.method_state, epoch)
 
 def train_epoch(run, epoch):
     "Train epoch `epoch` of `run`; its log row, or None when the time limit paused it (after a checkpoint)."
@@ -407,7 +417,7 @@ def train_epoch(run, epoch):
         if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             loss, _ = M.training_loss(method, run.net, run.teacher, x, y, epoch=epoch, num_classes=run.train_set.num_classes,
-                                      faithful=cfg.faithful, teacher_st=run.teacher_st)
+                                      faithful=cfg.faithful, teacher_st=run.teacher_st, state=run.method_state)
         run.opt.zero_grad(set_to_none=True); loss.backward(); run.opt.step()
         losses.append(loss.detach()); run.watch.update(loss, step)
         if step % 50 == 0 and run.progress and run.rank == 0:
@@ -415,6 +425,7 @@ def train_epoch(run, epoch):
         late = run.deadline is not None and time.time() > run.deadline
         if run.rank == 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or late): _save_last(run, epoch, step + 1)
         if late: return None
+    _end_method_epoch(run, epoch)
     return dict(epoch=epoch, lr=run.opt.param_groups[0]['lr'], eps=eps_at(cfg, epoch),
                 loss=torch.stack(losses).mean().item() if losses else None, train_s=round(time.time() - te, 3))
 
@@ -434,7 +445,7 @@ def end_epoch(run, epoch, row):
                     run.best[k], run.best[f'{k}_epoch'] = row[key], epoch
                     atomic_save(dict(state_dict=run.model.state_dict(), epoch=epoch, val_clean=row['val_clean'], val_pgd=row['val_pgd']),
                                 run.out / f'best_{k}.pt', checksum=True)
-        save_rotating(run.out / 'last.pt', run.model, run.opt, epoch + 1, 0, run.best, plain(asdict(cfg)))
+        save_rotating(run.out / 'last.pt', run.model, run.opt, epoch + 1, 0, run.best, plain(asdict(cfg)), method_state=run.method_state)
         _log(run.out / 'metrics.jsonl', row)
     run.epoch, run.step = epoch + 1, 0
     if run.world > 1: dist.barrier()

@@ -206,7 +206,10 @@ def test_eval_of_a_nan_checkpoint_names_the_file(tmp_path, capsys):
     ('adaiad', dict(begin=-2), r'adaiad: begin must be >= 0 \(the first epoch'),
     ('akd', dict(alpha=0.9, alpha2=0.2), r'akd: alpha \+ alpha2 must be <= 1'),
     ('akd-maroto', dict(alpha=1.5), r'akd-maroto: alpha must be in \[0, 1\]'),
-    ('mmard', dict(triangle_weight=-1.), r'mmard: triangle_weight must be >= 0')])
+    ('mmard', dict(triangle_weight=-1.), r'mmard: triangle_weight must be >= 0'),
+    ('igdm', dict(matching_weight=-1.), r'igdm: matching_weight must be >= 0 \(gamma, the weight of the gradient-matching term'),
+    ('fair-ard', dict(class_weight_exponent=-2.), r"fair-ard: class_weight_exponent must be >= 0 \(beta"),
+    ('fair-ard', dict(base='natural'), r"fair-ard: base 'natural' has no inner maximisation")])
 def test_method_fields_outside_their_meaning_are_refused(method, kw, msg):
     from adaad.methods import get_method
     from adaad.train import TrainConfig, resolve

@@ -179,7 +179,7 @@ def test_akd_loss_matches_the_official_formula(setup):
 def test_registry_defaults():
     "The official defaults of every method, from its official script."
     M = {n: get_method(n) for n, c in METHODS.items() if c.__module__ == 'adaad.methods'}   # not the tests' own methods
-    assert set(M) >= {'natural', 'pgd-at', 'trades', 'ard', 'iad', 'rslad', 'akd', 'akd-maroto', 'adaad', 'adaiad', 'mmard'}
+    assert set(M) >= {'natural', 'pgd-at', 'trades', 'ard', 'iad', 'rslad', 'akd', 'akd-maroto', 'adaad', 'adaiad', 'mmard', 'igdm', 'fair-ard'}
     assert (M['natural'].uses_teacher, M['natural'].budget, M['natural'].weight_decay) == (False, None, 5e-4)
     for n in ('adaad', 'adaiad', 'mmard'):
         assert (M[n].weight_decay, M[n].epochs, M[n].milestones, M[n].single_decay) == (5e-4, 200, (100, 150), False)
