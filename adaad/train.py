@@ -250,7 +250,7 @@ def validate(model, val, eps=8/255, steps=10, batch_size=500):
     clean = rob = 0
     for x, y in batches(val, batch_size):
         with torch.no_grad(): clean += (model(x).argmax(1) == y).sum().item()
-        xa = pgd(model, x, y, eps=eps, alpha=eps / 4, steps=steps)
+        xa = pgd(model, x, y, eps=eps, step_size=eps / 4, steps=steps)
         with torch.no_grad(): rob += (model(xa).argmax(1) == y).sum().item()
     model.train(was)
     return 100. * clean / len(val), 100. * rob / len(val)
