@@ -41,7 +41,8 @@ _QUICK_T = dict(source='shipped', arch='resnet18-w8', path='teachers/quick-resne
                 train=dict(method='pgd-at', student='resnet18-w8', epochs=6, milestones=(5,), batch_size=128, lr=0.1, steps=3,
                            step_size=3/255, val_n=1000, val_steps=5))
 
-_STRONG_T = dict(source='shipped', arch='resnet18-w16', path='teachers/cpu-strong-resnet18-w16.pt', sha256=None,
+_STRONG_T = dict(source='shipped', arch='resnet18-w16', path='teachers/cpu-strong-resnet18-w16.pt',
+                 sha256='650dd74bd45124cf214f59dd615a2720ab2a21dd31159c0805beb7d560809c5e',
                  train=dict(method='pgd-at', student='resnet18-w16', epochs=8, milestones=(6,), batch_size=128, lr=0.1, steps=3,
                             step_size=3/255, val_n=1000, val_steps=5))
 
