@@ -138,7 +138,8 @@ def test_bad_confidence_interval_counts():
 # ---- models and checkpoints ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('name', ['resnet50', 'wrn-34', 'vit', ''])
 def test_unknown_model_name_lists_the_known_ones(name):
-    with pytest.raises(ValueError, match=r"unknown model name .*; known: mobilenetv2, preact_resnet18, resnet18, wrn-D-W"):
+    "The message lists the built-in names (and any the user registered: other test modules register some)."
+    with pytest.raises(ValueError, match=r"unknown model name .*; known: mobilenetv2, preact_resnet18, resnet18, (.*, )?wrn-D-W"):
         create_model(name)
 
 
@@ -243,7 +244,7 @@ def _cli(args, capsys):
     (['train', '--val-source', 'x'], r"--val-source: invalid choice"),
     (['eval', '--ckpt', 'x.pt', '--arch', 'resnet18', '--n', '0'], r'--n: .*must be an int >= 1'),
     (['eval', '--ckpt', 'x.pt', '--arch', 'resnet18', '--eps', '300/255'], r'--eps: .*must be in \(0, 1\]'),
-    (['teacher', '--arch', 'resnet18', '--method', 'adaad'], r"--method for a teacher must be 'pgd-at', 'trades' or 'natural'")])
+    (['teacher', '--arch', 'resnet18', '--method', 'adaad'], r"--method for a teacher must be a method that reads no teacher: one of \[.*'natural', 'pgd-at', 'trades'.*\], got 'adaad'")])
 def test_cli_refuses_bad_options_by_name(args, msg, capsys):
     code, err = _cli(args, capsys)
     assert code == 2 and re.search(msg, err), err
