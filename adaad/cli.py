@@ -114,7 +114,7 @@ def parser():
     e.add_argument('--no-progress', action='store_true', help='hide progress bars')
     _repro_commands(sub)
     for p in sub.choices.values():   # --import after the command too (main imports every one of them before parsing)
-        p.add_argument('--import', dest='sub_imports', action='append', default=[], metavar='MODULE', help='import a module first, as adaad --import MODULE')
+        p.add_argument('--import', dest='sub_imports', action='append', default=[], metavar='MODULE', help='import a module first, as adaad --import MODULE (default: none; repeatable)')
     return ap
 
 _N = types.SimpleNamespace(type=int, metadata=dict(check=(lambda v: v >= 1, 'an int >= 1')))
