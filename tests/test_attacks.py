@@ -172,8 +172,10 @@ def test_autoattack_leaves_trace_and_rng(toy):
 
 
 def test_attacks_registry():
-    "One registry of evaluation columns, each with the declarations the sanity flags read."
-    assert list(ATTACKS) == ['clean', 'fgsm', 'pgd10', 'pgd20', 'cwinf', 'cw2', 'square', 'aa', 'aa-reduced']
+    "One registry of evaluation columns, each with the declarations the sanity flags read; the library's come first."
+    builtin = ['clean', 'fgsm', 'pgd10', 'pgd20', 'cwinf', 'cw2', 'square', 'aa', 'aa-reduced']
+    assert list(ATTACKS)[:len(builtin)] == builtin   # attacks a user (or another test module) registered follow them
+    assert all(not ATTACKS[n].fn.__module__.startswith('adaad.') for n in list(ATTACKS)[len(builtin):])
     assert all(s.declared for n, s in ATTACKS.items() if n != 'clean')
     assert ATTACKS['pgd10'].fn is pgd and ATTACKS['cw2'].norm == 'l2' and ATTACKS['cw2'].radius() is None
     assert not ATTACKS['square'].white_box and ATTACKS['aa'].ensemble and not ATTACKS['fgsm'].multi_step
