@@ -31,18 +31,20 @@ data: install
 check-nbdev: install
 	bash tools/check_nbdev.sh $(BIN)
 
+# Two notebooks at a time, one thread each (two threads each would wait on each other's cores).
 nbtest: install data
-	cd nbs && ../$(BIN)/nbdev_test --n_workers 2 --path .
+	cd nbs && OMP_NUM_THREADS=1 ../$(BIN)/nbdev_test --n_workers 2 --path .
 
-# The tests run in WORKERS processes (pytest-xdist); the tests that share the session's trained networks stay in one.
+# The tests run in WORKERS processes (pytest-xdist); the networks several tests share are trained once, by the first
+# worker that needs them, and loaded by the others (tests/conftest.py).
 WORKERS ?= 2
 pytest: install data
-	$(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(WORKERS)
 
 test: check-nbdev nbtest pytest
 
 test-slow: install data
-	$(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup -m slow
+	$(BIN)/python -m pytest -n $(WORKERS) -m slow
 
 # The paper's table with a preset (quick, smoke, cpu-small, cpu-long, cpu-strong, cpu-strong-long, gpu-small, paper,
 # paper-cifar100): `make repro` runs `quick` (minutes on a CPU, from the shipped teacher), `make repro PRESET=cpu-strong`

@@ -35,15 +35,20 @@ def site(tmp_path_factory):
         msg = 'no Chromium: install Debian\'s chromium package (apt-get install chromium) to check the documentation site'
         if os.environ.get('CI'): pytest.fail(msg)
         pytest.skip(msg)
-    out = tmp_path_factory.mktemp('site')
-    subprocess.run([sys.executable, str(ROOT / 'tools' / 'docs.py'), '--out', str(out)], check=True, capture_output=True, timeout=600)
-    profile = tmp_path_factory.mktemp('chromium-profile')
-    pages = {}
+    from conftest import built_once
+    def build(out):
+        "The site, and each page's DOM as Chromium renders it (`<page>.dom`)."
+        subprocess.run([sys.executable, str(ROOT / 'tools' / 'docs.py'), '--out', str(out)], check=True, capture_output=True,
+                       timeout=600)
+        profile = tmp_path_factory.mktemp('chromium-profile')
+        for f in sorted(out.glob('*.html')):
+            p = subprocess.run([CHROMIUM, *FLAGS, f'--user-data-dir={profile}', '--dump-dom', f.as_uri()], capture_output=True,
+                               text=True, timeout=120)
+            assert p.returncode == 0 and '<html' in p.stdout, (f.name, p.stderr[-2000:])
+            f.with_suffix('.dom').write_text(p.stdout)
+    out, pages = built_once(tmp_path_factory, 'docs-site', build), {}
     for f in sorted(out.glob('*.html')):
-        p = subprocess.run([CHROMIUM, *FLAGS, f'--user-data-dir={profile}', '--dump-dom', f.as_uri()], capture_output=True,
-                           text=True, timeout=120)
-        assert p.returncode == 0 and '<html' in p.stdout, (f.name, p.stderr[-2000:])
-        page = Page(); page.feed(p.stdout); page.dom = p.stdout
+        page = Page(); page.dom = f.with_suffix('.dom').read_text(); page.feed(page.dom)
         pages[f.name] = page
     return out, pages
 
