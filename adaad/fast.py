@@ -20,7 +20,7 @@ def fold_batchnorm(model):
     try: gm = fx.symbolic_trace(copy.deepcopy(model).eval())
     except Exception as e:
         raise TypeError(f"fold_batchnorm needs a model torch.fx can trace ({type(e).__name__}: {e}); "
-                        "pass fold_bn=False to use it unfolded") from e
+                        "prepare it with fold_bn=False, or train with TrainConfig(fold_teacher=False) / --no-fold-teacher, to use it unfolded") from e
     mods = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         if node.op != 'call_module' or not isinstance(mods[node.target], nn.BatchNorm2d): continue

@@ -60,7 +60,7 @@ PRESETS = {
         seeds=(0,),
         train=dict(epochs=6, train_n=2000, batch_size=128, lr=0.1, milestones=(5,), steps=3, step_size=3/255, val_n=200, val_steps=3,
                    amp='auto'),
-        method_kwargs={'adaiad': dict(begin=2)},
+        method_kwargs={},
         family=dict(references=('pgd-at',), pairs=(('adaad', 'natural'), ('adaad-batchmean', 'natural'), ('adaiad', 'natural'),
                                                      ('adaad-batchmean', 'adaad')), attacks=('pgd10',)),
         checkpoint='final', n_test=1000,
@@ -75,7 +75,7 @@ PRESETS = {
         students={'RN-18': 'wrn-10-1', 'MN-V2': 'wrn-16-1'},
         methods=('natural',) + PAPER_METHODS, variants={}, seeds=(0,),
         train=dict(epochs=2, train_n=1024, batch_size=64, lr=0.05, milestones=(1,), steps=2, step_size=4/255, val_n=100, val_steps=2),
-        method_kwargs={'iad': dict(begin=1), 'adaiad': dict(begin=1)},
+        method_kwargs={},
         family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='final', n_test=100,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=20)),
@@ -97,7 +97,7 @@ PRESETS = {
         methods=PAPER_METHODS, variants={}, seeds=(0,),
         train=dict(epochs=8, batch_size=256, lr=0.1, milestones=(6,), steps=10, step_size=2/255, val_n=1000, val_steps=10,
                    amp=True, channels_last=True),
-        method_kwargs={'iad': dict(begin=2), 'adaiad': dict(begin=2)},
+        method_kwargs={},
         family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides={}, aa=None, eval_batch=500),
@@ -109,7 +109,7 @@ PRESETS = {
         methods=('pgd-at', 'ard', 'rslad', 'adaad', 'adaiad'), variants={}, seeds=(0,),
         train=dict(epochs=16, train_n=6000, batch_size=128, lr=0.1, milestones=(12,), steps=3, step_size=3/255, val_n=500,
                    val_steps=5, amp=True, channels_last=True),
-        method_kwargs={'adaiad': dict(begin=5)},
+        method_kwargs={},
         family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)), aa=_CPU_AA, eval_batch=250),
@@ -372,7 +372,7 @@ def dry_run_config(cfg, teacher_dir):
     small = dict(epochs=1, train_n=None, batch_size=DRY_RUN['batch_size'], val_n=DRY_RUN['val_n'], val_steps=1, val_source='test', steps=1,
                  diagnostics=False)
     d['train'] = {**d['train'], **small}
-    d['method_kwargs'] = {**d.get('method_kwargs', {}), **{m: {**d.get('method_kwargs', {}).get(m, {}), 'begin': 0} for m in ('iad', 'adaiad')}}
+    d['method_kwargs'] = {m: {**kw, 'begin': 0} if 'begin' in kw else kw for m, kw in d.get('method_kwargs', {}).items()}   # else begin_fraction of 1 epoch: 0
     for role in ('teacher', 'standard_teacher'):
         spec = d.get(role)
         if spec is None: continue

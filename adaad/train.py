@@ -95,12 +95,13 @@ def _optional(t): return isinstance(t, types.UnionType) and type(None) in typing
 
 # %% ../nbs/12_train.ipynb #81169310
 def build_method(cfg):
-    "The `Method` instance of `cfg` (method, inner, method_kwargs, and the budget fields that are not None)."
+    "The `Method` instance of `cfg` (method, inner, method_kwargs, the budget fields that are not None), fixed for its epochs."
     bad = sorted(set(cfg.method_kwargs) & {'eps', 'step_size', 'steps', 'inner'})
     if bad: raise ValueError(f"method_kwargs must not set {', '.join(bad)}: they are TrainConfig fields of their own")
     m = M.get_method(cfg.method, cfg.inner, **cfg.method_kwargs)
     budget = {k: getattr(cfg, k) for k in ('eps', 'step_size', 'steps') if getattr(cfg, k) is not None}
-    return m.with_budget(**budget) if budget else m
+    if budget: m = m.with_budget(**budget)
+    return m if cfg.epochs is None else m.for_run(cfg.epochs)     # what depends on the run's length (IAD's begin)
 
 def resolve(cfg):
     "A validated copy of `cfg` with the method's defaults filled in where `cfg` says None."
@@ -108,6 +109,7 @@ def resolve(cfg):
     m = build_method(cfg)
     for k in ('epochs', 'weight_decay', 'milestones', 'single_decay'):
         if getattr(cfg, k) is None: setattr(cfg, k, getattr(m, k))
+    m = m.for_run(cfg.epochs)
     if cfg.batch_size is None: cfg.batch_size = m.official_batch_size(cfg.dataset)
     b = m.budget
     if b is None and cfg.eps_start is not None: raise ValueError(f'method {m.name!r} has no inner maximisation: eps_start must be None')
@@ -132,9 +134,9 @@ def eps_at(cfg, epoch):
     return cfg.eps_start + (cfg.eps - cfg.eps_start) * epoch / cfg.eps_ramp_epochs
 
 def method_at(method, cfg, epoch):
-    "`method` with the budget of epoch `epoch` (itself when the radius is the final one)."
+    "`method` with the budget of epoch `epoch` (itself when the radius is the final one), fixed for the run's epochs."
     e = eps_at(cfg, epoch)
-    return method if e == cfg.eps else method.with_budget(eps=e, step_size=cfg.step_size * e / cfg.eps)
+    return method if e == cfg.eps else method.with_budget(eps=e, step_size=cfg.step_size * e / cfg.eps).for_run(cfg.epochs)
 
 # %% ../nbs/12_train.ipynb #a1f45d56
 def _check_n(name, n, lo, hi, what):

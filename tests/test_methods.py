@@ -189,8 +189,8 @@ def test_registry_defaults():
         assert (M[n].weight_decay, M[n].epochs, M[n].single_decay, M[n].budget.bn, M[n].budget.init) == (2e-4, 200, True, 'train', 'uniform')
     assert M['trades'].weight_decay == 2e-4 and M['trades'].beta == 6. and M['trades'].budget.eps == 0.031
     assert (M['adaad'].alpha, M['adaad'].reduction) == (1., None) and not hasattr(M['adaad'], 'tau')
-    assert (M['adaiad'].tau, M['adaiad'].alpha, M['adaiad'].beta, M['adaiad'].begin) == (30., 1., 0.1, 60)
-    assert (M['iad'].tau, M['iad'].alpha, M['iad'].beta, M['iad'].begin) == (1., 1., 0.1, 60)
+    assert (M['adaiad'].tau, M['adaiad'].alpha, M['adaiad'].beta, M['adaiad'].start) == (30., 1., 0.1, 60)
+    assert (M['iad'].tau, M['iad'].alpha, M['iad'].beta, M['iad'].start) == (1., 1., 0.1, 60)   # epoch 60 of the official 200
     assert (M['ard'].tau, M['ard'].alpha) == (30., 1.) and (M['akd'].alpha, M['akd'].alpha2, M['akd'].tau) == (0.5, 0.25, 1.)
     assert M['pgd-at'].budget.init == 'gaussian_clipped' and not M['pgd-at'].uses_teacher and not M['trades'].uses_teacher
     for n in ('adaad', 'adaiad', 'rslad', 'trades', 'pgd-at', 'mmard'):
