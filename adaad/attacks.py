@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import check_int, check_positive, is_real as _is_real, renamed_argument
+from .core import check_int, check_positive, check_unit, is_real as _is_real, renamed_argument
 
 # %% ../nbs/04_attacks.ipynb #c375e94b
 def project_linf(x_adv, x, eps):
@@ -66,9 +66,7 @@ def check_labels(y, x, name='y'):
 
 def check_eps(eps, name='eps'):
     "Raise unless `eps` is a number in (0, 1]."
-    if not _is_real(eps): raise TypeError(f"{name} must be a number in (0, 1], got {eps!r}")
-    if not 0 < eps <= 1: raise ValueError(f"{name} must be in (0, 1], got {eps}")
-    return float(eps)
+    return check_unit(eps, name)
 
 # %% ../nbs/04_attacks.ipynb #0f80ecc2
 _UNSET = object()

@@ -19,8 +19,9 @@ def parse_number(s):
 
 def parse_eps(s):
     "A budget from '8/255' or '0.031'; must lie in (0, 1]."
+    from adaad.core import UNIT, is_unit
     v = parse_number(s)
-    if not 0 < v <= 1: raise argparse.ArgumentTypeError(f'must be in (0, 1], got {s}')
+    if not is_unit(v): raise argparse.ArgumentTypeError(f'must be {UNIT}, got {s}')
     return float(v)
 
 def _kv(s):
@@ -41,7 +42,7 @@ def _checked(conv, f):
     return parse
 
 # %% ../nbs/13_cli.ipynb #d99692d1
-CHOICES = dict(dataset=('cifar10', 'cifar100'), val_source=('holdout', 'test'))
+CHOICES = dict(val_source=('holdout', 'test'))   # and dataset: adaad.data.DATASETS
 
 def _base(t): return next((a for a in typing.get_args(t) if a is not type(None)), t) if isinstance(t, types.UnionType) else t
 
@@ -49,6 +50,7 @@ def add_config_options(p, defaults=None):
     "One option per TrainConfig field on parser `p` (`defaults` overrides some fields' defaults)."
     from adaad.train import TrainConfig
     from adaad.methods import known_methods
+    from adaad.data import DATASETS
     for f in dataclasses.fields(TrainConfig):
         default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else {})
         flag, help = '--' + f.name.replace('_', '-'), f"{f.metadata['help']} (default: {default})"
@@ -59,7 +61,7 @@ def add_config_options(p, defaults=None):
         elif t is tuple: p.add_argument(flag, type=int, nargs='*', default=default, help=help)   # checked by TrainConfig.validate
         elif t in (int, float): p.add_argument(flag, type=_checked(parse_number, f), default=default, help=help)
         else:
-            choices = known_methods() if f.name in ('method', 'inner') else CHOICES.get(f.name)
+            choices = known_methods() if f.name in ('method', 'inner') else list(DATASETS) if f.name == 'dataset' else CHOICES.get(f.name)
             p.add_argument(flag, default=default, choices=choices, help=help)
 
 def config_from_args(a):
@@ -84,6 +86,7 @@ def _run_args(p):
 
 def parser():
     "The `adaad` argument parser."
+    from adaad.data import DATASETS
     ap = argparse.ArgumentParser(prog='adaad', description='Adversarial robustness distillation (AdaAD and baselines).')
     ap.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
                     help='import a module first (one that registers your own method, attack or architecture); repeatable, here or after the command')
@@ -99,7 +102,7 @@ def parser():
     e.add_argument('--ckpt', required=True, help='checkpoint file')
     e.add_argument('--arch', default=None, help='registry architecture of --ckpt (default: %(default)s; give it or --robustbench)')
     e.add_argument('--robustbench', default=None, help='RobustBench name of --ckpt (default: %(default)s)')
-    e.add_argument('--dataset', default='cifar10', choices=['cifar10', 'cifar100'], help='(default: %(default)s)')
+    e.add_argument('--dataset', default='cifar10', choices=list(DATASETS), help='(default: %(default)s)')
     e.add_argument('--data-root', default=None, help='(default: $ADAAD_DATA, else ./data)')
     e.add_argument('--suite', default='quick', help="attack suite: 'quick' (clean, PGD-10), 'paper' (clean, FGSM, PGD-10, CW2, AA) or a comma list of attacks, e.g. clean,aa (default: %(default)s)")
     e.add_argument('--n', type=_checked(int, _N), default=1000, help='first N test images (default: %(default)s)')
@@ -117,7 +120,7 @@ def parser():
         p.add_argument('--import', dest='sub_imports', action='append', default=[], metavar='MODULE', help='import a module first, as adaad --import MODULE (default: none; repeatable)')
     return ap
 
-_N = types.SimpleNamespace(type=int, metadata=dict(check=(lambda v: v >= 1, 'an int >= 1')))
+_N = types.SimpleNamespace(type=int, metadata=dict(check=(lambda v: v >= 1, 'an integer >= 1')))
 
 # %% ../nbs/13_cli.ipynb #793fe62c
 def _spec(ap, a, flag):

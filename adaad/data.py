@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from .core import check_choice, check_int
 
 # %% ../nbs/01_data.ipynb #306734f5
 DATASETS = {  # name -> (folder, train files, test files, label key, number of classes)
@@ -24,7 +25,7 @@ def data_root(root=None):
     return Path(root if root is not None else os.environ.get('ADAAD_DATA', 'data')).expanduser()
 
 def _check_name(name, split):
-    if name not in DATASETS: raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
+    check_choice('dataset', name, tuple(DATASETS))
     if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
 
 # %% ../nbs/01_data.ipynb #a723d747
@@ -142,13 +143,13 @@ def load_cifar(name='cifar10', split='train', root=None, download=False, device=
 # %% ../nbs/01_data.ipynb #88833974
 def first_n(split, n):
     "The first `n` examples of `split`, in file order."
-    if not (isinstance(n, int) and 0 < n <= len(split)): raise ValueError(f'n must be an int in [1, {len(split)}], got {n!r}')
+    check_int(n, 'n', 1, len(split))
     return split.subset(torch.arange(n), f'first {n}')
 
 def balanced_indices(y, n, num_classes, seed=0):
     "Seeded indices of `n` examples of labels `y` with (nearly) the same number of each class, in random order."
     C = num_classes
-    if not (isinstance(n, int) and C <= n <= len(y)): raise ValueError(f'n must be an int in [{C}, {len(y)}], got {n!r}')
+    check_int(n, 'n', C, len(y))
     g, y = torch.Generator().manual_seed(seed), y.cpu()
     picks = []
     for c in range(C):
@@ -186,7 +187,7 @@ def epoch_generator(seed, epoch, stream=0):
 
 def batches(split, batch_size, shuffle=False, augment=False, seed=0, epoch=0, drop_last=False, rank=0, world=1):
     "Yield `(x, y)` batches of `split` (x float in [0,1]) in an order fixed by `(seed, epoch)`."
-    if not (isinstance(batch_size, int) and batch_size > 0): raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+    check_int(batch_size, 'batch_size')
     if batch_size % world: raise ValueError(f'batch_size ({batch_size}) must be divisible by world ({world})')
     n = len(split)
     order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)

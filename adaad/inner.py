@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import as_float, check_choice, is_real, kl
+from .core import as_float, check_choice, int_range, is_int, is_real, kl
 from .attacks import project_linf, frozen_eval
 
 # %% ../nbs/07_inner.ipynb #b399b102
@@ -25,8 +25,7 @@ def check_budget(eps, step_size, steps):
     for name, v in (('eps', eps), ('step_size', step_size)):
         if not (is_real(v) and math.isfinite(v)) or not 0 <= v <= 1:
             raise ValueError(f"{name} must be a number in [0, 1] (pixel units of [0,1] images, e.g. 8/255); got {v!r}")
-    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0; got {steps!r}")
+    if not is_int(steps, 0): raise ValueError(f"steps must be {int_range(0)}, got {steps!r}")
 
 @dataclass(frozen=True)
 class Budget:

@@ -13,7 +13,7 @@ import dataclasses, math, numbers, types, typing
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 import torch
-from .core import check_choice, is_real
+from .core import check_choice, check_int, is_int, is_real
 from .attacks import frozen_eval
 from .inner import Budget, find_inner, adaad_objective, fixed_target_objective, ce_objective, mmard_objective
 from .losses import (natural_loss, adaad_reduction, adaad_loss, adaiad_loss, iad_loss, pgd_at_loss, trades_loss, ard_loss,
@@ -79,7 +79,7 @@ BUDGET_KEYS = ('eps', 'step_size', 'steps', 'init', 'attack_bn')   # overrides t
 def _type_ok(value, annotation):
     "Whether `value` fits a simple field annotation (float, int, bool, str, their unions with None)."
     opts = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    ok = {float: lambda v: is_real(v) and math.isfinite(v), int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+    ok = {float: lambda v: is_real(v) and math.isfinite(v), int: is_int,
           bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str), type(None): lambda v: v is None}
     return any(ok[o](value) if o in ok else True for o in opts)
 
@@ -492,7 +492,7 @@ def _logs(loss, lg, y):
 def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, faithful=False, teacher_st=None, inner=None, state=None, **overrides):
     "One batch of `method`: inner maximisation, student in train mode, outer loss; returns `(loss, logs)`. `state`: the method's `new_state`."
     m = get_method(method, inner, **overrides)
-    if not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool) or epoch < 0: raise ValueError(f"epoch must be an int >= 0; got {epoch!r}")
+    check_int(epoch, 'epoch', 0)
     if teacher is None and m.uses_teacher: raise ValueError(f"method {m.name!r} needs a teacher; got teacher=None")
     lg = Logits(student, teacher, x, teacher_st=teacher_st, num_classes=num_classes, state=state)
     lg.x_adv = inner_point(m, lg, y)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .core import check_int
 
 # %% ../nbs/02_models.ipynb #0bb63542
 class BasicBlock(nn.Module):
@@ -201,7 +202,7 @@ def model_names():
 
 def create_model(name, num_classes=10, normalize=None, **kwargs):
     "A registry model by `name`, with an optional `normalize=(mean, std)` layer in front."
-    if not isinstance(num_classes, int) or num_classes < 2: raise ValueError(f'num_classes must be an int >= 2, got {num_classes!r}')
+    check_int(num_classes, 'num_classes', 2)
     key = _key(name)
     if key in MODELS: model = MODELS[key](num_classes, **kwargs)
     elif m := _WRN.match(key): model = WideResNet(int(m[1]), int(m[2]), num_classes, **kwargs)

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from .core import (FolderLock, atomic_write, check_choice, check_device, clean_temporaries, content_digest, first_nonfinite,
-                        is_real, plain, tensor_sha256)
-from .data import balanced_indices, balanced_subset, batches, first_n, load_cifar, to_float
+                        UNIT, check_int, int_range, is_int, is_real, is_unit, plain, tensor_sha256)
+from .data import DATASETS, balanced_indices, balanced_subset, batches, first_n, load_cifar, to_float
 from .models import create_model
 from .checkpoint import atomic_save, load_resume, read_checkpoint, save_rotating, set_rng_state
 from .attacks import pgd
@@ -31,10 +31,10 @@ def _f(default, help, check=None):
     kw = dict(default_factory=dict) if isinstance(default, dict) else dict(default=default)
     return field(metadata=dict(help=help, check=check), **kw)
 
-_int1 = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, 'an int >= 1')
-_int0 = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, 'an int >= 0')
+_int1 = (lambda v: is_int(v, 1), int_range(1))
+_int0 = (lambda v: is_int(v, 0), int_range(0))
 _pos = (lambda v: is_real(v) and math.isfinite(v) and v > 0, 'a number > 0')
-_unit = (lambda v: is_real(v) and 0 < v <= 1, 'a number in (0, 1] (pixel units, e.g. 8/255)')
+_unit = (is_unit, UNIT)
 
 @dataclass
 class TrainConfig:
@@ -50,7 +50,7 @@ class TrainConfig:
     momentum: float = _f(0.9, 'SGD momentum, in [0, 1)', (lambda v: is_real(v) and 0 <= v < 1, 'a number in [0, 1)'))
     weight_decay: float | None = _f(None, 'SGD weight decay (None: the method default)', (lambda v: is_real(v) and math.isfinite(v) and v >= 0, 'a finite number >= 0'))
     milestones: tuple | None = _f(None, 'epochs (0-based) at which the LR is multiplied by 0.1 (None: the method default)',
-                                  (lambda v: isinstance(v, (list, tuple)) and all(_int1[0](m) for m in v), 'a list of epochs (ints >= 1)'))
+                                  (lambda v: isinstance(v, (list, tuple)) and all(_int1[0](m) for m in v), 'a list of epochs (integers >= 1)'))
     single_decay: bool | None = _f(None, 'ARD/IAD official quirk: every milestone sets lr0*0.1, one decay in effect (None: method default)')
     eps: float | None = _f(None, "inner-maximisation radius (None: the inner method's, 8/255 for most)", _unit)
     step_size: float | None = _f(None, "inner step (None: the inner method's)", _unit)
@@ -82,7 +82,7 @@ class TrainConfig:
             if check and not check[0](v): raise ValueError(f'{f.name} must be {check[1]}, got {v!r}')
         check_choice('method', self.method, M.known_methods())
         if self.inner is not None: check_choice('inner', self.inner, M.known_methods())
-        check_choice('dataset', self.dataset, ('cifar10', 'cifar100')); check_choice('val_source', self.val_source, ('holdout', 'test'))
+        check_choice('dataset', self.dataset, tuple(DATASETS)); check_choice('val_source', self.val_source, ('holdout', 'test'))
         if not isinstance(self.method_kwargs, dict): raise ValueError(f'method_kwargs must be a dict, got {self.method_kwargs!r}')
         if (self.eps_start is None) != (self.eps_ramp_epochs == 0):
             raise ValueError(f'eps_start and eps_ramp_epochs go together (a ramp needs both), got {self.eps_start!r} and {self.eps_ramp_epochs!r}')
@@ -140,8 +140,8 @@ def method_at(method, cfg, epoch):
 
 # %% ../nbs/12_train.ipynb #a1f45d56
 def _check_n(name, n, lo, hi, what):
-    "Raise ValueError naming `name` unless `lo` <= `n` <= `hi` (`hi` being the number of `what`)."
-    if not lo <= n <= hi: raise ValueError(f'{name} must be an int in [{lo}, {hi}] (at most the {hi} {what}), got {n}')
+    "Raise naming `name` unless `lo` <= `n` <= `hi` (`hi` being the number of `what`)."
+    check_int(n, name, lo, hi, f' (at most the {hi} {what})')
 
 def split_run_data(cfg, train, test=None):
     "(train split, validation split) of `cfg` cut from the loaded training split (and test split for val_source='test')."

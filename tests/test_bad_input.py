@@ -29,7 +29,7 @@ def toy(n=4, c=10):
 MODEL, X, Y = toy()
 BAD_EPS = st.one_of(st.floats(max_value=0., allow_nan=False), st.floats(min_value=1., exclude_min=True),
                     st.just(float('nan')))
-EPS_MSG = r'eps must be in \(0, 1\]'
+EPS_MSG = r'eps must be a number in \(0, 1\]'
 
 
 # ---- attacks ----------------------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_unknown_model_name_lists_the_known_ones(name):
 @SETTINGS
 @given(n=st.one_of(st.integers(max_value=1), st.floats(allow_nan=False), st.text(max_size=3)))
 def test_bad_class_counts(n):
-    with pytest.raises(ValueError, match=r'num_classes must be an int >= 2'): create_model('wrn-10-1', n)
+    with pytest.raises((TypeError, ValueError), match=r'num_classes must be an integer >= 2'): create_model('wrn-10-1', n)
 
 
 def test_checkpoint_of_another_architecture(tmp_path):
@@ -191,9 +191,9 @@ def test_train_config_eps(eps):
     ('dataset', 'svhn', r"dataset must be one of 'cifar10', 'cifar100'; got 'svhn'"),
     ('lr', 0., r'lr must be a number > 0, got 0'), ('lr', float('nan'), r'lr must be a number > 0'),
     ('weight_decay', -1e-4, r'weight_decay must be a finite number >= 0'),
-    ('epochs', 0, r'epochs must be an int >= 1, got 0'), ('steps', -2, r'steps must be an int >= 0'),
-    ('batch_size', 2.5, r'batch_size must be an int >= 1'), ('val_n', 0, r'val_n must be an int >= 1'),
-    ('step_size', 0., r'step_size must be a number in \(0, 1\]'), ('save_every', -1, r'save_every must be an int >= 0, got -1'),
+    ('epochs', 0, r'epochs must be an integer >= 1, got 0'), ('steps', -2, r'steps must be an integer >= 0'),
+    ('batch_size', 2.5, r'batch_size must be an integer >= 1'), ('val_n', 0, r'val_n must be an integer >= 1'),
+    ('step_size', 0., r'step_size must be a number in \(0, 1\]'), ('save_every', -1, r'save_every must be an integer >= 0, got -1'),
     ('momentum', -0.5, r'momentum must be a number in \[0, 1\)'), ('milestones', (0, 'x'), r'milestones must be'),
     ('val_source', 'train', r"val_source must be one of 'holdout', 'test'"), ('single_decay', 1, r'single_decay must be True or False'),
     ('eps_start', 2 / 255, r'eps_start and eps_ramp_epochs go together'), ('inner', 'sgd', r"inner must be one of .*; got 'sgd'")])
@@ -237,13 +237,13 @@ def _cli(args, capsys):
     (['train', '--eps=-8/255'], r'--eps: .*must be a number in \(0, 1\]'),
     (['train', '--eps', '1/0'], r'--eps: .*not a number or fraction'),
     (['train', '--step-size', '2'], r'--step-size: .*must be a number in \(0, 1\]'),
-    (['train', '--batch-size', '0'], r'--batch-size: .*must be an int >= 1'),
+    (['train', '--batch-size', '0'], r'--batch-size: .*must be an integer >= 1'),
     (['train', '--epochs', 'ten'], r'--epochs: .*not a number'),
-    (['train', '--epochs', '2.5'], r'--epochs: .*must be an int >= 1'),
+    (['train', '--epochs', '2.5'], r'--epochs: .*must be an integer >= 1'),
     (['train', '--dataset', 'mnist'], r"--dataset: invalid choice: 'mnist'"),
     (['train', '--val-source', 'x'], r"--val-source: invalid choice"),
-    (['eval', '--ckpt', 'x.pt', '--arch', 'resnet18', '--n', '0'], r'--n: .*must be an int >= 1'),
-    (['eval', '--ckpt', 'x.pt', '--arch', 'resnet18', '--eps', '300/255'], r'--eps: .*must be in \(0, 1\]'),
+    (['eval', '--ckpt', 'x.pt', '--arch', 'resnet18', '--n', '0'], r'--n: .*must be an integer >= 1'),
+    (['eval', '--ckpt', 'x.pt', '--arch', 'resnet18', '--eps', '300/255'], r'--eps: .*must be a number in \(0, 1\]'),
     (['teacher', '--arch', 'resnet18', '--method', 'adaad'], r"--method for a teacher must be a method that reads no teacher: one of \[.*'natural', 'pgd-at', 'trades'.*\], got 'adaad'")])
 def test_cli_refuses_bad_options_by_name(args, msg, capsys):
     code, err = _cli(args, capsys)
@@ -258,7 +258,7 @@ def test_cli_errors_from_the_library_name_the_parameter(tmp_path, capsys):
     assert code == 2 and 'cifar-10-batches-py' in err, err
     code, err = _cli(['eval', '--ckpt', str(tmp_path / 'missing.pt'), '--arch', 'wrn-10-1'], capsys)
     assert code == 2 and 'checkpoint not found' in err, err
-    for args, msg in [(['--save-every', '-1'], '--save-every: must be an int >= 0'), (['--lr', '-0.1'], '--lr: must be a number > 0'),
+    for args, msg in [(['--save-every', '-1'], '--save-every: must be an integer >= 0'), (['--lr', '-0.1'], '--lr: must be a number > 0'),
                       (['--time-limit', '0'], 'time_limit must be a number of seconds > 0'),
                       (['--student', 'resnet19'], "student: unknown model name 'resnet19'")]:
         code, err = _cli(['teacher', '--method', 'pgd-at', '--out', str(tmp_path / 'r'), '--data-root', str(tmp_path)] + args

@@ -252,9 +252,9 @@ def test_statistics_parameters_are_checked():
 def test_subset_sizes_name_their_field():
     from adaad.train import split_run_data
     tr, va = tiny_data()
-    with pytest.raises(ValueError, match=r'train_n must be an int in \[10, 86\] .*got 5'):
+    with pytest.raises(ValueError, match=r'train_n must be an integer in \[10, 86\] .*got 5'):
         split_run_data(tiny_config(train_n=5, val_n=10), tr)
-    with pytest.raises(ValueError, match=r'val_n must be an int in \[10, 96\] .*got 200'):
+    with pytest.raises(ValueError, match=r'val_n must be an integer in \[10, 96\] .*got 200'):
         split_run_data(tiny_config(val_n=200), tr)
 
 
