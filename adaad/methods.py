@@ -9,7 +9,7 @@ __all__ = ['BUDGET_KEYS', 'METHODS', 'ALIASES', 'Logits', 'InnerView', 'Method',
            'FairARD']
 
 # %% ../nbs/09_methods.ipynb #06fae0b5
-import dataclasses, math, numbers, types, typing
+import dataclasses, math, numbers, types, typing, warnings
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 import torch
@@ -105,6 +105,7 @@ class Method:
     batch_sizes: ClassVar[dict] = {'cifar10': 128, 'cifar100': 128}
     positive: ClassVar[tuple] = ()                 # fields that must be > 0 (temperatures)
     ranges: ClassVar[dict] = {}                    # field -> (low, high, meaning): the values the definition gives a sense
+    renamed: ClassVar[dict] = {}                   # former field name -> its name now (still accepted, with a DeprecationWarning)
     budget: Budget | None = Budget()               # the inner maximisation's budget; None: no inner problem
 
     def __init_subclass__(cls, **kw):
@@ -193,10 +194,20 @@ def field_names(m):
 def _budget_of(m):
     return m.budget if isinstance(m, Method) else next(f.default for f in dataclasses.fields(m) if f.name == 'budget')
 
+def _current_names(m, kw):
+    "`kw` with the former field names of method `m` replaced by their names now (a DeprecationWarning for each)."
+    for old, new in m.renamed.items():
+        if old not in kw: continue
+        if new in kw: raise ValueError(f"{m.name}: {old} is the former name of {new}; pass {new} only")
+        warnings.warn(f'{m.name}: {old} is deprecated, use {new}', DeprecationWarning, stacklevel=4)
+        kw[new] = kw.pop(old)
+    return kw
+
 def _build(m, kw):
     "Method `m` (name, class or instance) with overrides `kw` (own fields and budget keys)."
     cls = m if isinstance(m, type) else type(m) if isinstance(m, Method) else method_class(m)
     base = m if isinstance(m, Method) else cls()
+    kw = _current_names(base, kw)
     unknown = sorted(set(kw) - set(field_names(base)))
     if unknown: raise ValueError(f"{base.name} takes no {', '.join(unknown)}; accepted: {', '.join(field_names(base))}")
     budget = {('bn' if k == 'attack_bn' else k): kw.pop(k) for k in BUDGET_KEYS if k in kw}
@@ -259,16 +270,17 @@ class TRADES(Method):
     """TRADES (Zhang et al. 2019). Inner: $\\max \\sum_i \\mathrm{KL}(p_S(x_i)\\|p_S(x'_i))$, $p_S(x)$ fixed, eval-mode BN.
     Outer: $\\mathrm{CE}(S(x), y) + \\beta\\,\\frac1B\\sum_i \\mathrm{KL}(p_S(x_i)\\|p_S(\\tilde x_i))$, the clean target not detached."""
     name = 'trades'
+    renamed = dict(beta='kl_weight')
     source = 'yaodongyu/TRADES trades.py, train_trades_cifar10.py'
     needs_teacher = False
     weight_decay, epochs, milestones = 2e-4, 76, (74, 89, 99)
-    ranges = dict(beta=(0., math.inf, "the weight of the robustness KL term, TRADES' 1/lambda; 0 is natural training"))
+    ranges = dict(kl_weight=(0., math.inf, "the weight of the robustness KL term, TRADES' 1/lambda; 0 is natural training"))
     budget: Budget | None = Budget(eps=0.031, step_size=0.007)
-    beta: float = 6.                                # weight of the robustness (KL) term, TRADES' 1/lambda
+    kl_weight: float = 6.                           # weight of the robustness (KL) term, TRADES' 1/lambda
     def objective(self, lg, y): return fixed_target_objective(lg.student, lg.s_nat)   # the view's S(x): no graph
     def loss(self, lg, y, epoch):
         s_nat = lg.s_nat
-        return trades_loss(lg.s_adv, s_nat, y, self.beta)
+        return trades_loss(lg.s_adv, s_nat, y, self.kl_weight)
     def passes(self, epoch): return ('nat', 'adv', 'nat')
 
 @register
@@ -277,18 +289,19 @@ class ARD(Method):
     """ARD (Goldblum et al., AAAI 2020). Inner: $\\max \\sum_i \\mathrm{CE}(S(x'_i), y_i)$, uniform start, **train-mode** BN.
     Outer: $\\alpha\\tau^2\\,\\mathrm{KL}_{\\text{mean\\_all}}(\\sigma(T(x)/\\tau)\\|\\sigma(S(\\tilde x)/\\tau)) + (1-\\alpha)\\,\\mathrm{CE}(S(x), y)$."""
     name = 'ard'
+    renamed = dict(alpha='kl_weight')
     source = 'goldblum/AdversariallyRobustDistillation main.py'
     weight_decay, single_decay = 2e-4, True
     batch_sizes = {'cifar10': 128, 'cifar100': 256}
     positive = ('tau',)
-    ranges = dict(alpha=_WEIGHT('the KL term', 'the clean cross-entropy'))
+    ranges = dict(kl_weight=_WEIGHT('the KL term', 'the clean cross-entropy'))
     budget: Budget | None = Budget(init='uniform', bn='train')
     tau: float = 30.                                # distillation temperature
-    alpha: float = 1.                               # weight of the KL term; 1 - alpha on the clean CE
+    kl_weight: float = 1.                           # weight of the KL term; 1 - kl_weight on the clean CE
     def objective(self, lg, y): return ce_objective(lg.student, y, 'sum')
     def loss(self, lg, y, epoch):
         s_adv = lg.s_adv
-        return ard_loss(s_adv, lg.t_nat, y, lg.s_nat if self.alpha != 1 else None, self.tau, self.alpha)
+        return ard_loss(s_adv, lg.t_nat, y, lg.s_nat if self.kl_weight != 1 else None, self.tau, self.kl_weight)
     def passes(self, epoch): return ('adv', 'nat')
 
 @register
@@ -297,22 +310,23 @@ class IAD(Method):
     """IAD-I (Zhu et al., ICLR 2022), ARD-based. Inner: ARD's. Outer: $\\alpha\\tau^2\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(x_i)\\|S(\\tilde x_i))$
     $+\\ \\alpha\\,\\mathcal I$ from epoch `begin` $+\\,(1-\\alpha)\\,\\mathrm{CE}(S(x), y)$, $\\mathcal I$ weighted by $1 - p_T(\\tilde x_i)[y_i]^\\beta$."""
     name = 'iad'
+    renamed = dict(alpha='distill_weight', beta='reliability_exponent')
     source = 'ZFancy/IAD IAD-I.py'
     weight_decay, single_decay = 2e-4, True
     positive = ('tau',)
-    ranges = dict(alpha=_WEIGHT('the teacher and introspection terms', 'the clean cross-entropy'), beta=_EXPONENT, begin=_BEGIN,
+    ranges = dict(distill_weight=_WEIGHT('the teacher and introspection terms', 'the clean cross-entropy'), reliability_exponent=_EXPONENT, begin=_BEGIN,
                   begin_fraction=_BEGIN_FRACTION)
     budget: Budget | None = Budget(init='uniform', bn='train')
     tau: float = 1.                                 # distillation temperature
-    alpha: float = 1.                               # weight of the teacher and introspection terms; 1 - alpha on CE
-    beta: float = 0.1                               # exponent of the teacher's reliability p_T(x~)[y]^beta
+    distill_weight: float = 1.                      # weight of the teacher and introspection terms; 1 - distill_weight on CE
+    reliability_exponent: float = 0.1               # exponent of the teacher's reliability p_T(x~)[y]^beta
     begin: int | None = None                        # first epoch (0-based) with the introspection term; None: from begin_fraction
     begin_fraction: float = 0.3                     # begin = round(begin_fraction * epochs) of the run (official: 60 of 200)
     def objective(self, lg, y): return ce_objective(lg.student, y, 'sum')
     def loss(self, lg, y, epoch):
         s_adv, intro = lg.s_adv, epoch >= self.start
-        s_nat = lg.s_nat if intro or self.alpha != 1 else None
-        return iad_loss(s_adv, lg.t_nat, y, s_nat, lg.t_adv if intro else None, epoch, self.tau, self.alpha, self.beta, self.start)
+        s_nat = lg.s_nat if intro or self.distill_weight != 1 else None
+        return iad_loss(s_adv, lg.t_nat, y, s_nat, lg.t_adv if intro else None, epoch, self.tau, self.distill_weight, self.reliability_exponent, self.start)
     def passes(self, epoch): return ('adv', 'nat') + (('nat',) if epoch >= self.start else ())
     for_run, start = _introspection_for_run, property(_introspection_start)
 
@@ -338,19 +352,20 @@ class AKD(Method):
     $(1-\\alpha_1-\\alpha_2)\\mathrm{CE} + \\alpha_1\\tau^2\\mathrm{KL}_\\tau(T\\|S) + \\alpha_2\\tau^2\\mathrm{KL}_\\tau(T_{st}\\|S)$ with a
     naturally trained teacher $T_{st}$ (`standard_teacher=` of `train`)."""
     name = 'akd'
+    renamed = dict(alpha='robust_kl_weight', alpha2='standard_kl_weight')
     source = 'ZFancy/IAD AKD2.py (standard teacher from pre_train/ST.py)'
     weight_decay, single_decay = 2e-4, True
     positive = ('tau',)
-    ranges = dict(alpha=(0., 1., "alpha_1, the weight of the robust teacher's KL"), alpha2=(0., 1., "alpha_2, the weight of the standard teacher's KL"))
+    ranges = dict(robust_kl_weight=(0., 1., "alpha_1, the weight of the robust teacher's KL"), standard_kl_weight=(0., 1., "alpha_2, the weight of the standard teacher's KL"))
     budget: Budget | None = Budget(init='uniform', bn='train')
     tau: float = 1.                                 # distillation temperature
-    alpha: float = 0.5                              # alpha_1, weight of the robust teacher's KL
-    alpha2: float = 0.25                            # alpha_2, weight of the standard teacher's KL
+    robust_kl_weight: float = 0.5                   # alpha_1, weight of the robust teacher's KL
+    standard_kl_weight: float = 0.25                # alpha_2, weight of the standard teacher's KL
     robust_as_standard: bool = False                # True: the robust teacher stands in for T_st (another objective)
     def __post_init__(self):
         super().__post_init__()
-        if self.alpha + self.alpha2 > 1:
-            raise ValueError(f'akd: alpha + alpha2 must be <= 1 (the cross-entropy has weight 1 - alpha - alpha2), got {self.alpha} + {self.alpha2}')
+        if self.robust_kl_weight + self.standard_kl_weight > 1:
+            raise ValueError(f'akd: robust_kl_weight + standard_kl_weight must be <= 1 (the cross-entropy has weight 1 minus both), got {self.robust_kl_weight} + {self.standard_kl_weight}')
     @property
     def needs_standard_teacher(self): return not self.robust_as_standard
     def objective(self, lg, y): return ce_objective(lg.student, y, 'sum')
@@ -360,7 +375,7 @@ class AKD(Method):
                              "set robust_as_standard=True to let the robust teacher stand in (a different objective)")
         t_st = lg.t('adv', standard=True) if lg.teacher_st is not None else None
         s_adv, t_adv = lg.s_adv, lg.t_adv
-        return akd_chen_loss(s_adv, t_adv, y, t_adv if t_st is None else t_st, self.tau, self.alpha, self.alpha2)
+        return akd_chen_loss(s_adv, t_adv, y, t_adv if t_st is None else t_st, self.tau, self.robust_kl_weight, self.standard_kl_weight)
 
 @register
 @dataclass(frozen=True)
@@ -368,14 +383,15 @@ class AKDMaroto(Method):
     """Our reading of Maroto et al.'s AKD (2022, abstract only), unverified. Inner: PGD-AT's. Outer:
     $(1-\\lambda)\\mathrm{CE}(S(\\tilde x), y) + \\lambda\\tau^2\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i))$."""
     name = 'akd-maroto'
+    renamed = dict(alpha='kl_weight')
     source = 'our reading of Maroto et al., arXiv 2203.07159 (abstract only; no code found)'
     positive = ('tau',)
-    ranges = dict(alpha=_WEIGHT('the KL term (lambda)', 'the adversarial cross-entropy'))
+    ranges = dict(kl_weight=_WEIGHT('the KL term (lambda)', 'the adversarial cross-entropy'))
     budget: Budget | None = Budget(init='gaussian_clipped')
     tau: float = 1.                                 # distillation temperature
-    alpha: float = 0.5                              # lambda, weight of the KL; 1 - lambda on CE
+    kl_weight: float = 0.5                          # lambda, weight of the KL; 1 - lambda on CE
     def objective(self, lg, y): return ce_objective(lg.student, y, 'mean')
-    def loss(self, lg, y, epoch): return akd_maroto_loss(lg.s_adv, lg.t_adv, y, self.tau, self.alpha)
+    def loss(self, lg, y, epoch): return akd_maroto_loss(lg.s_adv, lg.t_adv, y, self.tau, self.kl_weight)
 
 # %% ../nbs/09_methods.ipynb #d58616ee
 @register
@@ -385,19 +401,20 @@ class AdaAD(Method):
     networks, eval-mode BN, gaussian start. Outer: $\\alpha\\,\\mathrm{KL}(p_T(\\tilde x)\\|p_S(\\tilde x)) + (1-\\alpha)\\,\\mathrm{KL}(p_T(x)\\|p_S(x))$,
     mean over $B\\cdot C$ on CIFAR-10 (batchmean on CIFAR-100)."""
     name = 'adaad'
+    renamed = dict(alpha='adv_weight')
     source = 'boyellow/AdaAD AT_helper.py (adaad_inner_loss), main.py (method AdaAD)'
     teacher_in_inner = True
-    ranges = dict(alpha=_WEIGHT('the adversarial KL', 'the clean KL'))
-    alpha: float = 1.                               # weight of the adversarial KL; 1 - alpha on the clean KL
+    ranges = dict(adv_weight=_WEIGHT('the adversarial KL', 'the clean KL'))
+    adv_weight: float = 1.                          # weight of the adversarial KL; 1 - adv_weight on the clean KL
     reduction: str | None = None                    # KL reduction; None: official (mean_all on CIFAR-10, else batchmean)
     def __post_init__(self):
         super().__post_init__()
         if self.reduction is not None: check_choice('reduction', self.reduction, ('sum', 'batchmean', 'mean_all'))
     def objective(self, lg, y): return adaad_objective(lg.student, lg.teacher)
     def loss(self, lg, y, epoch):
-        nat = self.alpha != 1
+        nat = self.adv_weight != 1
         s_nat = lg.s_nat if nat else None          # official order: S(x), then S(x~)
-        return adaad_loss(lg.s_adv, lg.t_adv, s_nat, lg.t_nat if nat else None, self.alpha, _reduction(self, lg))
+        return adaad_loss(lg.s_adv, lg.t_adv, s_nat, lg.t_nat if nat else None, self.adv_weight, _reduction(self, lg))
     def passes(self, epoch): return ('nat', 'adv')
 
 def _reduction(m, lg): return m.reduction or adaad_reduction(lg.num_classes or lg.s_adv.shape[1])
@@ -408,20 +425,21 @@ class AdaIAD(Method):
     """AdaIAD (Huang et al., CVPR 2023): AdaAD's inner with IAD-I's outer at $\\tilde x$:
     $\\lambda\\tau^2\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i)) + \\lambda\\,\\mathcal I$ from epoch `begin` $+\\,(1-\\lambda)\\mathrm{CE}(S(x), y)$."""
     name = 'adaiad'
+    renamed = dict(alpha='distill_weight', beta='reliability_exponent')
     source = 'boyellow/AdaAD main.py (method AdaAD_with_IAD1)'
     teacher_in_inner = True
     positive = ('tau',)
-    ranges = dict(alpha=_WEIGHT('the teacher and introspection terms (lambda)', 'the clean cross-entropy'), beta=_EXPONENT,
+    ranges = dict(distill_weight=_WEIGHT('the teacher and introspection terms (lambda)', 'the clean cross-entropy'), reliability_exponent=_EXPONENT,
                   begin=_BEGIN, begin_fraction=_BEGIN_FRACTION)
     tau: float = 30.                                # temperature (official default; IAD's own is 1)
-    alpha: float = 1.                               # lambda, weight of the teacher and introspection terms
-    beta: float = 0.1                               # exponent of the teacher's reliability
+    distill_weight: float = 1.                      # lambda, weight of the teacher and introspection terms
+    reliability_exponent: float = 0.1               # exponent of the teacher's reliability
     begin: int | None = None                        # first epoch (0-based) with the introspection term; None: from begin_fraction
     begin_fraction: float = 0.3                     # begin = round(begin_fraction * epochs) of the run (official: 60 of 200)
     def objective(self, lg, y): return adaad_objective(lg.student, lg.teacher)
     def loss(self, lg, y, epoch):
-        s_nat = lg.s_nat if epoch >= self.start or self.alpha != 1 else None
-        return adaiad_loss(lg.s_adv, lg.t_adv, y, s_nat, epoch, self.tau, self.alpha, self.beta, self.start)
+        s_nat = lg.s_nat if epoch >= self.start or self.distill_weight != 1 else None
+        return adaiad_loss(lg.s_adv, lg.t_adv, y, s_nat, epoch, self.tau, self.distill_weight, self.reliability_exponent, self.start)
     def passes(self, epoch): return ('nat', 'adv') + (('nat',) if epoch >= self.start else ()) + ('nat',)
     for_run, start = _introspection_for_run, property(_introspection_start)
 

@@ -41,7 +41,7 @@ class TrainConfig:
     "Every setting of a training run; `None` means the method's official default."
     method: str = _f('adaad', 'training method, a registered name (adaad.methods.known_methods())')
     inner: str | None = _f(None, "train on this method's inner maximisation (objective and budget) with `method`'s loss")
-    method_kwargs: dict = _f({}, "the method's own fields, e.g. {'alpha': 0.5, 'tau': 1.0}; the budget's init and attack_bn too")
+    method_kwargs: dict = _f({}, "the method's own fields, e.g. {'kl_weight': 0.5, 'tau': 1.0}; the budget's init and attack_bn too")
     student: str = _f('resnet18', 'student architecture (adaad.models.model_names())')
     dataset: str = _f('cifar10', "'cifar10' or 'cifar100'")
     epochs: int | None = _f(None, 'training epochs (None: the method default)', _int1)

@@ -96,3 +96,25 @@ def test_introspection_starts_at_a_fraction_of_the_run(name):
     from adaad.train import method_at
     assert build_method(cfg)._base.start == 3 and method_at(build_method(cfg), cfg, 0)._base.start == 3
     with pytest.raises(ValueError, match=rf'{name}: begin_fraction must be in \[0, 1\]'): get_method(name, begin_fraction=1.5)
+
+
+@pytest.mark.parametrize('name,old,new', [('trades', 'beta', 'kl_weight'), ('ard', 'alpha', 'kl_weight'),
+                                          ('iad', 'alpha', 'distill_weight'), ('iad', 'beta', 'reliability_exponent'),
+                                          ('akd', 'alpha', 'robust_kl_weight'), ('akd', 'alpha2', 'standard_kl_weight'),
+                                          ('akd-maroto', 'alpha', 'kl_weight'), ('adaad', 'alpha', 'adv_weight'),
+                                          ('adaiad', 'alpha', 'distill_weight'), ('adaiad', 'beta', 'reliability_exponent')])
+def test_loss_weights_are_named_for_what_they_weigh_and_the_former_names_still_work(name, old, new):
+    "A former field name sets the new field with a DeprecationWarning naming both; passing both is refused."
+    with pytest.warns(DeprecationWarning, match=rf'{name}: {old} is deprecated, use {new}'):
+        m = get_method(name, **{old: 0.2})
+    assert getattr(m, new) == 0.2 and old not in m.hparams()
+    with pytest.raises(ValueError, match=rf'{name}: {old} is the former name of {new}; pass {new} only'):
+        get_method(name, **{old: 0.2, new: 0.1})
+
+
+def test_the_command_line_takes_a_former_name_with_a_warning():
+    from adaad.cli import config_from_args, parser
+    from adaad.train import resolve
+    a = parser().parse_args(['train', '--method', 'adaad', '--set', 'alpha=0.5'])
+    with pytest.warns(DeprecationWarning, match='adaad: alpha is deprecated, use adv_weight'):
+        assert resolve(config_from_args(a)).method_kwargs['adv_weight'] == 0.5

@@ -199,13 +199,13 @@ def test_eval_of_a_nan_checkpoint_names_the_file(tmp_path, capsys):
 
 # ---- values a method gives no meaning ------------------------------------------------------------------------------
 @pytest.mark.parametrize('method, kw, msg', [
-    ('trades', dict(beta=-6.), r"trades: beta must be >= 0 \(the weight of the robustness KL term"),
-    ('adaad', dict(alpha=-1.), r'adaad: alpha must be in \[0, 1\] \(the weight of the adversarial KL'),
-    ('ard', dict(alpha=2.), r'ard: alpha must be in \[0, 1\] \(the weight of the KL term'),
-    ('iad', dict(beta=-0.1), r"iad: beta must be >= 0 \(the exponent of the teacher's reliability"),
+    ('trades', dict(kl_weight=-6.), r"trades: kl_weight must be >= 0 \(the weight of the robustness KL term"),
+    ('adaad', dict(adv_weight=-1.), r'adaad: adv_weight must be in \[0, 1\] \(the weight of the adversarial KL'),
+    ('ard', dict(kl_weight=2.), r'ard: kl_weight must be in \[0, 1\] \(the weight of the KL term'),
+    ('iad', dict(reliability_exponent=-0.1), r"iad: reliability_exponent must be >= 0 \(the exponent of the teacher's reliability"),
     ('adaiad', dict(begin=-2), r'adaiad: begin must be >= 0 \(the first epoch'),
-    ('akd', dict(alpha=0.9, alpha2=0.2), r'akd: alpha \+ alpha2 must be <= 1'),
-    ('akd-maroto', dict(alpha=1.5), r'akd-maroto: alpha must be in \[0, 1\]'),
+    ('akd', dict(robust_kl_weight=0.9, standard_kl_weight=0.2), r'akd: robust_kl_weight \+ standard_kl_weight must be <= 1'),
+    ('akd-maroto', dict(kl_weight=1.5), r'akd-maroto: kl_weight must be in \[0, 1\]'),
     ('mmard', dict(triangle_weight=-1.), r'mmard: triangle_weight must be >= 0'),
     ('igdm', dict(matching_weight=-1.), r'igdm: matching_weight must be >= 0 \(gamma, the weight of the gradient-matching term'),
     ('fair-ard', dict(class_weight_exponent=-2.), r"fair-ard: class_weight_exponent must be >= 0 \(beta"),

@@ -48,7 +48,7 @@ CASES = {
     'adaad': (dict(method='adaad'), True),
     'adaiad': (dict(method='adaiad', method_kwargs=dict(begin=1)), True),
     'mmard': (dict(method='mmard'), True),
-    'adaad-alpha0.5': (dict(method='adaad', method_kwargs=dict(alpha=0.5)), True),
+    'adaad-alpha0.5': (dict(method='adaad', method_kwargs=dict(adv_weight=0.5)), True),   # named for the official --AdaAD_alpha
     'rslad-inner-adaad': (dict(method='rslad', inner='adaad'), True),
     'mmard-base-rslad': (dict(method='mmard', method_kwargs=dict(base='rslad')), True),
     'adaad-faithful': (dict(method='adaad', faithful=True), True),
@@ -197,7 +197,7 @@ def _changed_pass_order(monkeypatch):
     from adaad import methods as M
     def loss(self, lg, y, epoch):
         s_adv = lg.s_adv
-        return M.trades_loss(s_adv, lg.s_nat, y, self.beta)
+        return M.trades_loss(s_adv, lg.s_nat, y, self.kl_weight)
     monkeypatch.setattr(M.TRADES, 'loss', loss)
 
 

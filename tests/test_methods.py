@@ -187,11 +187,11 @@ def test_registry_defaults():
     assert (M['pgd-at'].weight_decay, M['pgd-at'].epochs, M['pgd-at'].milestones) == (5e-4, 110, (100, 105))
     for n in ('ard', 'iad', 'akd'):
         assert (M[n].weight_decay, M[n].epochs, M[n].single_decay, M[n].budget.bn, M[n].budget.init) == (2e-4, 200, True, 'train', 'uniform')
-    assert M['trades'].weight_decay == 2e-4 and M['trades'].beta == 6. and M['trades'].budget.eps == 0.031
-    assert (M['adaad'].alpha, M['adaad'].reduction) == (1., None) and not hasattr(M['adaad'], 'tau')
-    assert (M['adaiad'].tau, M['adaiad'].alpha, M['adaiad'].beta, M['adaiad'].start) == (30., 1., 0.1, 60)
-    assert (M['iad'].tau, M['iad'].alpha, M['iad'].beta, M['iad'].start) == (1., 1., 0.1, 60)   # epoch 60 of the official 200
-    assert (M['ard'].tau, M['ard'].alpha) == (30., 1.) and (M['akd'].alpha, M['akd'].alpha2, M['akd'].tau) == (0.5, 0.25, 1.)
+    assert M['trades'].weight_decay == 2e-4 and M['trades'].kl_weight == 6. and M['trades'].budget.eps == 0.031
+    assert (M['adaad'].adv_weight, M['adaad'].reduction) == (1., None) and not hasattr(M['adaad'], 'tau')
+    assert (M['adaiad'].tau, M['adaiad'].distill_weight, M['adaiad'].reliability_exponent, M['adaiad'].start) == (30., 1., 0.1, 60)
+    assert (M['iad'].tau, M['iad'].distill_weight, M['iad'].reliability_exponent, M['iad'].start) == (1., 1., 0.1, 60)   # epoch 60 of the official 200
+    assert (M['ard'].tau, M['ard'].kl_weight) == (30., 1.) and (M['akd'].robust_kl_weight, M['akd'].standard_kl_weight, M['akd'].tau) == (0.5, 0.25, 1.)
     assert M['pgd-at'].budget.init == 'gaussian_clipped' and not M['pgd-at'].uses_teacher and not M['trades'].uses_teacher
     for n in ('adaad', 'adaiad', 'rslad', 'trades', 'pgd-at', 'mmard'):
         assert M[n].budget.bn == 'eval'
@@ -232,7 +232,7 @@ def test_errors(setup):
         training_loss('adad', S, T, x, y)
     with pytest.raises(ValueError, match='eps'):
         training_loss('adaad', S, T, x, y, eps=8)
-    with pytest.raises(ValueError, match='takes no tau; accepted: .*alpha'):
+    with pytest.raises(ValueError, match='takes no tau; accepted: .*adv_weight'):
         training_loss('adaad', S, T, x, y, tau=2.)
     with pytest.raises(ValueError, match='needs a teacher'):
         training_loss('adaad', S, None, x, y)
@@ -246,8 +246,8 @@ def test_errors(setup):
         get_method('ard', attack_bn='frozen')
     with pytest.raises(ValueError, match='tau must be > 0'):
         get_method('ard', tau=0.)
-    with pytest.raises(ValueError, match="alpha must be <class 'float'>"):
-        get_method('adaad', alpha='1')
+    with pytest.raises(ValueError, match="adv_weight must be <class 'float'>"):
+        get_method('adaad', adv_weight='1')
     with pytest.raises(ValueError, match='reduction'):
         get_method('adaad', reduction='mean')
     with pytest.raises(ValueError, match='epoch'):
