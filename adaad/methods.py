@@ -138,8 +138,15 @@ class Method:
         "This method with what depends on the run's length fixed for a run of `epochs` epochs (the trainer calls it once)."
         return self
     def passes(self, epoch):
-        "The official student forward passes of one batch ('nat'/'adv'); read only with `faithful=True`."
+        "The official sequence of student forward passes of one batch ('nat'/'adv'), repeats and dead passes included."
         return ('adv',)
+    def needs(self, epoch):
+        "The student passes the loss reads at `epoch` (default: every pass of `passes`)."
+        return set(self.passes(epoch))
+    def order(self, epoch):
+        "The passes run before the loss when `faithful=False`: `passes` without repeats or dead ones (the BatchNorm order)."
+        need = self.needs(epoch)
+        return tuple(at for at in dict.fromkeys(self.passes(epoch)) if at in need)
     state_sums: ClassVar[tuple] = ()               # entries of the state summed over processes before `end_epoch`
     def new_state(self, num_classes, device=None):
         "The tensors this method carries across batches and epochs (None: none); the trainer keeps and checkpoints them."
@@ -263,6 +270,7 @@ class PGDAT(Method):
     def objective(self, lg, y): return ce_objective(lg.student, y, 'mean')
     def loss(self, lg, y, epoch): return pgd_at_loss(lg.s_adv, y)
     def passes(self, epoch): return ('adv', 'nat')
+    def needs(self, epoch): return {'adv'}
 
 @register
 @dataclass(frozen=True)
@@ -303,6 +311,7 @@ class ARD(Method):
         s_adv = lg.s_adv
         return ard_loss(s_adv, lg.t_nat, y, lg.s_nat if self.kl_weight != 1 else None, self.tau, self.kl_weight)
     def passes(self, epoch): return ('adv', 'nat')
+    def needs(self, epoch): return {'adv'} | ({'nat'} if self.kl_weight != 1 else set())
 
 @register
 @dataclass(frozen=True)
@@ -328,6 +337,7 @@ class IAD(Method):
         s_nat = lg.s_nat if intro or self.distill_weight != 1 else None
         return iad_loss(s_adv, lg.t_nat, y, s_nat, lg.t_adv if intro else None, epoch, self.tau, self.distill_weight, self.reliability_exponent, self.start)
     def passes(self, epoch): return ('adv', 'nat') + (('nat',) if epoch >= self.start else ())
+    def needs(self, epoch): return {'adv'} | ({'nat'} if epoch >= self.start or self.distill_weight != 1 else set())
     for_run, start = _introspection_for_run, property(_introspection_start)
 
 @register
@@ -416,6 +426,7 @@ class AdaAD(Method):
         s_nat = lg.s_nat if nat else None          # official order: S(x), then S(x~)
         return adaad_loss(lg.s_adv, lg.t_adv, s_nat, lg.t_nat if nat else None, self.adv_weight, _reduction(self, lg))
     def passes(self, epoch): return ('nat', 'adv')
+    def needs(self, epoch): return {'adv'} | ({'nat'} if self.adv_weight != 1 else set())
 
 def _reduction(m, lg): return m.reduction or adaad_reduction(lg.num_classes or lg.s_adv.shape[1])
 
@@ -441,6 +452,7 @@ class AdaIAD(Method):
         s_nat = lg.s_nat if epoch >= self.start or self.distill_weight != 1 else None
         return adaiad_loss(lg.s_adv, lg.t_adv, y, s_nat, epoch, self.tau, self.distill_weight, self.reliability_exponent, self.start)
     def passes(self, epoch): return ('nat', 'adv') + (('nat',) if epoch >= self.start else ()) + ('nat',)
+    def needs(self, epoch): return {'adv'} | ({'nat'} if epoch >= self.start or self.distill_weight != 1 else set())
     for_run, start = _introspection_for_run, property(_introspection_start)
 
 @register
@@ -468,6 +480,7 @@ class MMARD(Method):
         base = self._base.loss(lg, y, epoch)
         return mmard_loss(base, s_nat, lg.s_adv, lg.t_adv, self.triangle_weight, _reduction(self, lg))
     def passes(self, epoch): return ('nat', 'adv')
+    def needs(self, epoch): return {'nat', 'adv'} | self._base.needs(epoch)
 
 # %% ../nbs/09_methods.ipynb #80cf7aaf
 _SCHEDULE = ('epochs', 'milestones', 'single_decay', 'weight_decay', 'batch_sizes', 'needs_teacher', 'needs_standard_teacher')
@@ -488,6 +501,7 @@ class Combo(Method):
     def objective(self, lg, y): return self.inner.objective(lg, y)
     def loss(self, lg, y, epoch): return self.outer.loss(lg, y, epoch)
     def passes(self, epoch): return self.outer.passes(epoch)
+    def needs(self, epoch): return self.outer.needs(epoch)
     def with_budget(self, **changes): return replace(self, inner=self.inner.with_budget(**changes))
     def for_run(self, epochs): return replace(self, inner=self.inner.for_run(epochs), outer=self.outer.for_run(epochs))
     def hparams(self): return {**self.inner.hparams(), **self.outer.hparams()}
@@ -507,6 +521,14 @@ def _logs(loss, lg, y):
         if ('s', at) in lg.cache: logs[f'acc_{at}'] = (lg.cache['s', at].detach().argmax(1) == y).float().mean()
     return logs
 
+def _check_reads(m, lg, declared, epoch):
+    "Raise if the loss read a student pass its method does not declare (it would have run in reading order, unplanned)."
+    extra = sorted({at for who, at in lg.cache if who == 's'} - set(declared))
+    if extra:
+        raise ValueError(f"{m.name}: its loss read the student pass(es) {extra} at epoch {epoch}, which it does not declare "
+                         f"(passes: {m.passes(epoch)}, needs: {sorted(m.needs(epoch))}); list every pass the loss reads in "
+                         f"`passes` (in the official order) and in `needs`")
+
 def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, faithful=False, teacher_st=None, inner=None, state=None, **overrides):
     "One batch of `method`: inner maximisation, student in train mode, outer loss; returns `(loss, logs)`. `state`: the method's `new_state`."
     m = get_method(method, inner, **overrides)
@@ -515,8 +537,10 @@ def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, fai
     lg = Logits(student, teacher, x, teacher_st=teacher_st, num_classes=num_classes, state=state)
     lg.x_adv = inner_point(m, lg, y)
     student.train()
-    if faithful: lg.replay(m.passes(epoch))
+    declared = m.passes(epoch) if faithful else m.order(epoch)
+    lg.replay(declared)
     loss = m.loss(lg, y, epoch)
+    _check_reads(m, lg, declared, epoch)
     return loss, _logs(loss, lg, y)
 
 # %% ../nbs/09_methods.ipynb #36fa9b78
@@ -544,6 +568,7 @@ class PlugIn(Method):
         return replace(self, budget=Budget(**{**dataclasses.asdict(self.budget), **changes}))
     def objective(self, lg, y): return self._base.objective(lg, y)
     def passes(self, epoch): return self._base.passes(epoch)
+    def needs(self, epoch): return self._base.needs(epoch)
     for_run = _base_for_run
 
 def _mirror_logits(lg):
@@ -575,6 +600,7 @@ class IGDM(PlugIn):
         base = self._base.loss(lg, y, epoch)
         s_minus, t_minus = _mirror_logits(lg)
         return igdm_loss(base, lg.s_adv, s_minus, lg.t_adv, t_minus, epoch, self.matching_weight, self.ramp_epochs)
+    def needs(self, epoch): return self._base.needs(epoch) | {'adv'}
 
 def _counting(objective, student, y, kappa):
     "`objective`, also adding to `kappa[c]` the examples of class c the student classifies correctly at each point."

@@ -1,5 +1,6 @@
 """The method contract has no silent traps: an inner objective cannot hand the loss a pass without a gradient, and a
 class fact (the official schedule) cannot become a hyper-parameter field by an annotation."""
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adaad.inner import Budget, fixed_target_objective
-from adaad.methods import InnerView, Logits, Method, get_method, inner_point
+from adaad.methods import InnerView, Logits, Method, get_method, inner_point, training_loss
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -26,6 +27,7 @@ class CleanTarget(Method):
     needs_teacher = False
     budget: Budget | None = Budget(steps=2)
     def objective(self, lg, y): return fixed_target_objective(lg.student, lg.s_nat)
+    def passes(self, epoch): return ('nat', 'adv')
     def loss(self, lg, y, epoch):
         return torch.nn.functional.cross_entropy(lg.s_nat, y) + torch.nn.functional.cross_entropy(lg.s_adv, y)
 
@@ -118,3 +120,37 @@ def test_the_command_line_takes_a_former_name_with_a_warning():
     a = parser().parse_args(['train', '--method', 'adaad', '--set', 'alpha=0.5'])
     with pytest.warns(DeprecationWarning, match='adaad: alpha is deprecated, use adv_weight'):
         assert resolve(config_from_args(a)).method_kwargs['adv_weight'] == 0.5
+
+
+@dataclass(frozen=True)
+class ReadsBoth(Method):
+    "A scratch method whose loss reads S(x~) first, then S(x)."
+    name = 'test-reads-both'
+    needs_teacher = False
+    budget: Budget | None = Budget(steps=1)
+    def objective(self, lg, y): return fixed_target_objective(lg.student, lg.s_nat)
+    def loss(self, lg, y, epoch): return F.cross_entropy(lg.s_adv, y) + F.cross_entropy(lg.s_nat, y)
+
+
+def test_a_loss_that_reads_an_undeclared_pass_is_refused():
+    "The default `passes` is ('adv',): a loss that also reads S(x) is refused, naming the pass and what to declare."
+    S, x, y = tiny(0), torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match=r"test-reads-both: its loss read the student pass\(es\) \['nat'\] at epoch 0.*`passes`"):
+        training_loss(ReadsBoth(), S, None, x, y)
+
+
+@pytest.mark.parametrize('declared', [('nat', 'adv'), ('adv', 'nat')])
+def test_the_batchnorm_order_follows_the_declaration_not_the_reading(declared):
+    "The same loss, declared in two orders: the BatchNorm running mean is the one of the declared order, whatever the loss reads first."
+    S, x, y = tiny(0), torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    m = dataclasses.replace(ReadsBoth())
+    object.__setattr__(m, 'passes', lambda epoch: declared)
+    torch.manual_seed(1); training_loss(m, S, None, x, y)
+    lg = Logits(tiny(0), None, x)
+    torch.manual_seed(1); x_adv = inner_point(ReadsBoth(), lg, y)   # the same x~ (eval-mode BN, the same start)
+    ref = tiny(0).train()
+    for at in declared: ref(x if at == 'nat' else x_adv)
+    other = tiny(0).train()
+    for at in reversed(declared): other(x if at == 'nat' else x_adv)
+    assert not torch.equal(other[1].running_mean, ref[1].running_mean)   # the order shows in the statistics
+    assert torch.equal(S[1].running_mean, ref[1].running_mean)
