@@ -73,6 +73,11 @@ def test_table_and_sweep_notebooks(tmp_path, data_root):
     assert all(r['eval_cached'] for r in res2['rows'])
     assert all((r['train'].get('train_wall_s') or 0.) == 0. for r in res2['rows'])
     assert [r['cells'] for r in res2['rows']] == [r['cells'] for r in res['rows']]
+    # every trained row (the smoke teacher is trained too) names the call that trained it: commit, epochs, wall time
+    for a, b in zip(res['rows'], res2['rows']):
+        t = a['train']['trainings']
+        assert len(t) == 1 and t[0]['commit'] == res['git']['commit'] and t[0]['wall_s'] > 0 and t[0]['epochs'][0] == 0
+        assert b['train']['trainings'] == t                                  # the reuse adds no training
 
     sweep = dict(preset='smoke', eps_list=[4, 8], steps=2, train_n=64, n_test=40, data_root=str(data_root),
                  out_dir=str(tmp_path / 'sweep'), runs_dir=str(tmp_path / 'runs'), figure=str(tmp_path / 'fig' / 'eps_sweep'))
