@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['INITS', 'BN_MODES', 'check_budget', 'Budget', 'init_point', 'sign_ascent', 'attack_mode', 'find_inner',
-           'adaad_objective', 'fixed_target_objective', 'ce_objective', 'mmard_objective']
+           'adaad_objective', 'fixed_target_objective', 'ce_objective', 'mmard_objective', 'saad_objective']
 
 # %% ../nbs/07_inner.ipynb #f37afef2
 import math, numbers
@@ -97,4 +97,17 @@ def mmard_objective(student, teacher, y, boundary_weight=1.):
     def objective(x_adv):
         t = teacher(x_adv)
         return kl(t, student(x_adv), reduction='sum') + boundary_weight * F.cross_entropy(as_float(t), y, reduction='sum')
+    return objective
+
+# %% ../nbs/07_inner.ipynb #031b1953
+def saad_objective(student, teacher, x, y, correction=1.):
+    "$L(x') = \\sum_i \\mathrm{KL}(\\sigma(\\hat T_i(x'))\\|p_S(x'_i))$, $\\hat T$ the teacher with its true-class logit linearised at $x$."
+    x0, rows = x.detach().requires_grad_(True), torch.arange(len(y), device=y.device)
+    with torch.enable_grad():
+        t = teacher(x0)
+        g = torch.autograd.grad(t[rows, y].sum(), x0)[0]
+    t, g = as_float(t.detach()), g.detach()
+    def objective(x_adv):
+        shift = correction * ((x_adv - x) * g).flatten(1).sum(1)
+        return kl(t.index_put((rows, y), t[rows, y] + shift), student(x_adv), reduction='sum')
     return objective

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['adaad_reduction', 'adaad_loss', 'natural_loss', 'pgd_at_loss', 'trades_loss', 'ard_loss', 'reliability_weights',
            'introspection_term', 'adaiad_loss', 'iad_loss', 'rslad_loss', 'akd_chen_loss', 'akd_maroto_loss',
-           'triangle_term', 'mmard_loss', 'mirror_point', 'igdm_term', 'igdm_ramp', 'igdm_loss', 'class_weights',
-           'classwise_weighted']
+           'triangle_term', 'mmard_loss', 'mirror_point', 'igdm_term', 'igdm_ramp', 'igdm_loss', 'renyi_entropy',
+           'saad_weights', 'saad_loss', 'class_weights', 'classwise_weighted']
 
 # %% ../nbs/08_losses.ipynb #a7c80f72
 import torch
@@ -126,6 +126,30 @@ def igdm_ramp(epoch, ramp_epochs=200):
 def igdm_loss(base_loss, s_plus, s_minus, t_plus, t_minus, epoch=0, matching_weight=1., ramp_epochs=200):
     "IGDM's outer loss: $\\mathcal L_{\\text{base}} + \\gamma\\,\\frac{t}{E}\\,\\mathcal L_{\\text{IGDM}}$."
     return base_loss + matching_weight * igdm_ramp(epoch, ramp_epochs) * igdm_term(s_plus, s_minus, t_plus, t_minus)
+
+# %% ../nbs/08_losses.ipynb #217c9c0c
+def renyi_entropy(logits, order=1., eps=1e-12):
+    "$H_\\gamma(p) = \\frac{1}{1-\\gamma}\\log\\sum_c p_c^\\gamma$ of $p = \\sigma(z)$ per example; Shannon's entropy at $\\gamma = 1$."
+    p = F.softmax(as_float(logits), 1)
+    if abs(order - 1) < 1e-6: return -(p * torch.log(p + eps)).sum(1)
+    return torch.log((p ** order).sum(1) + eps) / (1 - order)
+
+def saad_weights(t_adv, order=1., scale=5.):
+    "SAAD's $(w, \\tilde w)$: $w_i$ = `scale` $(H_i - \\min_j H_j)$ from the teacher's entropy at $\\tilde x$, $\\tilde w$ rescaled to [0, 1]."
+    h = renyi_entropy(t_adv, order)
+    w = (scale * (h - h.min())).clamp(min=0)
+    return w, (w - w.min()) / (w.max() - w.min() + 1e-8)
+
+def saad_loss(s_adv, t_adv, s_minus, t_minus, s_nat=None, t_nat=None, epoch=0, matching_weight=1., ramp_epochs=200,
+              clean_weight=0., entropy_order=1., entropy_scale=5.):
+    "SAAD's outer loss (above): entropy-weighted KL and IGDM term at $\\tilde x$, plus $\\beta(1-\\tilde w_i)$ times the clean KL."
+    w, w_norm = saad_weights(t_adv, entropy_order, entropy_scale)
+    per = kl(t_adv, s_adv, reduction='none') + matching_weight * igdm_ramp(epoch, ramp_epochs) * kl(t_adv - t_minus, s_adv - s_minus, reduction='none')
+    loss = w * per
+    if clean_weight:
+        if s_nat is None or t_nat is None: raise ValueError('saad_loss: clean_weight > 0 needs s_nat and t_nat')
+        loss = loss + clean_weight * (1 - w_norm) * kl(t_nat, s_nat, reduction='none')
+    return loss.mean()
 
 # %% ../nbs/08_losses.ipynb #92712dc6
 def class_weights(kappa, counts, exponent=2., low=5/6, high=5/2, offset=1e-5):

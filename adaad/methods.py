@@ -6,7 +6,7 @@
 __all__ = ['BUDGET_KEYS', 'METHODS', 'ALIASES', 'Logits', 'InnerView', 'Method', 'register', 'known_methods', 'method_class',
            'field_names', 'get_method', 'Natural', 'PGDAT', 'TRADES', 'ARD', 'IAD', 'RSLAD', 'AKD', 'AKDMaroto',
            'AdaAD', 'AdaIAD', 'MMARD', 'Combo', 'inner_point', 'training_loss', 'BaseBudget', 'PlugIn', 'IGDM',
-           'FairARD']
+           'FairARD', 'SAAD']
 
 # %% ../nbs/09_methods.ipynb #06fae0b5
 import dataclasses, math, numbers, types, typing, warnings
@@ -15,10 +15,10 @@ from typing import ClassVar
 import torch
 from .core import check_choice, check_int, is_int, is_real
 from .attacks import frozen_eval
-from .inner import Budget, find_inner, adaad_objective, fixed_target_objective, ce_objective, mmard_objective
+from .inner import Budget, find_inner, adaad_objective, fixed_target_objective, ce_objective, mmard_objective, saad_objective
 from .losses import (natural_loss, adaad_reduction, adaad_loss, adaiad_loss, iad_loss, pgd_at_loss, trades_loss, ard_loss,
                           rslad_loss, akd_chen_loss, akd_maroto_loss, mmard_loss,
-                          igdm_loss, mirror_point, class_weights, classwise_weighted)
+                          igdm_loss, mirror_point, class_weights, classwise_weighted, saad_loss)
 
 # %% ../nbs/09_methods.ipynb #f33041e7
 class Logits:
@@ -657,3 +657,37 @@ class FairARD(PlugIn):
 
 for _k in _SCHEDULE[:5]:
     setattr(FairARD, _k, property(lambda self, _k=_k: getattr(self._base, _k)))
+
+# %% ../nbs/09_methods.ipynb #a5925997
+@register
+@dataclass(frozen=True)
+class SAAD(Method):
+    """SAAD (Lee and Chung, TMLR 2026). Inner: `saad_objective` (the teacher's true-class logit linearised at $x$). Outer:
+    $\\frac1B\\sum_i w_i[\\mathrm{KL}_i(\\tilde x) + \\gamma\\frac tE\\mathrm{KL}_i^{\\text{IGDM}}] + \\beta(1-\\tilde w_i)\\mathrm{KL}_i(x)$,
+    $w_i$ from the teacher's entropy at $\\tilde x_i$ (`saad_loss`)."""
+    name = 'saad'
+    source = 'HongsinLee/saad saad.py (training loop), attacks.py (saad_inner_loss), utils.py (samplewise_renyi_entropy), main.sh'
+    teacher_in_inner = True
+    weight_decay = 2e-4
+    ranges = dict(inner_correction=(0., math.inf, "lambda, the weight of the teacher's first-order correction in the inner objective"),
+                  matching_weight=(0., math.inf, "gamma, the weight of IGDM's gradient-matching term at the end of the ramp"),
+                  ramp_epochs=(1, math.inf, 'E, the epochs over which the IGDM weight grows linearly (None: the run)'),
+                  clean_weight=(0., math.inf, "beta, the weight of the clean KL on the examples the teacher is sure of"),
+                  entropy_order=(0., math.inf, "the Renyi order of the teacher's entropy; 1 is Shannon's"),
+                  entropy_scale=(0., math.inf, 'the factor from entropy above the batch minimum to sample weight'))
+    inner_correction: float = 1.                    # lambda (--lambda_inner)
+    matching_weight: float = 1.                     # gamma (--igdm_alpha): 1 on CIFAR-10, 10 on CIFAR-100
+    ramp_epochs: int | None = None                  # E (--epochs); None: the run's epochs
+    clean_weight: float = 0.                        # beta (--beta, 0 in main.sh)
+    entropy_order: float = 1.                       # the Renyi order (--gamma, 1 in main.sh)
+    entropy_scale: float = 5.                       # a constant of saad.py
+    def objective(self, lg, y): return saad_objective(lg.student, lg.teacher, lg.x, y, self.inner_correction)
+    def loss(self, lg, y, epoch):
+        s_adv, clean = lg.s_adv, self.clean_weight != 0
+        s_minus, t_minus = _mirror_logits(lg)
+        return saad_loss(s_adv, lg.t_adv, s_minus, t_minus, lg.s_nat if clean else None, lg.t_nat if clean else None, epoch,
+                         self.matching_weight, self.ramp_epochs or type(self).epochs, self.clean_weight,
+                         self.entropy_order, self.entropy_scale)
+    def passes(self, epoch): return ('adv', 'nat')
+    def needs(self, epoch): return {'adv'} | ({'nat'} if self.clean_weight != 0 else set())
+    def for_run(self, epochs): return self if self.ramp_epochs is not None else replace(self, ramp_epochs=epochs)

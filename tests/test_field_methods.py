@@ -1,4 +1,4 @@
-"""The methods since AdaAD (IGDM, Fair-ARD): formula tests on hand-made logits, one-step checks against the official
+"""The methods since AdaAD (IGDM, Fair-ARD, SAAD): formula tests on hand-made logits, one-step checks against the official
 training steps (written out here from the official files each test names), bad input, and one tiny run through `train`."""
 import copy
 import dataclasses
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from adaad.checkpoint import read_checkpoint
 from adaad.data import CifarSplit
-from adaad.losses import class_weights, igdm_loss, igdm_term, ard_loss
+from adaad.losses import class_weights, igdm_loss, igdm_term, ard_loss, renyi_entropy, saad_loss, saad_weights
 from adaad.methods import FairARD, IGDM, Logits, get_method, training_loss
 from adaad.models import create_model
 from adaad.train import TrainConfig, resolve, train
@@ -204,6 +204,88 @@ def test_fair_ard_two_steps_match_fair_ard_py(batch):
     assert rel(unweighted, ours) > 1e-3                                      # the weights change the loss
 
 
+def official_saad_inner(model, teacher, x, y, step_size=2 / 255, epsilon=8 / 255, steps=10, lam=1.):
+    """HongsinLee/saad attacks.py saad_inner_loss: the teacher's true-class input gradient once at x, start x + 0.001 N,
+    eval-mode student, sign steps on sum KL(softmax(corrected T) || S) with T_y corrected by lam <grad, x' - x>."""
+    model.eval(); teacher.eval()
+    x_temp = x.detach(); x_temp.requires_grad_(True)
+    t = teacher(x_temp)
+    rows = torch.arange(len(y))
+    g = torch.autograd.grad(t[rows, y].sum(), x_temp)[0]
+    x_adv = x.detach() + 0.001 * torch.randn(x.shape, dtype=x.dtype)
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            corrected = t.detach().clone()
+            corrected[rows, y] += lam * torch.einsum('bchw,bchw->b', g, x_adv - x)
+            loss = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(corrected, dim=1), reduction='sum')
+        grad = torch.autograd.grad(loss, [x_adv])[0]
+        x_adv = torch.clamp(torch.min(torch.max(x_adv.detach() + step_size * torch.sign(grad.detach()), x - epsilon), x + epsilon), 0., 1.)
+    model.train()
+    return x_adv.detach()
+
+
+def official_saad_step(student, teacher, x, y, epoch1, epochs, igdm_alpha=1., beta=0., gamma=1.):
+    """HongsinLee/saad saad.py, the loss of one step at 1-based epoch `epoch1` of `epochs`: per-sample KLs (utils.py
+    samplewise_kl_div, the target detached), Renyi entropy of the teacher at x~ (samplewise_renyi_entropy), w, w_norm."""
+    student.train()
+    with torch.no_grad(): teacher_clean = teacher(x)
+    xa = official_saad_inner(student, teacher, x, y)
+    with torch.no_grad():
+        delta = xa - x
+        tp, tm = teacher(xa), teacher(x - delta)
+    sp, sm, sc = student(xa), student(x - delta), student(x)
+    kl = lambda s, t: F.kl_div(F.log_softmax(s, dim=1), F.softmax(t, dim=1).detach(), reduction='none').sum(1)
+    p = F.softmax(tp, dim=1)
+    ent = -(p * torch.log(p + 1e-12)).sum(1) if gamma == 1 else torch.log((p ** gamma).sum(1) + 1e-12) / (1 - gamma)
+    w = torch.clamp(5 * (ent - ent.min().item()), min=0.)
+    w_norm = (w - w.min()) / (w.max() - w.min() + 1e-8)
+    igdm = igdm_alpha * (epoch1 / epochs) * kl(sp - sm, tp - tm)
+    return (w * (kl(sp, tp) + igdm) + beta * (1 - w_norm) * kl(sc, teacher_clean)).mean()
+
+
+@pytest.mark.parametrize('epoch,kw', [(0, {}), (37, dict(clean_weight=0.5, entropy_order=2., matching_weight=10.))])
+def test_saad_one_step_matches_saad_py(batch, epoch, kw):
+    "Inner point, loss and student gradient equal to saad.py's at the same start, main.sh's settings and others."
+    S, T, x, y = batch
+    s1, s2 = copy.deepcopy(S), copy.deepcopy(S)
+    m = get_method('saad', **kw).for_run(60)
+    torch.manual_seed(7); ours, _ = training_loss(m, s1, T, x, y, epoch=epoch, num_classes=10)
+    torch.manual_seed(7); theirs = official_saad_step(s2, T, x, y, epoch + 1, 60, igdm_alpha=kw.get('matching_weight', 1.),
+                                                      beta=kw.get('clean_weight', 0.), gamma=kw.get('entropy_order', 1.))
+    ours.backward(); theirs.backward()
+    assert rel(ours, theirs) < 1e-10 and rel(grads(s1), grads(s2)) < 1e-9, (ours.item(), theirs.item())
+    assert all(p.grad is None for p in T.parameters())
+
+
+def test_saad_inner_point_matches_saad_inner_loss(batch):
+    "The inner point itself, and the linearisation matters: lambda = 0 gives another point."
+    from adaad.inner import find_inner, saad_objective, Budget
+    S, T, x, y = batch
+    torch.manual_seed(1); ours = find_inner(lambda: saad_objective(S, T, x, y), S, T, x, Budget())
+    torch.manual_seed(1); theirs = official_saad_inner(S, T, x, y)
+    assert torch.allclose(ours, theirs, atol=1e-12)
+    torch.manual_seed(1); other = find_inner(lambda: saad_objective(S, T, x, y, correction=0.), S, T, x, Budget())
+    assert not torch.allclose(other, theirs)
+
+
+def test_saad_weights_and_loss_on_hand_made_logits():
+    "w_i = 5 (H_i - min H); the loss is the formula written with explicit exponentials; beta = 0 drops the clean term."
+    g = torch.Generator().manual_seed(0)
+    sa, ta, sm, tm, sn, tn = (torch.randn(6, 10, generator=g, dtype=torch.float64) for _ in range(6))
+    lp = ta - ta.exp().sum(1, keepdim=True).log()
+    h = -(lp.exp() * lp).sum(1)
+    assert torch.allclose(renyi_entropy(ta), h, atol=1e-10)
+    assert torch.allclose(renyi_entropy(ta, 2.), -(2 * lp).exp().sum(1).log(), atol=1e-10)
+    w, wn = saad_weights(ta)
+    assert torch.allclose(w, 5 * (h - h.min()), atol=1e-9) and wn.min() == 0 and abs(wn.max() - 1) < 1e-6
+    for epoch, gamma, beta in ((0, 1., 0.), (9, 10., 0.7)):
+        want = (w * (kl_rows(ta, sa) + gamma * (epoch + 1) / 40 * kl_rows(ta - tm, sa - sm)) + beta * (1 - wn) * kl_rows(tn, sn)).mean()
+        got = saad_loss(sa, ta, sm, tm, sn, tn, epoch, gamma, 40, beta)
+        assert torch.allclose(got, want, rtol=1e-10)
+    with pytest.raises(ValueError, match='clean_weight > 0 needs s_nat and t_nat'): saad_loss(sa, ta, sm, tm, clean_weight=1.)
+
+
 # ---- (c) bad input -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('name', ['igdm', 'fair-ard'])
 def test_plug_in_bases_are_checked(name):
@@ -230,6 +312,10 @@ def test_plug_in_fields_are_checked():
         get_method('fair-ard', class_weight_exponent=-2.)
     with pytest.raises(ValueError, match='min_class_weight must be <= max_class_weight'):
         get_method('fair-ard', min_class_weight=3.)
+    with pytest.raises(ValueError, match=r'saad: ramp_epochs must be >= 1 \(E, the epochs'):
+        get_method('saad', ramp_epochs=0)
+    with pytest.raises(ValueError, match=r"saad: clean_weight must be >= 0 \(beta"):
+        get_method('saad', clean_weight=-1.)
 
 
 def test_plug_in_budget_follows_the_base_unless_set():
@@ -256,7 +342,7 @@ def _data():
     return CifarSplit(x[:32], y[:32], 10, split='train'), CifarSplit(x[32:], y[32:], 10, split='test')
 
 
-@pytest.mark.parametrize('name', ['igdm', 'fair-ard'])
+@pytest.mark.parametrize('name', ['igdm', 'fair-ard', 'saad'])
 def test_trains_through_train(tmp_path, name):
     cfg = TrainConfig(method=name, student='wrn-10-1', epochs=2, batch_size=16, steps=2, val_n=8, val_steps=1, milestones=(1,))
     torch.manual_seed(5); teacher = create_model('wrn-10-1').eval()

@@ -224,7 +224,7 @@ def test_unknown_inner_lists_the_known_ones():
     with pytest.raises(ValueError, match='eps'):
         check_budget(None, 0.1, 1)
     lib = [n for n, c in METHODS.items() if c.__module__ == 'adaad.methods']   # not the tests' own methods
-    assert {n for n in lib if get_method(n).teacher_in_inner} == {'adaad', 'adaiad', 'rslad', 'mmard', 'igdm'}   # igdm: its base, adaad
+    assert {n for n in lib if get_method(n).teacher_in_inner} == {'adaad', 'adaiad', 'rslad', 'mmard', 'igdm', 'saad'}   # igdm: its base, adaad
 
 
 def test_budget_checks_name_the_field():
