@@ -8,6 +8,7 @@ __all__ = ['diagnose']
 # %% ../nbs/10_diagnostics.ipynb #07250721
 import torch
 from .core import kl
+from .losses import renyi_entropy
 from .data import batches
 from .attacks import _rng_devices
 from .methods import Logits, get_method, inner_point
@@ -18,9 +19,11 @@ def _sums(student, teacher, x, y, x_adv):
     with torch.no_grad():
         sn, tn, sa, ta = student(x), teacher(x), student(x_adv), teacher(x_adv)
     s_ok, t_ok = sa.argmax(1) == y, ta.argmax(1) == y
-    return dict(teacher_acc=t_ok.sum(), student_acc=s_ok.sum(), fooled=(~s_ok).sum(), fool_both=(~s_ok & ~t_ok).sum(),
-                kl_nat=kl(tn, sn, reduction='sum'), kl_adv=kl(ta, sa, reduction='sum'),
-                agree_nat=(sn.argmax(1) == tn.argmax(1)).sum(), agree_adv=(sa.argmax(1) == ta.argmax(1)).sum())
+    h, both, only = renyi_entropy(ta), ~s_ok & ~t_ok, ~s_ok & t_ok
+    return dict(teacher_acc=t_ok.sum(), student_acc=s_ok.sum(), fooled=(~s_ok).sum(), fool_both=both.sum(),
+                fool_student=only.sum(), kl_nat=kl(tn, sn, reduction='sum'), kl_adv=kl(ta, sa, reduction='sum'),
+                agree_nat=(sn.argmax(1) == tn.argmax(1)).sum(), agree_adv=(sa.argmax(1) == ta.argmax(1)).sum(),
+                entropy=h.sum(), entropy_both=h[both].sum(), entropy_student=h[only].sum())
 
 def _restore(net, buffers):
     "Copy the saved `buffers` (BatchNorm statistics) back into `net`."
@@ -45,4 +48,6 @@ def diagnose(student, teacher, data, method='adaad', seed=0, batch_size=500):
     return dict(diag_teacher_acc=pct('teacher_acc'), diag_student_acc=pct('student_acc'),
                 diag_fool_both=100. * tot['fool_both'] / tot['fooled'] if tot['fooled'] else None,
                 diag_kl_nat=tot['kl_nat'] / n, diag_kl_adv=tot['kl_adv'] / n,
-                diag_agree_nat=pct('agree_nat'), diag_agree_adv=pct('agree_adv'))
+                diag_agree_nat=pct('agree_nat'), diag_agree_adv=pct('agree_adv'), diag_teacher_entropy=tot['entropy'] / n,
+                diag_entropy_fool_both=tot['entropy_both'] / tot['fool_both'] if tot['fool_both'] else None,
+                diag_entropy_fool_student=tot['entropy_student'] / tot['fool_student'] if tot['fool_student'] else None)

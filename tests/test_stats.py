@@ -126,6 +126,37 @@ def test_diagnostics_of_a_student_equal_to_its_teacher():
     assert torch.equal(net[1].running_mean, bn) and torch.equal(torch.get_rng_state(), state) and net.training
 
 
+class _Blank(torch.nn.Module):
+    "A teacher with all-zero logits: uniform softmax (entropy ln 10 everywhere), predicting class 0 for every image."
+    def forward(self, x): return torch.zeros(len(x), 10, dtype=x.dtype) + 0 * x.sum()
+
+
+def test_transfer_diagnostics_against_a_teacher_of_known_entropy():
+    """The transfer diagnostic and SAAD's entropy proxy: with a uniform teacher that always says class 0, the student's
+    fooling points on images of class 0 fool only the student, all others fool both, and every entropy is ln 10."""
+    import math
+    from adaad.data import CifarSplit
+    from adaad.diagnostics import diagnose
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    y = torch.arange(40) % 10
+    data = CifarSplit(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), y, 10)
+    d = diagnose(net, _Blank(), data, 'ard', batch_size=16)
+    assert d['diag_teacher_acc'] == 10.                                     # right on the 4 images of class 0
+    assert abs(d['diag_teacher_entropy'] - math.log(10)) < 1e-5
+    assert d['diag_entropy_fool_both'] is not None and abs(d['diag_entropy_fool_both'] - math.log(10)) < 1e-5
+    from adaad.data import batches
+    from adaad.methods import Logits, get_method, inner_point
+    torch.manual_seed(0); fooled = both = 0                                  # the same inner points, recomputed here
+    for xb, yb in batches(data, 16):
+        xa = inner_point(get_method('ard'), Logits(net.eval(), _Blank(), xb), yb)
+        with torch.no_grad(): wrong = net.eval()(xa).argmax(1) != yb
+        fooled, both = fooled + int(wrong.sum()), both + int((wrong & (yb != 0)).sum())
+    assert 0 < both < fooled and abs(d['diag_fool_both'] - 100 * both / fooled) < 1e-9
+    assert abs(d['diag_entropy_fool_student'] - math.log(10)) < 1e-5
+
+
 def _compare(args, capsys):
     "`adaad compare ARGS` in this process: (exit code, stdout, stderr)."
     from adaad.cli import main
