@@ -103,6 +103,8 @@ class Method:
     single_decay: ClassVar[bool] = False
     weight_decay: ClassVar[float] = 5e-4
     batch_sizes: ClassVar[dict] = {'cifar10': 128, 'cifar100': 128}
+    swa: ClassVar[bool] = False                    # the official run reports a weight average (SWA; trainer default)
+    swa_fraction: ClassVar[float] = 0.5            # its first epoch, as a share of the run's epochs
     positive: ClassVar[tuple] = ()                 # fields that must be > 0 (temperatures)
     ranges: ClassVar[dict] = {}                    # field -> (low, high, meaning): the values the definition gives a sense
     renamed: ClassVar[dict] = {}                   # former field name -> its name now (still accepted, with a DeprecationWarning)
@@ -483,7 +485,7 @@ class MMARD(Method):
     def needs(self, epoch): return {'nat', 'adv'} | self._base.needs(epoch)
 
 # %% ../nbs/09_methods.ipynb #80cf7aaf
-_SCHEDULE = ('epochs', 'milestones', 'single_decay', 'weight_decay', 'batch_sizes', 'needs_teacher', 'needs_standard_teacher')
+_SCHEDULE = ('epochs', 'milestones', 'single_decay', 'weight_decay', 'batch_sizes', 'needs_teacher', 'needs_standard_teacher', 'swa', 'swa_fraction')
 
 @dataclass(frozen=True)
 class Combo(Method):
@@ -669,6 +671,7 @@ class SAAD(Method):
     source = 'HongsinLee/saad saad.py (training loop), attacks.py (saad_inner_loss), utils.py (samplewise_renyi_entropy), main.sh'
     teacher_in_inner = True
     weight_decay = 2e-4
+    swa, swa_fraction = True, 0.47                  # saad.py averages from its 1-based epoch 95 (--swa_epoch) of 200
     ranges = dict(inner_correction=(0., math.inf, "lambda, the weight of the teacher's first-order correction in the inner objective"),
                   matching_weight=(0., math.inf, "gamma, the weight of IGDM's gradient-matching term at the end of the ramp"),
                   ramp_epochs=(1, math.inf, 'E, the epochs over which the IGDM weight grows linearly (None: the run)'),

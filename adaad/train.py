@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['IDENTITY_SKIP', 'CHECKPOINTS', 'TrainConfig', 'build_method', 'resolve', 'config_dict', 'lr_at', 'eps_at',
            'method_at', 'split_run_data', 'run_data', 'run_identity', 'check_identity', 'check_finite_weights',
-           'NonFiniteWatch', 'validate', 'dist_info', 'Run', 'read_log', 'start_run', 'train_epoch', 'end_epoch',
-           'finish_run', 'train']
+           'NonFiniteWatch', 'validate', 'dist_info', 'Run', 'read_log', 'start_run', 'train_epoch', 'average_epoch',
+           'end_epoch', 'finish_run', 'train']
 
 # %% ../nbs/12_train.ipynb #fc1ed4e7
 import dataclasses, json, math, os, time, typing, types, warnings
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm.auto import tqdm
 from .core import (FolderLock, atomic_write, check_choice, check_device, clean_temporaries, content_digest, first_nonfinite,
                         UNIT, check_int, int_range, is_int, is_real, is_unit, plain, tensor_sha256)
@@ -71,6 +72,8 @@ class TrainConfig:
     fold_teacher: bool = _f(True, "fold the frozen teacher's BatchNorms into its convolutions (exact up to rounding)")
     compile: bool = _f(False, 'torch.compile the student and the teacher')
     save_every: int = _f(0, 'also checkpoint every N steps inside an epoch (0: at epoch ends only)', _int0)
+    swa: bool | None = _f(None, "average the weights of the epochs from swa_start on (SWA); the average is what is validated and kept (None: the method's default, on for SAAD)")
+    swa_start: int | None = _f(None, "first 0-based epoch in the weight average (None: the method's share of the run, swa_fraction)", _int0)
     data_root: str | None = _f(None, 'folder holding cifar-10-batches-py (None: $ADAAD_DATA, else ./data)')
 
     def validate(self):
@@ -111,12 +114,22 @@ def resolve(cfg):
         if getattr(cfg, k) is None: setattr(cfg, k, getattr(m, k))
     m = m.for_run(cfg.epochs)
     if cfg.batch_size is None: cfg.batch_size = m.official_batch_size(cfg.dataset)
+    _resolve_swa(cfg, m)
     b = m.budget
     if b is None and cfg.eps_start is not None: raise ValueError(f'method {m.name!r} has no inner maximisation: eps_start must be None')
     cfg.eps, cfg.step_size, cfg.steps = (None, None, None) if b is None else (b.eps, b.step_size, b.steps)
     if cfg.eps_start is not None and cfg.eps_start > cfg.eps: raise ValueError(f'eps_start ({cfg.eps_start}) must be <= eps ({cfg.eps})')
     cfg.method_kwargs, cfg.milestones = m.hparams(), tuple(cfg.milestones or ())
     return cfg
+
+def _resolve_swa(cfg, m):
+    "Fill `swa` and `swa_start` from method `m` where `cfg` says None; raise for a start that averages no epoch."
+    if cfg.swa is None: cfg.swa = m.swa
+    if not cfg.swa:
+        if cfg.swa_start is not None: raise ValueError(f'swa_start needs swa=True (no weight average otherwise), got swa_start={cfg.swa_start}')
+        return
+    if cfg.swa_start is None: cfg.swa_start = min(round(m.swa_fraction * cfg.epochs), cfg.epochs - 1)
+    if cfg.swa_start >= cfg.epochs: raise ValueError(f'swa_start must be < epochs ({cfg.epochs}) so that some epoch is averaged, got {cfg.swa_start}')
 
 def config_dict(cfg):
     "The JSON form of a resolved `TrainConfig` (as `train` writes it to `config.json`)."
@@ -292,10 +305,15 @@ class Run:
     done: bool = False
     lock: FolderLock | None = None
     method_state: dict | None = None   # the tensors of `Method.new_state`, kept across batches and epochs
+    swa: AveragedModel | None = None   # the weight average (cfg.swa), with its own BatchNorm statistics
 
     def summary(self, status):
         "The dict `train` returns."
-        return dict(status=status, out_dir=str(self.out), best=self.best, model=self.model, wall_s=time.time() - self.t0)
+        return dict(status=status, out_dir=str(self.out), best=self.best, model=self.result(), wall_s=time.time() - self.t0)
+
+    def result(self):
+        "The network the run reports: the weight average once it holds an epoch, else the trained student."
+        return self.swa.module if self.swa is not None and self.epoch > self.cfg.swa_start else self.model
 
     def close(self):
         "Release the run folder's lock (the end of the process releases it too)."
@@ -374,9 +392,10 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
               deadline=None if time_limit is None else time.time() + time_limit, lock=lock)
     run.method_state = method.new_state(train_set.num_classes, device)
     if (out / 'DONE').exists() and (out / 'final.pt').exists():  # finished earlier, with the same identity: reuse it
-        model.load_state_dict(read_checkpoint(out / 'final.pt')['state_dict']); model.eval()
+        model.load_state_dict(read_checkpoint(out / 'final.pt')['state_dict']); model.eval()   # the average, for an SWA run
         run.best, run.done = json.loads((out / 'DONE').read_text())['best'], True
         return run
+    if cfg.swa: run.swa = AveragedModel(model)
     if rank == 0: clean_temporaries(out)
     st, _ = load_resume(out / 'last.pt')
     if st is not None:
@@ -384,6 +403,7 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
         run.epoch, run.step, run.best = st['epoch'], st['step'], st['best']
         set_rng_state(st['rng'])
         for k, v in (st.get('method_state') or {}).items(): run.method_state[k].copy_(v)
+        if run.swa is not None: run.swa.load_state_dict(st['swa'])
     else: torch.manual_seed(cfg.seed + 1)
     if rank == 0:
         atomic_write(out / 'config.json', json.dumps(plain(asdict(cfg)), indent=1))
@@ -396,7 +416,8 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
 def _save_last(run, epoch, step):
     "Check the loss watch and the weights, then write `last.pt` (keeping the previous one)."
     run.watch.check(epoch, run.out / 'last.pt'); check_finite_weights(run.model, f'at epoch {epoch}, batch {step}')
-    save_rotating(run.out / 'last.pt', run.model, run.opt, epoch, step, run.best, plain(asdict(run.cfg)), method_state=run.method_state)
+    save_rotating(run.out / 'last.pt', run.model, run.opt, epoch, step, run.best, plain(asdict(run.cfg)), method_state=run.method_state,
+                  swa=run.swa)
 
 def _end_method_epoch(run, epoch):
     "Sum the method's `state_sums` over the processes and let it update its state after epoch `epoch`."
@@ -432,22 +453,34 @@ def train_epoch(run, epoch):
                 loss=torch.stack(losses).mean().item() if losses else None, train_s=round(time.time() - te, 3))
 
 # %% ../nbs/12_train.ipynb #6aeddbd7
+def average_epoch(run, epoch):
+    """Add the weights after epoch `epoch` to the run's average (from `swa_start` on) and recompute its BatchNorm statistics
+    on the epoch's training batches (`torch.optim.swa_utils.update_bn`); the network to validate: the average, or the student."""
+    if run.swa is None or epoch < run.cfg.swa_start: return run.model
+    run.swa.update_parameters(run.model)
+    if run.rank == 0:
+        cfg = run.cfg
+        update_bn((x for x, _ in batches(run.train_set, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, epoch=epoch)), run.swa.module)
+    return run.swa.module
+
 def end_epoch(run, epoch, row):
     "Validate (and diagnose), keep the best checkpoints, write `last.pt` and log `row` after epoch `epoch`."
     cfg = run.cfg
     run.watch.check(epoch, run.out / 'last.pt'); check_finite_weights(run.model, f'at the end of epoch {epoch}')
     if not (row['loss'] is None or math.isfinite(row['loss'])): raise FloatingPointError(f'non-finite loss in epoch {epoch}; {_kept(run.out / "last.pt")}')
+    net = average_epoch(run, epoch)
     if run.rank == 0:
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            row['val_clean'], row['val_pgd'] = validate(run.model, run.val, steps=cfg.val_steps)
+            row['val_clean'], row['val_pgd'] = validate(net, run.val, steps=cfg.val_steps)
             if cfg.diagnostics and run.method.uses_teacher:
-                row.update(diagnose(run.model, run.teacher, run.val, method_at(run.method, cfg, epoch), seed=cfg.seed + epoch))
+                row.update(diagnose(net, run.teacher, run.val, method_at(run.method, cfg, epoch), seed=cfg.seed + epoch))
             for k, key in (('pgd', 'val_pgd'), ('clean', 'val_clean')):
                 if row[key] > run.best[k]:
                     run.best[k], run.best[f'{k}_epoch'] = row[key], epoch
-                    atomic_save(dict(state_dict=run.model.state_dict(), epoch=epoch, val_clean=row['val_clean'], val_pgd=row['val_pgd']),
+                    atomic_save(dict(state_dict=net.state_dict(), epoch=epoch, val_clean=row['val_clean'], val_pgd=row['val_pgd']),
                                 run.out / f'best_{k}.pt', checksum=True)
-        save_rotating(run.out / 'last.pt', run.model, run.opt, epoch + 1, 0, run.best, plain(asdict(cfg)), method_state=run.method_state)
+        save_rotating(run.out / 'last.pt', run.model, run.opt, epoch + 1, 0, run.best, plain(asdict(cfg)), method_state=run.method_state,
+                      swa=run.swa)
         _log(run.out / 'metrics.jsonl', row)
     run.epoch, run.step = epoch + 1, 0
     if run.world > 1: dist.barrier()
@@ -455,7 +488,7 @@ def end_epoch(run, epoch, row):
 def finish_run(run):
     "Write `final.pt` and `DONE`, release the folder; the summary of a finished run."
     if run.rank == 0:
-        atomic_save(dict(state_dict=run.model.state_dict(), epoch=run.cfg.epochs), run.out / 'final.pt', checksum=True)
+        atomic_save(dict(state_dict=run.result().state_dict(), epoch=run.cfg.epochs), run.out / 'final.pt', checksum=True)
         atomic_write(run.out / 'DONE', json.dumps(dict(best=run.best, epochs=run.cfg.epochs)))
     run.close()
     return run.summary('done')

@@ -235,3 +235,33 @@ def test_eps_ramp_reaches_the_inner_maximisation(tmp_path):
     finally: M.training_loss = real
     logged = [round(_json.loads(l)['eps'] * 255, 6) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     assert logged == [2, 4, 6, 8] and sorted(set(seen)) == [2, 4, 6, 8]
+
+
+def test_weight_average_is_the_mean_of_the_epoch_ends_and_resumes_exactly(tmp_path, cifar_train):
+    """SWA (`swa=True`): final.pt holds the mean of the student's weights at the ends of epochs swa_start.. (the same
+    training as without averaging, whose last two epoch ends are last.prev.pt and last.pt), with BatchNorm statistics of
+    its own; a run paused after every step and resumed ends bit-identical, average included."""
+    from adaad.checkpoint import read_checkpoint
+    data = _tiny_data(cifar_train)
+    base = dict(method='pgd-at', student='wrn-10-1', epochs=3, batch_size=32, steps=1, val_n=64, milestones=(2,))
+    plain = train(TrainConfig(**base), out_dir=tmp_path / 'plain', device='cpu', progress=False, data=data)
+    avg = train(TrainConfig(**base, swa=True, swa_start=1), out_dir=tmp_path / 'swa', device='cpu', progress=False, data=data)
+    e1, e2 = (read_checkpoint(tmp_path / 'plain' / f)['state_dict'] for f in ('last.prev.pt', 'last.pt'))
+    final = read_checkpoint(tmp_path / 'swa' / 'final.pt')['state_dict']
+    params = {n for n, _ in plain['model'].named_parameters()}
+    assert all(torch.allclose(final[k], (e1[k] + e2[k]) / 2, atol=1e-6) for k in params)
+    bn = next(k for k in final if k.endswith('running_mean'))
+    assert not torch.allclose(final[bn], e2[bn])                             # recomputed for the average, not the student's
+    assert all(torch.equal(final[k], v) for k, v in avg['model'].state_dict().items())   # train() returns the average
+    while True:
+        b = train(TrainConfig(**base, swa=True, swa_start=1), out_dir=tmp_path / 'b', device='cpu', progress=False, data=data, time_limit=1e-9)
+        if b['status'] == 'done': break
+    assert _same(avg['model'], b['model'])
+
+
+def test_weight_average_settings():
+    "SAAD averages by default from 0.47 of the run (its script's epoch 95 of 200); a start without averaging, or after the last epoch, is refused."
+    assert (resolve(TrainConfig(method='saad', epochs=200)).swa_start, resolve(TrainConfig(method='saad', epochs=8)).swa_start) == (94, 4)
+    assert resolve(TrainConfig(method='adaad')).swa is False and resolve(TrainConfig(method='saad', swa=False)).swa_start is None
+    with pytest.raises(ValueError, match='swa_start needs swa=True'): resolve(TrainConfig(method='adaad', swa_start=3))
+    with pytest.raises(ValueError, match=r'swa_start must be < epochs \(8\)'): resolve(TrainConfig(method='saad', epochs=8, swa_start=8))
