@@ -265,3 +265,15 @@ def test_weight_average_settings():
     assert resolve(TrainConfig(method='adaad')).swa is False and resolve(TrainConfig(method='saad', swa=False)).swa_start is None
     with pytest.raises(ValueError, match='swa_start needs swa=True'): resolve(TrainConfig(method='adaad', swa_start=3))
     with pytest.raises(ValueError, match=r'swa_start must be < epochs \(8\)'): resolve(TrainConfig(method='saad', epochs=8, swa_start=8))
+
+
+def test_settings_flow_from_the_config_to_the_method_once_per_run(tmp_path, cifar_train, monkeypatch):
+    "train() builds its method once from the config; the eps schedule then changes only that method's budget, per epoch."
+    from adaad import methods as M
+    built, build = [], M._build
+    monkeypatch.setattr(M, '_build', lambda m, kw: built.append(m) or build(m, kw))
+    torch.manual_seed(0); teacher = create_model('wrn-10-1').eval()
+    cfg = TrainConfig(method='adaad', student='wrn-10-1', epochs=2, batch_size=32, steps=1, val_n=64, milestones=(1,),
+                      eps_start=2 / 255, eps_ramp_epochs=2)
+    train(cfg, teacher=teacher, out_dir=tmp_path, device='cpu', progress=False, data=_tiny_data(cifar_train))
+    assert built == ['adaad']
