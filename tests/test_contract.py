@@ -123,13 +123,10 @@ def test_the_command_line_takes_a_former_name_with_a_warning():
 
 
 @dataclass(frozen=True)
-class ReadsBoth(Method):
-    "A scratch method whose loss reads S(x~) first, then S(x)."
+class ReadsBoth(CleanTarget):
+    "The same loss (S(x), then S(x~)) with the default declaration, ('adv',): S(x) is read undeclared."
     name = 'test-reads-both'
-    needs_teacher = False
-    budget: Budget | None = Budget(steps=1)
-    def objective(self, lg, y): return fixed_target_objective(lg.student, lg.s_nat)
-    def loss(self, lg, y, epoch): return F.cross_entropy(lg.s_adv, y) + F.cross_entropy(lg.s_nat, y)
+    def passes(self, epoch): return ('adv',)
 
 
 def test_a_loss_that_reads_an_undeclared_pass_is_refused():
