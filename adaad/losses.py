@@ -11,7 +11,7 @@ __all__ = ['adaad_reduction', 'adaad_loss', 'natural_loss', 'pgd_at_loss', 'trad
 # %% ../nbs/08_losses.ipynb #a7c80f72
 import torch
 import torch.nn.functional as F
-from .core import as_float, kl
+from .core import as_float, kl, renamed_argument
 
 # %% ../nbs/08_losses.ipynb #a3c7a2b1
 def adaad_reduction(num_classes):
@@ -22,13 +22,19 @@ def _need(name, v, why):
     if v is None: raise ValueError(f"{name} (logits) is needed {why}")
     return v
 
-def adaad_loss(s_adv, t_adv, s_nat=None, t_nat=None, alpha=1., reduction=None):
-    "$\\alpha\\,\\mathrm{KL}(p_T(\\tilde x)\\|p_S(\\tilde x)) + (1-\\alpha)\\,\\mathrm{KL}(p_T(x)\\|p_S(x))$, official reduction by default."
+def _weight(value, old_value, default, new, old, where):
+    "`value`, or `old_value` passed under the former name `old` (a DeprecationWarning naming `new`), else `default`."
+    v = renamed_argument(old_value, value, old, new, where, stacklevel=4)
+    return default if v is None else v
+
+def adaad_loss(s_adv, t_adv, s_nat=None, t_nat=None, adv_weight=None, reduction=None, alpha=None):
+    "$\\alpha\\,\\mathrm{KL}(p_T(\\tilde x)\\|p_S(\\tilde x)) + (1-\\alpha)\\,\\mathrm{KL}(p_T(x)\\|p_S(x))$ with $\\alpha$ = `adv_weight` (1), official reduction by default."
+    w = _weight(adv_weight, alpha, 1., 'adv_weight', 'alpha', 'adaad_loss')
     reduction = reduction or adaad_reduction(s_adv.shape[1])
-    loss = alpha * kl(t_adv, s_adv, reduction=reduction)
-    if alpha != 1:
-        why = 'when alpha != 1'
-        loss = loss + (1 - alpha) * kl(_need('t_nat', t_nat, why), _need('s_nat', s_nat, why), reduction=reduction)
+    loss = w * kl(t_adv, s_adv, reduction=reduction)
+    if w != 1:
+        why = 'when adv_weight != 1'
+        loss = loss + (1 - w) * kl(_need('t_nat', t_nat, why), _need('s_nat', s_nat, why), reduction=reduction)
     return loss
 
 # %% ../nbs/08_losses.ipynb #d5eb9249
@@ -42,46 +48,55 @@ def pgd_at_loss(s_adv, y):
     return F.cross_entropy(as_float(s_adv), y)
 
 # %% ../nbs/08_losses.ipynb #189eada7
-def trades_loss(s_adv, s_nat, y, beta=6.):
-    "$\\mathrm{CE}(S(x),y) + \\beta\\,\\frac1B\\sum_i \\mathrm{KL}(p_S(x_i)\\|p_S(\\tilde x_i))$, target not detached."
-    return F.cross_entropy(as_float(s_nat), y) + beta * kl(s_nat, s_adv, reduction='batchmean')
+def trades_loss(s_adv, s_nat, y, kl_weight=None, beta=None):
+    "$\\mathrm{CE}(S(x),y) + \\beta\\,\\frac1B\\sum_i \\mathrm{KL}(p_S(x_i)\\|p_S(\\tilde x_i))$, $\\beta$ = `kl_weight` (6), target not detached."
+    w = _weight(kl_weight, beta, 6., 'kl_weight', 'beta', 'trades_loss')
+    return F.cross_entropy(as_float(s_nat), y) + w * kl(s_nat, s_adv, reduction='batchmean')
 
 # %% ../nbs/08_losses.ipynb #66a9c00c
-def ard_loss(s_adv, t_nat, y=None, s_nat=None, tau=30., alpha=1.):
-    "$\\alpha\\tau^2\\,\\mathrm{KL}_{\\text{mean\\_all}}(\\sigma(T(x)/\\tau)\\|\\sigma(S(\\tilde x)/\\tau)) + (1-\\alpha)\\,\\mathrm{CE}(S(x),y)$."
-    loss = alpha * tau**2 * kl(t_nat, s_adv, tau, 'mean_all')
-    if alpha != 1:
-        why = 'when alpha != 1'
-        loss = loss + (1 - alpha) * F.cross_entropy(as_float(_need('s_nat', s_nat, why)), _need('y', y, why))
+def ard_loss(s_adv, t_nat, y=None, s_nat=None, tau=30., kl_weight=None, alpha=None):
+    "$\\alpha\\tau^2\\,\\mathrm{KL}_{\\text{mean\\_all}}(\\sigma(T(x)/\\tau)\\|\\sigma(S(\\tilde x)/\\tau)) + (1-\\alpha)\\,\\mathrm{CE}(S(x),y)$, $\\alpha$ = `kl_weight` (1)."
+    w = _weight(kl_weight, alpha, 1., 'kl_weight', 'alpha', 'ard_loss')
+    loss = w * tau**2 * kl(t_nat, s_adv, tau, 'mean_all')
+    if w != 1:
+        why = 'when kl_weight != 1'
+        loss = loss + (1 - w) * F.cross_entropy(as_float(_need('s_nat', s_nat, why)), _need('y', y, why))
     return loss
 
 # %% ../nbs/08_losses.ipynb #67284c6e
-def reliability_weights(t_adv, y, beta=0.1):
-    "IAD's $w_i = p_T(\\tilde x_i)[y_i]^\\beta$, detached (a constant for the gradient)."
+def reliability_weights(t_adv, y, reliability_exponent=None, beta=None):
+    "IAD's $w_i = p_T(\\tilde x_i)[y_i]^\\beta$, $\\beta$ = `reliability_exponent` (0.1), detached (a constant for the gradient)."
+    e = _weight(reliability_exponent, beta, 0.1, 'reliability_exponent', 'beta', 'reliability_weights')
     p = F.softmax(as_float(t_adv.detach()), 1)
-    return p.gather(1, y[:, None]).squeeze(1).pow(beta)
+    return p.gather(1, y[:, None]).squeeze(1).pow(e)
 
 def introspection_term(s_nat, s_adv, w):
     "$\\frac1B\\sum_i (1-w_i)\\,\\mathrm{KL}(\\sigma(S(x_i))\\|\\sigma(S(\\tilde x_i)))$; the clean target is not detached."
     return ((1 - w) * kl(s_nat, s_adv, reduction='none')).mean()
 
 # %% ../nbs/08_losses.ipynb #58b10480
-def adaiad_loss(s_adv, t_adv, y, s_nat=None, epoch=0, tau=30., alpha=1., beta=0.1, begin=60):
-    "AdaIAD: $\\lambda\\tau^2\\,\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i))$ $+\\,\\lambda\\mathcal I$ from epoch `begin` $+\\,(1-\\lambda)\\mathrm{CE}(S(x),y)$."
-    loss = alpha * tau**2 * kl(t_adv, s_adv, tau, 'batchmean')
+def adaiad_loss(s_adv, t_adv, y, s_nat=None, epoch=0, tau=30., distill_weight=None, reliability_exponent=None, begin=60,
+                alpha=None, beta=None):
+    "AdaIAD: $\\lambda\\tau^2\\,\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i))$ $+\\,\\lambda\\mathcal I$ from epoch `begin` $+\\,(1-\\lambda)\\mathrm{CE}(S(x),y)$, $\\lambda$ = `distill_weight` (1)."
+    w = _weight(distill_weight, alpha, 1., 'distill_weight', 'alpha', 'adaiad_loss')
+    e = _weight(reliability_exponent, beta, 0.1, 'reliability_exponent', 'beta', 'adaiad_loss')
+    loss = w * tau**2 * kl(t_adv, s_adv, tau, 'batchmean')
     if epoch >= begin:
-        loss = loss + alpha * introspection_term(_need('s_nat', s_nat, 'from epoch `begin` on'), s_adv, reliability_weights(t_adv, y, beta))
-    if alpha != 1: loss = loss + (1 - alpha) * F.cross_entropy(as_float(_need('s_nat', s_nat, 'when alpha != 1')), y)
+        loss = loss + w * introspection_term(_need('s_nat', s_nat, 'from epoch `begin` on'), s_adv, reliability_weights(t_adv, y, e))
+    if w != 1: loss = loss + (1 - w) * F.cross_entropy(as_float(_need('s_nat', s_nat, 'when distill_weight != 1')), y)
     return loss
 
 # %% ../nbs/08_losses.ipynb #85a7d0f4
-def iad_loss(s_adv, t_nat, y, s_nat=None, t_adv=None, epoch=0, tau=1., alpha=1., beta=0.1, begin=60):
-    "IAD-I: $\\alpha\\tau^2\\,\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(x_i)\\|S(\\tilde x_i))$ $+\\,\\alpha\\mathcal I$ from epoch `begin` $+\\,(1-\\alpha)\\mathrm{CE}(S(x),y)$."
-    loss = alpha * tau**2 * kl(t_nat, s_adv, tau, 'batchmean')
+def iad_loss(s_adv, t_nat, y, s_nat=None, t_adv=None, epoch=0, tau=1., distill_weight=None, reliability_exponent=None, begin=60,
+             alpha=None, beta=None):
+    "IAD-I: $\\alpha\\tau^2\\,\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(x_i)\\|S(\\tilde x_i))$ $+\\,\\alpha\\mathcal I$ from epoch `begin` $+\\,(1-\\alpha)\\mathrm{CE}(S(x),y)$, $\\alpha$ = `distill_weight` (1)."
+    w = _weight(distill_weight, alpha, 1., 'distill_weight', 'alpha', 'iad_loss')
+    e = _weight(reliability_exponent, beta, 0.1, 'reliability_exponent', 'beta', 'iad_loss')
+    loss = w * tau**2 * kl(t_nat, s_adv, tau, 'batchmean')
     if epoch >= begin:
         why = 'from epoch `begin` on'
-        loss = loss + alpha * introspection_term(_need('s_nat', s_nat, why), s_adv, reliability_weights(_need('t_adv', t_adv, why), y, beta))
-    if alpha != 1: loss = loss + (1 - alpha) * F.cross_entropy(as_float(_need('s_nat', s_nat, 'when alpha != 1')), y)
+        loss = loss + w * introspection_term(_need('s_nat', s_nat, why), s_adv, reliability_weights(_need('t_adv', t_adv, why), y, e))
+    if w != 1: loss = loss + (1 - w) * F.cross_entropy(as_float(_need('s_nat', s_nat, 'when distill_weight != 1')), y)
     return loss
 
 # %% ../nbs/08_losses.ipynb #f5d0f67d
@@ -91,14 +106,17 @@ def rslad_loss(s_adv, s_nat, t_nat):
     return 5 / 6 * m(s_adv) + 1 / 6 * m(s_nat)
 
 # %% ../nbs/08_losses.ipynb #7dccd9ba
-def akd_chen_loss(s_adv, t_adv, y, t_adv_st=None, tau=1., alpha=0.5, alpha2=0.25):
-    "Chen et al.'s AKD: $(1-\\alpha_1-\\alpha_2)\\mathrm{CE} + \\alpha_1\\tau^2\\mathrm{KL}_\\tau(T\\|S) + \\alpha_2\\tau^2\\mathrm{KL}_\\tau(T_{st}\\|S)$, all at $\\tilde x$."
-    return ((1 - alpha - alpha2) * F.cross_entropy(as_float(s_adv), y) + alpha * tau**2 * kl(t_adv, s_adv, tau, 'batchmean')
-            + alpha2 * tau**2 * kl(_need('t_adv_st', t_adv_st, "(the standard teacher's logits at x~)"), s_adv, tau, 'batchmean'))
+def akd_chen_loss(s_adv, t_adv, y, t_adv_st=None, tau=1., robust_kl_weight=None, standard_kl_weight=None, alpha=None, alpha2=None):
+    "Chen et al.'s AKD: $(1-\\alpha_1-\\alpha_2)\\mathrm{CE} + \\alpha_1\\tau^2\\mathrm{KL}_\\tau(T\\|S) + \\alpha_2\\tau^2\\mathrm{KL}_\\tau(T_{st}\\|S)$ at $\\tilde x$; $\\alpha_1, \\alpha_2$ = `robust_kl_weight` (0.5), `standard_kl_weight` (0.25)."
+    a1 = _weight(robust_kl_weight, alpha, 0.5, 'robust_kl_weight', 'alpha', 'akd_chen_loss')
+    a2 = _weight(standard_kl_weight, alpha2, 0.25, 'standard_kl_weight', 'alpha2', 'akd_chen_loss')
+    return ((1 - a1 - a2) * F.cross_entropy(as_float(s_adv), y) + a1 * tau**2 * kl(t_adv, s_adv, tau, 'batchmean')
+            + a2 * tau**2 * kl(_need('t_adv_st', t_adv_st, "(the standard teacher's logits at x~)"), s_adv, tau, 'batchmean'))
 
-def akd_maroto_loss(s_adv, t_adv, y, tau=1., alpha=0.5):
-    "Our reading of Maroto et al.'s AKD: $(1-\\lambda)\\mathrm{CE}(S(\\tilde x),y) + \\lambda\\tau^2\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i))$."
-    return (1 - alpha) * F.cross_entropy(as_float(s_adv), y) + alpha * tau**2 * kl(t_adv, s_adv, tau, 'batchmean')
+def akd_maroto_loss(s_adv, t_adv, y, tau=1., kl_weight=None, alpha=None):
+    "Our reading of Maroto et al.'s AKD: $(1-\\lambda)\\mathrm{CE}(S(\\tilde x),y) + \\lambda\\tau^2\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i))$, $\\lambda$ = `kl_weight` (0.5)."
+    w = _weight(kl_weight, alpha, 0.5, 'kl_weight', 'alpha', 'akd_maroto_loss')
+    return (1 - w) * F.cross_entropy(as_float(s_adv), y) + w * tau**2 * kl(t_adv, s_adv, tau, 'batchmean')
 
 # %% ../nbs/08_losses.ipynb #a746c6cf
 def triangle_term(s_nat, s_adv, t_adv, reduction=None):

@@ -64,10 +64,10 @@ def test_adaad_scales(L, C):
     scale = 1 / (B * 10) if C == 10 else 1 / B
     assert adaad_reduction(C) == ('mean_all' if C == 10 else 'batchmean')
     assert close(adaad_loss(sa, ta), scale * ksum(ta, sa))
-    assert close(adaad_loss(sa, ta, sn, tn, alpha=0.7), scale * (0.7 * ksum(ta, sa) + 0.3 * ksum(tn, sn)))
+    assert close(adaad_loss(sa, ta, sn, tn, adv_weight=0.7), scale * (0.7 * ksum(ta, sa) + 0.3 * ksum(tn, sn)))
     assert close(adaad_loss(sa, ta, reduction='sum'), ksum(ta, sa))
     with pytest.raises(ValueError, match='s_nat'):
-        adaad_loss(sa, ta, alpha=0.5, t_nat=tn)
+        adaad_loss(sa, ta, adv_weight=0.5, t_nat=tn)
 
 
 def test_pgd_at(L):
@@ -77,7 +77,7 @@ def test_pgd_at(L):
 def test_trades(L):
     sa, sn, y = L['s_adv'], L['s_nat'], L['y']
     assert close(trades_loss(sa, sn, y), ce_mean(sn, y) + 6 / B * ksum(sn, sa))
-    assert close(trades_loss(sa, sn, y, beta=1.), ce_mean(sn, y) + 1 / B * ksum(sn, sa))
+    assert close(trades_loss(sa, sn, y, kl_weight=1.), ce_mean(sn, y) + 1 / B * ksum(sn, sa))
 
 
 def test_trades_target_not_detached(L):
@@ -93,13 +93,13 @@ def test_ard(L, C):
     sa, sn, tn, y = L['s_adv'], L['s_nat'], L['t_nat'], L['y']
     assert close(ard_loss(sa, tn), 900 / (B * C) * ksum(tn, sa, 30.))
     if C == 10: assert close(ard_loss(sa, tn), 90 * kl(tn, sa, 30., 'batchmean'))
-    assert close(ard_loss(sa, tn, y, sn, tau=2., alpha=0.8), 0.8 * 4 / (B * C) * ksum(tn, sa, 2.) + 0.2 * ce_mean(sn, y))
+    assert close(ard_loss(sa, tn, y, sn, tau=2., kl_weight=0.8), 0.8 * 4 / (B * C) * ksum(tn, sa, 2.) + 0.2 * ce_mean(sn, y))
 
 
 def test_reliability_weights_by_hand():
     t = torch.tensor([[2., 0., 0.], [0., 0., 1.]], dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1])
-    w = reliability_weights(t, y, beta=0.1)
+    w = reliability_weights(t, y, reliability_exponent=0.1)
     p0 = math.exp(2) / (math.exp(2) + 2); p1 = 1 / (2 + math.e)
     assert close(w[0], p0 ** 0.1) and close(w[1], p1 ** 0.1) and not w.requires_grad
     assert torch.allclose(reliability_weights(t, y, 1.), torch.tensor([p0, p1], dtype=torch.float64))
@@ -122,7 +122,7 @@ def test_adaiad(L, epoch):
     sa, sn, ta, y = L['s_adv'], L['s_nat'], L['t_adv'], L['y']
     assert close(adaiad_loss(sa, ta, y, sn, epoch), adaiad_ref(L, epoch))
     assert close(adaiad_loss(sa, ta, y, sn, epoch, tau=1.), adaiad_ref(L, epoch, tau=1.))
-    assert close(adaiad_loss(sa, ta, y, sn, epoch, alpha=0.6, beta=0.5, begin=10), adaiad_ref(L, epoch, alpha=0.6, beta=0.5, begin=10))
+    assert close(adaiad_loss(sa, ta, y, sn, epoch, distill_weight=0.6, reliability_exponent=0.5, begin=10), adaiad_ref(L, epoch, alpha=0.6, beta=0.5, begin=10))
 
 
 def test_adaiad_warmup_switch(L):
@@ -159,7 +159,7 @@ def test_iad_i(L, epoch):
     assert close(iad_loss(sa, tn, y, sn, ta, epoch), ref)
     ref2 = 0.5 * 9 / B * ksum(tn, sa, 3.) + (0.5 / B * sum((1 - softmax(t)[yi] ** 0.1) * kl1(a, b) for t, yi, a, b in
                                                          zip(rows(ta), y.tolist(), rows(sn), rows(sa))) if epoch >= 60 else 0) + 0.5 * ce_mean(sn, y)
-    assert close(iad_loss(sa, tn, y, sn, ta, epoch, tau=3., alpha=0.5), ref2)
+    assert close(iad_loss(sa, tn, y, sn, ta, epoch, tau=3., distill_weight=0.5), ref2)
 
 
 def test_rslad(L, C):
@@ -182,13 +182,13 @@ def test_akd_chen(L):
     assert close(akd_chen_loss(sa, ta, y, ta), 0.25 * ce_mean(sa, y) + 0.75 / B * ksum(ta, sa))   # the robust teacher as T_st
     with pytest.raises(ValueError, match='t_adv_st'): akd_chen_loss(sa, ta, y)                     # no silent stand-in
     ref_vita = 0.3 * ce_mean(sa, y) + 0.6 * 4 / B * ksum(ta, sa, 2.) + 0.1 * 4 / B * ksum(tst, sa, 2.)
-    assert close(akd_chen_loss(sa, ta, y, tst, tau=2., alpha=0.6, alpha2=0.1), ref_vita)
+    assert close(akd_chen_loss(sa, ta, y, tst, tau=2., robust_kl_weight=0.6, standard_kl_weight=0.1), ref_vita)
 
 
 def test_akd_maroto(L):
     sa, ta, y = L['s_adv'], L['t_adv'], L['y']
     assert close(akd_maroto_loss(sa, ta, y), 0.5 * ce_mean(sa, y) + 0.5 / B * ksum(ta, sa))
-    assert close(akd_maroto_loss(sa, ta, y, tau=4., alpha=0.9), 0.1 * ce_mean(sa, y) + 0.9 * 16 / B * ksum(ta, sa, 4.))
+    assert close(akd_maroto_loss(sa, ta, y, tau=4., kl_weight=0.9), 0.1 * ce_mean(sa, y) + 0.9 * 16 / B * ksum(ta, sa, 4.))
 
 
 def test_mmard_triangle(L, C):
@@ -208,3 +208,14 @@ def test_bad_arguments(L):
         kl(p, q, tau=0.)
     with pytest.raises(ValueError, match='t_adv'):
         iad_loss(q, p, L['y'], L['s_nat'], None, epoch=60)
+
+
+@pytest.mark.parametrize('fn,old,new', [(adaad_loss, 'alpha', 'adv_weight'), (trades_loss, 'beta', 'kl_weight'), (ard_loss, 'alpha', 'kl_weight'),
+                                        (akd_maroto_loss, 'alpha', 'kl_weight')])
+def test_loss_weights_keep_their_former_names_with_a_warning(L, fn, old, new):
+    "A loss function's weight under its former name gives the same loss with a DeprecationWarning; both names at once is refused."
+    sa, ta, sn, tn, y = L['s_adv'], L['t_adv'], L['s_nat'], L['t_nat'], L['y']
+    args = {adaad_loss: (sa, ta, sn, tn), trades_loss: (sa, sn, y), ard_loss: (sa, tn, y, sn), akd_maroto_loss: (sa, ta, y)}[fn]
+    with pytest.warns(DeprecationWarning, match=rf'{fn.__name__}: {old} is deprecated, use {new}'):
+        assert close(fn(*args, **{old: 0.4}), float(fn(*args, **{new: 0.4})))
+    with pytest.raises(TypeError, match=rf'give {new} only'): fn(*args, **{old: 0.4, new: 0.4})
