@@ -8,12 +8,13 @@ __all__ = ['INITS', 'BN_MODES', 'check_budget', 'Budget', 'init_point', 'sign_as
 
 # %% ../nbs/07_inner.ipynb #f37afef2
 import math, numbers
+from dataclasses import InitVar
 from contextlib import contextmanager
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import as_float, check_choice, int_range, is_int, is_real, kl
+from .core import as_float, check_choice, int_range, is_int, is_real, kl, renamed_argument
 from .attacks import project_linf, frozen_eval
 
 # %% ../nbs/07_inner.ipynb #b399b102
@@ -34,11 +35,14 @@ class Budget:
     step_size: float = 2/255    # sign-step size eta
     steps: int = 10             # number of ascent steps K
     init: str = 'gaussian'      # start x'_0, one of INITS
-    bn: str = 'eval'            # student BatchNorm mode during the ascent, one of BN_MODES
+    attack_bn: str | None = None  # student BatchNorm mode during the ascent, one of BN_MODES (None: 'eval')
+    bn: InitVar[str | None] = None   # the former name of attack_bn (a DeprecationWarning)
 
-    def __post_init__(self):
+    def __post_init__(self, bn):
+        v = renamed_argument(bn, self.attack_bn, 'bn', 'attack_bn', 'Budget', stacklevel=4)
+        object.__setattr__(self, 'attack_bn', 'eval' if v is None else v)
         check_budget(self.eps, self.step_size, self.steps)
-        check_choice('init', self.init, INITS); check_choice('attack_bn', self.bn, BN_MODES)
+        check_choice('init', self.init, INITS); check_choice('attack_bn', self.attack_bn, BN_MODES)
 
 # %% ../nbs/07_inner.ipynb #a2da4acd
 def init_point(x, eps, init='gaussian'):
@@ -71,7 +75,7 @@ def attack_mode(student, teacher=None, bn='eval'):
 
 def find_inner(make_objective, student, teacher, x, budget):
     "$\\tilde x$: sign ascent under `budget` on the objective `make_objective()` builds, inside `attack_mode`."
-    with attack_mode(student, teacher, budget.bn):
+    with attack_mode(student, teacher, budget.attack_bn):
         return sign_ascent(make_objective(), x, budget.eps, budget.step_size, budget.steps, budget.init)
 
 # %% ../nbs/07_inner.ipynb #d0db36d3

@@ -169,7 +169,7 @@ class Method:
     def hparams(self):
         "The method's own fields (the budget's start and BatchNorm mode as `init`, `attack_bn`), for a run's record."
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.name != 'budget'}
-        if self.budget is not None: d.update(init=self.budget.init, attack_bn=self.budget.bn)
+        if self.budget is not None: d.update(init=self.budget.init, attack_bn=self.budget.attack_bn)
         return d
 
 # %% ../nbs/09_methods.ipynb #f377c973
@@ -219,7 +219,7 @@ def _build(m, kw):
     kw = _current_names(base, kw)
     unknown = sorted(set(kw) - set(field_names(base)))
     if unknown: raise ValueError(f"{base.name} takes no {', '.join(unknown)}; accepted: {', '.join(field_names(base))}")
-    budget = {('bn' if k == 'attack_bn' else k): kw.pop(k) for k in BUDGET_KEYS if k in kw}
+    budget = {k: kw.pop(k) for k in BUDGET_KEYS if k in kw}
     out = replace(base, **kw) if kw else base
     return out.with_budget(**budget) if budget else out
 
@@ -305,7 +305,7 @@ class ARD(Method):
     batch_sizes = {'cifar10': 128, 'cifar100': 256}
     positive = ('tau',)
     ranges = dict(kl_weight=_WEIGHT('the KL term', 'the clean cross-entropy'))
-    budget: Budget | None = Budget(init='uniform', bn='train')
+    budget: Budget | None = Budget(init='uniform', attack_bn='train')
     tau: float = 30.                                # distillation temperature
     kl_weight: float = 1.                           # weight of the KL term; 1 - kl_weight on the clean CE
     def objective(self, lg, y): return ce_objective(lg.student, y, 'sum')
@@ -327,7 +327,7 @@ class IAD(Method):
     positive = ('tau',)
     ranges = dict(distill_weight=_WEIGHT('the teacher and introspection terms', 'the clean cross-entropy'), reliability_exponent=_EXPONENT, begin=_BEGIN,
                   begin_fraction=_BEGIN_FRACTION)
-    budget: Budget | None = Budget(init='uniform', bn='train')
+    budget: Budget | None = Budget(init='uniform', attack_bn='train')
     tau: float = 1.                                 # distillation temperature
     distill_weight: float = 1.                      # weight of the teacher and introspection terms; 1 - distill_weight on CE
     reliability_exponent: float = 0.1               # exponent of the teacher's reliability p_T(x~)[y]^beta
@@ -369,7 +369,7 @@ class AKD(Method):
     weight_decay, single_decay = 2e-4, True
     positive = ('tau',)
     ranges = dict(robust_kl_weight=(0., 1., "alpha_1, the weight of the robust teacher's KL"), standard_kl_weight=(0., 1., "alpha_2, the weight of the standard teacher's KL"))
-    budget: Budget | None = Budget(init='uniform', bn='train')
+    budget: Budget | None = Budget(init='uniform', attack_bn='train')
     tau: float = 1.                                 # distillation temperature
     robust_kl_weight: float = 0.5                   # alpha_1, weight of the robust teacher's KL
     standard_kl_weight: float = 0.25                # alpha_2, weight of the standard teacher's KL

@@ -323,7 +323,7 @@ def test_plug_in_budget_follows_the_base_unless_set():
     ard = get_method('ard').budget
     for name in ('igdm', 'fair-ard'):
         b = get_method(name, base='ard').budget
-        assert (b.eps, b.step_size, b.init, b.bn) == (ard.eps, ard.step_size, ard.init, ard.bn)
+        assert (b.eps, b.step_size, b.init, b.attack_bn) == (ard.eps, ard.step_size, ard.init, ard.attack_bn)
     assert get_method('fair-ard', base='adaad').budget.init == 'gaussian'
     m = get_method('igdm', eps=2 / 255, step_size=8 / 255, base='ard')       # a set budget stays when the base changes
     assert (m.budget.eps, m.budget.step_size, m.budget.init) == (2 / 255, 8 / 255, 'uniform')

@@ -229,13 +229,20 @@ def test_unknown_inner_lists_the_known_ones():
 
 def test_budget_checks_name_the_field():
     for kw, word in ((dict(eps=8), 'eps'), (dict(step_size=-1.), 'step_size'), (dict(steps=1.5), 'steps'),
-                     (dict(init='normal'), 'init'), (dict(bn='batch'), 'attack_bn')):
+                     (dict(init='normal'), 'init'), (dict(attack_bn='batch'), 'attack_bn')):
         with pytest.raises(ValueError, match=word): Budget(**kw)
+
+
+def test_budget_takes_its_former_bn_with_a_warning():
+    "`Budget(bn=...)`, the former name of `attack_bn`, still works with a DeprecationWarning; both at once is refused."
+    with pytest.warns(DeprecationWarning, match='Budget: bn is deprecated, use attack_bn'):
+        assert Budget(bn='train') == Budget(attack_bn='train')
+    with pytest.raises(TypeError, match='give attack_bn only'): Budget(bn='train', attack_bn='eval')
 
 
 def test_find_inner_builds_the_objective_inside_the_attack_mode(nets):
     "A target computed from the student inside `make_objective` sees the attack's BN mode (TRADES' p_S(x) in eval mode)."
     S, T, x, y = nets
     S.train(); seen = []
-    find_inner(lambda: seen.append(S.training) or ce_objective(S, y), S, T, x, Budget(steps=1, bn='eval'))
+    find_inner(lambda: seen.append(S.training) or ce_objective(S, y), S, T, x, Budget(steps=1, attack_bn='eval'))
     assert seen == [False] and S.training

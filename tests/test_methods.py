@@ -186,7 +186,7 @@ def test_registry_defaults():
     assert (M['rslad'].weight_decay, M['rslad'].epochs, M['rslad'].milestones) == (2e-4, 300, (215, 260, 285))
     assert (M['pgd-at'].weight_decay, M['pgd-at'].epochs, M['pgd-at'].milestones) == (5e-4, 110, (100, 105))
     for n in ('ard', 'iad', 'akd'):
-        assert (M[n].weight_decay, M[n].epochs, M[n].single_decay, M[n].budget.bn, M[n].budget.init) == (2e-4, 200, True, 'train', 'uniform')
+        assert (M[n].weight_decay, M[n].epochs, M[n].single_decay, M[n].budget.attack_bn, M[n].budget.init) == (2e-4, 200, True, 'train', 'uniform')
     assert M['trades'].weight_decay == 2e-4 and M['trades'].kl_weight == 6. and M['trades'].budget.eps == 0.031
     assert (M['adaad'].adv_weight, M['adaad'].reduction) == (1., None) and not hasattr(M['adaad'], 'tau')
     assert (M['adaiad'].tau, M['adaiad'].distill_weight, M['adaiad'].reliability_exponent, M['adaiad'].start) == (30., 1., 0.1, 60)
@@ -194,7 +194,7 @@ def test_registry_defaults():
     assert (M['ard'].tau, M['ard'].kl_weight) == (30., 1.) and (M['akd'].robust_kl_weight, M['akd'].standard_kl_weight, M['akd'].tau) == (0.5, 0.25, 1.)
     assert M['pgd-at'].budget.init == 'gaussian_clipped' and not M['pgd-at'].uses_teacher and not M['trades'].uses_teacher
     for n in ('adaad', 'adaiad', 'rslad', 'trades', 'pgd-at', 'mmard'):
-        assert M[n].budget.bn == 'eval'
+        assert M[n].budget.attack_bn == 'eval'
     for m in M.values():
         assert isinstance(m, Method) and m.source and m.__doc__ and (m.budget is None or m.budget.steps == 10)
     assert all(a in known_methods() and v in METHODS for a, v in ALIASES.items())
