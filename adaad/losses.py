@@ -6,7 +6,8 @@
 __all__ = ['adaad_reduction', 'adaad_loss', 'natural_loss', 'pgd_at_loss', 'trades_loss', 'ard_loss', 'reliability_weights',
            'introspection_term', 'adaiad_loss', 'iad_loss', 'rslad_loss', 'akd_chen_loss', 'akd_maroto_loss',
            'triangle_term', 'mmard_loss', 'mirror_point', 'igdm_term', 'igdm_ramp', 'igdm_loss', 'renyi_entropy',
-           'saad_weights', 'saad_loss', 'class_weights', 'classwise_weighted']
+           'saad_weights', 'saad_loss', 'peeraid_peer_loss', 'peeraid_student_loss', 'class_weights',
+           'classwise_weighted']
 
 # %% ../nbs/08_losses.ipynb #a7c80f72
 import torch
@@ -168,6 +169,17 @@ def saad_loss(s_adv, t_adv, s_minus, t_minus, s_nat=None, t_nat=None, epoch=0, m
         if s_nat is None or t_nat is None: raise ValueError('saad_loss: clean_weight > 0 needs s_nat and t_nat')
         loss = loss + clean_weight * (1 - w_norm) * kl(t_nat, s_nat, reduction='none')
     return loss.mean()
+
+# %% ../nbs/08_losses.ipynb #6256633a
+def peeraid_peer_loss(p_adv, s_adv, y, ce_weight=1., kl_weight=0.1, tau=1.):
+    "PeerAiD's peer loss $\\gamma_1\\mathrm{CE}(P(\\tilde x), y) + \\gamma_2\\tau_P^2\\mathrm{KL}_{\\text{mean\\_all}}(\\sigma(S(\\tilde x)/\\tau_P)\\|\\sigma(P(\\tilde x)/\\tau_P))$."
+    return ce_weight * F.cross_entropy(as_float(p_adv), y) + kl_weight * tau**2 * kl(s_adv, p_adv, tau, 'mean_all')
+
+def peeraid_student_loss(s_adv, p_adv, y, s_nat=None, ce_weight=0., distill_weight=1., clean_weight=1., tau=5.):
+    "PeerAiD's student loss: $\\lambda_1$ CE at $\\tilde x$, $\\lambda_2$ KL from the (detached) peer, $\\lambda_3$ KL from $S(x)$, both at temperature $\\tau$."
+    loss = ce_weight * F.cross_entropy(as_float(s_adv), y) + distill_weight * tau**2 * kl(p_adv.detach(), s_adv, tau, 'mean_all')
+    if clean_weight: loss = loss + clean_weight * tau**2 * kl(_need('s_nat', s_nat, 'when clean_weight != 0'), s_adv, tau, 'mean_all')
+    return loss
 
 # %% ../nbs/08_losses.ipynb #92712dc6
 def class_weights(kappa, counts, exponent=2., low=5/6, high=5/2, offset=1e-5):

@@ -6,7 +6,7 @@
 __all__ = ['BUDGET_KEYS', 'METHODS', 'ALIASES', 'Logits', 'InnerView', 'Method', 'register', 'known_methods', 'method_class',
            'field_names', 'get_method', 'Natural', 'PGDAT', 'TRADES', 'ARD', 'IAD', 'RSLAD', 'AKD', 'AKDMaroto',
            'AdaAD', 'AdaIAD', 'MMARD', 'Combo', 'inner_point', 'training_loss', 'BaseBudget', 'PlugIn', 'IGDM',
-           'FairARD', 'SAAD']
+           'FairARD', 'SAAD', 'PeerAiD']
 
 # %% ../nbs/09_methods.ipynb #06fae0b5
 import dataclasses, math, numbers, types, typing, warnings
@@ -18,14 +18,15 @@ from .attacks import frozen_eval
 from .inner import Budget, find_inner, adaad_objective, fixed_target_objective, ce_objective, mmard_objective, saad_objective
 from .losses import (natural_loss, adaad_reduction, adaad_loss, adaiad_loss, iad_loss, pgd_at_loss, trades_loss, ard_loss,
                           rslad_loss, akd_chen_loss, akd_maroto_loss, mmard_loss,
-                          igdm_loss, mirror_point, class_weights, classwise_weighted, saad_loss)
+                          igdm_loss, mirror_point, class_weights, classwise_weighted, saad_loss, peeraid_peer_loss, peeraid_student_loss)
 
 # %% ../nbs/09_methods.ipynb #f33041e7
 class Logits:
     "The logits of one batch for the outer loss, each computed on first use and cached: student with a graph, teachers without."
-    def __init__(self, student, teacher, x, x_adv=None, teacher_st=None, num_classes=None, state=None):
+    def __init__(self, student, teacher, x, x_adv=None, teacher_st=None, num_classes=None, state=None, peers=None):
         self.student, self.teacher, self.teacher_st, self.x, self.x_adv, self.cache = student, teacher, teacher_st, x, x_adv, {}
         self.num_classes, self.state = num_classes, state    # state: the method's tensors across batches (Method.new_state)
+        self.peers = peers or {}                             # networks trained beside the student (Method.peer_archs)
 
     def input(self, at):
         "$x$ for `at='nat'`, $\\tilde x$ for `at='adv'`."
@@ -150,6 +151,9 @@ class Method:
         need = self.needs(epoch)
         return tuple(at for at in dict.fromkeys(self.passes(epoch)) if at in need)
     state_sums: ClassVar[tuple] = ()               # entries of the state summed over processes before `end_epoch`
+    def peer_archs(self, student):
+        "The networks trained beside the student (name -> architecture; `student` is the student's); none by default."
+        return {}
     def new_state(self, num_classes, device=None):
         "The tensors this method carries across batches and epochs (None: none); the trainer keeps and checkpoints them."
         return None
@@ -506,6 +510,7 @@ class Combo(Method):
     def needs(self, epoch): return self.outer.needs(epoch)
     def with_budget(self, **changes): return replace(self, inner=self.inner.with_budget(**changes))
     def for_run(self, epochs): return replace(self, inner=self.inner.for_run(epochs), outer=self.outer.for_run(epochs))
+    def peer_archs(self, student): return {**self.inner.peer_archs(student), **self.outer.peer_archs(student)}
     def hparams(self): return {**self.inner.hparams(), **self.outer.hparams()}
 
 for _k in _SCHEDULE: setattr(Combo, _k, property(lambda self, _k=_k: getattr(self.outer, _k)))
@@ -531,12 +536,16 @@ def _check_reads(m, lg, declared, epoch):
                          f"(passes: {m.passes(epoch)}, needs: {sorted(m.needs(epoch))}); list every pass the loss reads in "
                          f"`passes` (in the official order) and in `needs`")
 
-def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, faithful=False, teacher_st=None, inner=None, state=None, **overrides):
-    "One batch of `method`: inner maximisation, student in train mode, outer loss; returns `(loss, logs)`. `state`: the method's `new_state`."
+def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, faithful=False, teacher_st=None, inner=None, state=None,
+                  peers=None, **overrides):
+    """One batch of `method`: inner maximisation, student in train mode, outer loss; returns `(loss, logs)`. `state`: the
+    method's `new_state`; `peers`: the networks it trains beside the student (`peer_archs`), by name."""
     m = get_method(method, inner, **overrides)
+    missing = sorted(set(m.peer_archs('')) - set(peers or {}))
+    if missing: raise ValueError(f"method {m.name!r} trains {', '.join(missing)} beside the student; pass peers={{name: network}}")
     check_int(epoch, 'epoch', 0)
     if teacher is None and m.uses_teacher: raise ValueError(f"method {m.name!r} needs a teacher; got teacher=None")
-    lg = Logits(student, teacher, x, teacher_st=teacher_st, num_classes=num_classes, state=state)
+    lg = Logits(student, teacher, x, teacher_st=teacher_st, num_classes=num_classes, state=state, peers=peers)
     lg.x_adv = inner_point(m, lg, y)
     student.train()
     declared = m.passes(epoch) if faithful else m.order(epoch)
@@ -694,3 +703,47 @@ class SAAD(Method):
     def passes(self, epoch): return ('adv', 'nat')
     def needs(self, epoch): return {'adv'} | ({'nat'} if self.clean_weight != 0 else set())
     def for_run(self, epochs): return self if self.ramp_epochs is not None else replace(self, ramp_epochs=epochs)
+
+# %% ../nbs/09_methods.ipynb #87351db5
+@register
+@dataclass(frozen=True)
+class PeerAiD(Method):
+    """PeerAiD (Jung et al., CVPR 2024): a peer $P$ trained beside the student on the student's $\\tilde x$. Inner:
+    $\\max\\sum_i\\mathrm{KL}(p_P(x_i)\\|p_S(x'_i))$. Outer: $\\mathcal L_P + \\mathcal L_S$ (`peeraid_peer_loss`, `peeraid_student_loss`)."""
+    name = 'peeraid'
+    source = 'jaewonalive/PeerAiD main.py (train_kd), attack_function.py (LinfPeerAttack), configs/PeerAiD_resnet18_cifar10.json, README'
+    needs_teacher = False
+    epochs, milestones, weight_decay = 300, (214, 259, 284), 2e-4
+    swa, swa_fraction = True, 214 / 300             # the script averages from its first LR decay, epoch 214
+    positive = ('tau', 'peer_tau')
+    ranges = dict(ce_weight=(0., math.inf, "lambda_1, the weight of the student's cross-entropy at x~"),
+                  distill_weight=(0., math.inf, "lambda_2, the weight of the peer's KL in the student's loss"),
+                  clean_weight=(0., math.inf, "lambda_3, the weight of the KL from the student's clean prediction"),
+                  peer_ce_weight=(0., math.inf, "gamma_1, the weight of the peer's cross-entropy"),
+                  peer_kl_weight=(0., math.inf, "gamma_2, the weight of the student's KL in the peer's loss"))
+    tau: float = 5.                                 # T (--temperature)
+    ce_weight: float = 0.                           # lambda_1 (--lamb1)
+    distill_weight: float = 1.                      # lambda_2 (--lamb2)
+    clean_weight: float = 1.                        # lambda_3 (--lamb3)
+    peer_tau: float = 1.                            # tau_P (--re_kd_temperature)
+    peer_ce_weight: float = 1.                      # gamma_1 (--gamma1)
+    peer_kl_weight: float = 0.1                     # gamma_2 (--gamma2): 0.1 on CIFAR-10, 1 on CIFAR-100
+    peer_arch: str | None = None                    # the peer's architecture (--p_type); None: the student's
+    def __post_init__(self):
+        super().__post_init__()
+        if self.peer_arch is not None:
+            from adaad.models import create_model
+            try:
+                with torch.device('meta'): create_model(self.peer_arch, 10)
+            except ValueError as e: raise ValueError(f'{self.name}: peer_arch: {e}') from None
+    def peer_archs(self, student): return {'peer': self.peer_arch or student}
+    def objective(self, lg, y):
+        with torch.no_grad(), frozen_eval(lg.peers['peer']): target = lg.peers['peer'](lg.x)
+        return fixed_target_objective(lg.student, target)
+    def loss(self, lg, y, epoch):
+        s_adv, s_nat = lg.s_adv, lg.s_nat if self.clean_weight else None
+        p_adv = lg.peers['peer'](lg.input('adv'))
+        return (peeraid_peer_loss(p_adv, s_adv, y, self.peer_ce_weight, self.peer_kl_weight, self.peer_tau)
+                + peeraid_student_loss(s_adv, p_adv, y, s_nat, self.ce_weight, self.distill_weight, self.clean_weight, self.tau))
+    def passes(self, epoch): return ('adv', 'adv', 'nat')
+    def needs(self, epoch): return {'adv'} | ({'nat'} if self.clean_weight else set())

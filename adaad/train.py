@@ -311,6 +311,8 @@ class Run:
     lock: FolderLock | None = None
     method_state: dict | None = None   # the tensors of `Method.new_state`, kept across batches and epochs
     swa: AveragedModel | None = None   # the weight average (cfg.swa), with its own BatchNorm statistics
+    peers: dict = field(default_factory=dict)       # networks trained beside the student (Method.peer_archs), unwrapped
+    peer_nets: dict = field(default_factory=dict)   # the same as the batches see them (DDP-wrapped in a distributed run)
 
     def summary(self, status):
         "The dict `train` returns."
@@ -392,9 +394,12 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.student, train_set.num_classes).to(device)
     if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    peers = {k: create_model(a, train_set.num_classes).to(device) for k, a in method.peer_archs(cfg.student).items()}
+    if cfg.channels_last: peers = {k: p.to(memory_format=torch.channels_last) for k, p in peers.items()}
+    groups = [{'params': n.parameters()} for n in (model, *peers.values())] if peers else model.parameters()
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     run = Run(cfg, method, out, model, model, opt, teacher, teacher_st, train_set, val, device, rank, world, progress=progress,
-              deadline=None if time_limit is None else time.time() + time_limit, lock=lock)
+              deadline=None if time_limit is None else time.time() + time_limit, lock=lock, peers=peers, peer_nets=peers)
     run.method_state = method.new_state(train_set.num_classes, device)
     if (out / 'DONE').exists() and (out / 'final.pt').exists():  # finished earlier, with the same identity: reuse it
         model.load_state_dict(read_checkpoint(out / 'final.pt')['state_dict']); model.eval()   # the average, for an SWA run
@@ -409,11 +414,14 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
         set_rng_state(st['rng'])
         for k, v in (st.get('method_state') or {}).items(): run.method_state[k].copy_(v)
         if run.swa is not None: run.swa.load_state_dict(st['swa'])
+        for k, p in peers.items(): p.load_state_dict(st['peers'][k])
     else: torch.manual_seed(cfg.seed + 1)
     if rank == 0:
         atomic_write(out / 'config.json', json.dumps(plain(asdict(cfg)), indent=1))
         _trim_log(out / 'metrics.jsonl', run.epoch)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == 'cuda' else None) if world > 1 else model
+    ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, device_ids=[local] if device.type == 'cuda' else None)
+    net = ddp(model) if world > 1 else model
+    if world > 1: run.peer_nets = {k: ddp(p) for k, p in peers.items()}
     run.net = torch.compile(net) if cfg.compile else net
     return run
 
@@ -422,7 +430,7 @@ def _save_last(run, epoch, step):
     "Check the loss watch and the weights, then write `last.pt` (keeping the previous one)."
     run.watch.check(epoch, run.out / 'last.pt'); check_finite_weights(run.model, f'at epoch {epoch}, batch {step}')
     save_rotating(run.out / 'last.pt', run.model, run.opt, epoch, step, run.best, plain(asdict(run.cfg)), method_state=run.method_state,
-                  swa=run.swa)
+                  swa=run.swa, peers=run.peers)
 
 def _end_method_epoch(run, epoch):
     "Sum the method's `state_sums` over the processes and let it update its state after epoch `epoch`."
@@ -437,6 +445,7 @@ def train_epoch(run, epoch):
     for g in run.opt.param_groups: g['lr'] = lr_at(epoch, cfg.lr, cfg.milestones, cfg.single_decay)
     method, te, losses, run.watch = method_at(run.method, cfg, epoch), time.time(), [], NonFiniteWatch(run.device)
     run.net.train()
+    for p in run.peer_nets.values(): p.train()
     it = batches(run.train_set, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last, rank=run.rank, world=run.world)
     nb = (len(run.train_set) // cfg.batch_size) if cfg.drop_last else math.ceil(len(run.train_set) / cfg.batch_size)
     bar = tqdm(it, total=nb, desc=f'{cfg.method} epoch {epoch}', disable=not run.progress or run.rank != 0, leave=False)
@@ -445,7 +454,7 @@ def train_epoch(run, epoch):
         if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             loss, _ = M.training_loss(method, run.net, run.teacher, x, y, epoch=epoch, num_classes=run.train_set.num_classes,
-                                      faithful=cfg.faithful, teacher_st=run.teacher_st, state=run.method_state)
+                                      faithful=cfg.faithful, teacher_st=run.teacher_st, state=run.method_state, peers=run.peer_nets)
         run.opt.zero_grad(set_to_none=True); loss.backward(); run.opt.step()
         losses.append(loss.detach()); run.watch.update(loss, step)
         if step % 50 == 0 and run.progress and run.rank == 0:
@@ -485,7 +494,7 @@ def end_epoch(run, epoch, row):
                     atomic_save(dict(state_dict=net.state_dict(), epoch=epoch, val_clean=row['val_clean'], val_pgd=row['val_pgd']),
                                 run.out / f'best_{k}.pt', checksum=True)
         save_rotating(run.out / 'last.pt', run.model, run.opt, epoch + 1, 0, run.best, plain(asdict(cfg)), method_state=run.method_state,
-                      swa=run.swa)
+                      swa=run.swa, peers=run.peers)
         _log(run.out / 'metrics.jsonl', row)
     run.epoch, run.step = epoch + 1, 0
     if run.world > 1: dist.barrier()

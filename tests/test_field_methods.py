@@ -1,4 +1,4 @@
-"""The methods since AdaAD (IGDM, Fair-ARD, SAAD): formula tests on hand-made logits, one-step checks against the official
+"""The methods since AdaAD (IGDM, Fair-ARD, SAAD, PeerAiD): formula tests on hand-made logits, one-step checks against the official
 training steps (written out here from the official files each test names), bad input, and one tiny run through `train`."""
 import copy
 import dataclasses
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from adaad.checkpoint import read_checkpoint
 from adaad.data import CifarSplit
-from adaad.losses import class_weights, igdm_loss, igdm_term, ard_loss, renyi_entropy, saad_loss, saad_weights
+from adaad.losses import (class_weights, igdm_loss, igdm_term, ard_loss, peeraid_peer_loss, peeraid_student_loss, renyi_entropy,
+                          saad_loss, saad_weights)
 from adaad.methods import FairARD, IGDM, Logits, get_method, training_loss
 from adaad.models import create_model
 from adaad.train import TrainConfig, resolve, train
@@ -286,6 +287,81 @@ def test_saad_weights_and_loss_on_hand_made_logits():
     with pytest.raises(ValueError, match='clean_weight > 0 needs s_nat and t_nat'): saad_loss(sa, ta, sm, tm, clean_weight=1.)
 
 
+def official_peeraid_step(student, peer, x, y, k_train=10, epsilon=8 / 255, alpha=2 / 255, T=5., gamma1=1., gamma2=0.1,
+                           re_kd_temperature=1., lamb1=0., lamb2=1., lamb3=1.):
+    """jaewonalive/PeerAiD main.py train_kd, one batch: the peer's clean logits in eval mode, attack_function.py
+    LinfPeerAttack on the student (eval, x + 0.001 N, sum KL towards the peer), then loss_peer + loss_student with
+    nn.KLDivLoss()'s default mean over all elements."""
+    peer.eval()
+    with torch.no_grad(): peer_logits = peer(x)
+    peer.train()
+    student.eval()
+    xa = x.detach() + 0.001 * torch.randn(x.shape, dtype=x.dtype)
+    for _ in range(k_train):
+        xa.requires_grad_()
+        with torch.enable_grad():
+            loss_kl = F.kl_div(F.log_softmax(student(xa), dim=1), F.softmax(peer_logits, dim=1), reduction='none').sum()
+        grad = torch.autograd.grad(loss_kl, [xa])[0]
+        xa = torch.clamp(torch.min(torch.max(xa.detach() + alpha * torch.sign(grad.detach()), x - epsilon), x + epsilon), 0, 1)
+    student.train(); xa = xa.detach()
+    kl_mean = lambda inp, tgt, t: F.kl_div(F.log_softmax(inp / t, dim=1), F.softmax(tgt / t, dim=1), reduction='mean')
+    adv_outputs = peer(xa)
+    student_logit_target = student(xa)
+    loss_peer = F.cross_entropy(adv_outputs, y) * gamma1 + kl_mean(adv_outputs, student_logit_target, re_kd_temperature) * gamma2 * re_kd_temperature ** 2
+    peer_outputs = adv_outputs.clone().detach()
+    student_outputs = student(xa)
+    logit_nat = student(x)
+    loss_student = (F.cross_entropy(student_outputs, y) * lamb1 + kl_mean(student_outputs, peer_outputs, T) * (lamb2 * T * T)
+                    + kl_mean(student_outputs, logit_nat, T) * (lamb3 * T * T))
+    return loss_peer + loss_student
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")   # the script's nn.KLDivLoss() default, on purpose
+@pytest.mark.parametrize('kw', [{}, dict(ce_weight=0.3, peer_kl_weight=1., clean_weight=0.5, peer_tau=2.)])
+def test_peeraid_one_step_matches_main_py(batch, kw):
+    "Loss and the gradients of student and peer equal to train_kd's at the same start (the official CIFAR-10 settings and others)."
+    S, T, x, y = batch
+    P = tiny(seed=3).double()
+    s1, s2, p1, p2 = copy.deepcopy(S), copy.deepcopy(S), copy.deepcopy(P), copy.deepcopy(P)
+    torch.manual_seed(7); ours, _ = training_loss(get_method('peeraid', **kw), s1, None, x, y, peers={'peer': p1})
+    torch.manual_seed(7); theirs = official_peeraid_step(s2, p2, x, y, lamb1=kw.get('ce_weight', 0.), gamma2=kw.get('peer_kl_weight', 0.1),
+                                                         lamb3=kw.get('clean_weight', 1.), re_kd_temperature=kw.get('peer_tau', 1.))
+    ours.backward(); theirs.backward()
+    assert rel(ours, theirs) < 1e-10 and rel(grads(s1), grads(s2)) < 1e-9 and rel(grads(p1), grads(p2)) < 1e-9, (ours.item(), theirs.item())
+
+
+def test_peeraid_losses_on_hand_made_logits():
+    "The two losses written with explicit exponentials: a mean over B*C for each KL, the peer detached in the student's."
+    g = torch.Generator().manual_seed(0)
+    sa, pa, sn = (torch.randn(6, 10, generator=g, dtype=torch.float64) for _ in range(3))
+    y = torch.arange(6) % 10
+    ce = lambda z: (z.exp().sum(1).log() - z[torch.arange(6), y]).mean()
+    want_p = 0.7 * ce(pa) + 0.2 * 4 * kl_rows(sa / 2, pa / 2).sum() / 60
+    assert torch.allclose(peeraid_peer_loss(pa, sa, y, 0.7, 0.2, 2.), want_p, rtol=1e-10)
+    want_s = 0.1 * ce(sa) + 0.9 * 25 * kl_rows(pa / 5, sa / 5).sum() / 60 + 0.4 * 25 * kl_rows(sn / 5, sa / 5).sum() / 60
+    assert torch.allclose(peeraid_student_loss(sa, pa, y, sn, 0.1, 0.9, 0.4, 5.), want_s, rtol=1e-10)
+    p, s_ = pa.clone().requires_grad_(True), sa.clone().requires_grad_(True)
+    peeraid_student_loss(s_, p, y, sn).backward()
+    assert p.grad is None and s_.grad.abs().sum() > 0                        # the peer learns only from its own loss
+
+
+def test_peeraid_trains_its_peer_and_resumes_exactly(tmp_path):
+    "The trainer builds the peer, trains it in the same optimiser, keeps it in last.pt; paused after every step it ends bit-identical."
+    cfg = TrainConfig(method='peeraid', student='wrn-10-1', epochs=2, batch_size=16, steps=2, val_n=8, val_steps=1, milestones=(1,),
+                      swa=False, method_kwargs=dict(peer_arch='wrn-10-2'))
+    a = train(cfg, out_dir=tmp_path / 'a', device='cpu', progress=False, data=_data())
+    peer = read_checkpoint(tmp_path / 'a' / 'last.pt')['peers']['peer']
+    fresh = create_model('wrn-10-2').state_dict()
+    assert peer.keys() == fresh.keys() and any(not torch.equal(peer[k], fresh[k]) for k in peer if k.endswith('weight'))
+    while True:
+        b = train(cfg, out_dir=tmp_path / 'b', device='cpu', progress=False, data=_data(), time_limit=1e-9)
+        if b['status'] == 'done': break
+    sa, sb = a['model'].state_dict(), b['model'].state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    pb = read_checkpoint(tmp_path / 'b' / 'last.pt')['peers']['peer']
+    assert all(torch.equal(peer[k], pb[k]) for k in peer)
+
+
 # ---- (c) bad input -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('name', ['igdm', 'fair-ard'])
 def test_plug_in_bases_are_checked(name):
@@ -316,6 +392,10 @@ def test_plug_in_fields_are_checked():
         get_method('saad', ramp_epochs=0)
     with pytest.raises(ValueError, match=r"saad: clean_weight must be >= 0 \(beta"):
         get_method('saad', clean_weight=-1.)
+    with pytest.raises(ValueError, match=r"peeraid: peer_arch: unknown model name 'no-net'"):
+        get_method('peeraid', peer_arch='no-net')
+    with pytest.raises(ValueError, match=r"method 'peeraid' trains peer beside the student; pass peers="):
+        training_loss('peeraid', tiny(), None, torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
 
 
 def test_plug_in_budget_follows_the_base_unless_set():

@@ -46,7 +46,9 @@ def point(method, S, T, x, y, seed):
 def test_training_loss_runs_for_every_method(setup, name, epoch, faithful):
     S, T, x, y = setup
     S.eval()
-    loss, logs = training_loss(name, S, T, x, y, epoch=epoch, num_classes=10, faithful=faithful, teacher_st=tiny(seed=2).eval())
+    peers = {k: tiny(seed=3) for k in get_method(name).peer_archs('tiny')}   # PeerAiD trains a peer beside the student
+    loss, logs = training_loss(name, S, T, x, y, epoch=epoch, num_classes=10, faithful=faithful, teacher_st=tiny(seed=2).eval(),
+                               peers=peers)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
     loss.backward()
     grads = [p.grad for p in S.parameters()]
