@@ -46,7 +46,7 @@ test: check-nbdev nbtest pytest
 test-slow: install data
 	$(BIN)/python -m pytest -n $(WORKERS) -m slow
 
-# The paper's table with a preset (quick, smoke, cpu-small, cpu-long, cpu-strong, cpu-strong-long, gpu-small, paper,
+# The paper's table with a preset (quick, smoke, cpu-small, cpu-long, cpu-strong, cpu-strong-long, cpu-strong-field, gpu-small, paper,
 # paper-cifar100): `make repro` runs `quick` (minutes on a CPU, from the shipped teacher), `make repro PRESET=cpu-strong`
 # another. Progress streams to the terminal (a line per training and per attack). The notebook's own defaults are cut
 # down for the notebook tests; here students and methods are the preset's (None). A

@@ -49,6 +49,24 @@ _STRONG_T = dict(source='shipped', arch='resnet18-w16', path='teachers/cpu-stron
                             step_size=3/255, val_n=1000, val_steps=5))
 
 # family: the comparisons a table's verdicts are corrected over (Holm), declared before a run (adaad.report.add_comparisons)
+_STRONG = dict(
+    scale='reduced scale (a narrow ResNet-18 teacher trained here on the whole training set; narrower ResNet-18 students on '
+          '4,000 images, 8 epochs, 3 inner steps; 3 seeds; reduced AutoAttack): not comparable to the paper',
+    teacher=_STRONG_T,
+    standard_teacher=None,
+    students={'RN-18': 'resnet18-w8'},
+    methods=('natural', 'pgd-at', 'ard', 'rslad', 'adaad', 'adaiad', 'adaad-batchmean', 'adaad-eps16', 'adaad-ramp16'),
+    variants={'adaad-batchmean': dict(method='adaad', method_kwargs=dict(reduction='batchmean')),
+              'adaad-eps16': dict(method='adaad', eps=16/255, step_size=6/255),
+              'adaad-ramp16': dict(method='adaad', eps=16/255, step_size=6/255, eps_start=4/255, eps_ramp_epochs=4)},
+    seeds=(0, 1, 2),
+    train=dict(epochs=8, train_n=4000, batch_size=128, lr=0.1, milestones=(6,), steps=3, step_size=3/255, val_n=500, val_steps=5),
+    method_kwargs={'adaiad': dict(begin=3)},
+    family=dict(references=('pgd-at', 'adaad'), pairs=(('adaiad', 'ard'), ('adaiad', 'rslad')), attacks=('aa',)),
+    checkpoint='best_pgd', n_test=1000,
+    suite=('clean', 'fgsm', 'pgd10', 'aa'), attack_overrides={},
+    aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=50, n_restarts=1, n_target_classes=3), eval_batch=250)
+
 PRESETS = {
     'quick': dict(
         scale='quick CPU run (a shipped ResNet-18 teacher of base width 8; students of base width 4 on 2,000 images, 6 epochs, '
@@ -113,23 +131,7 @@ PRESETS = {
         family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)), aa=_CPU_AA, eval_batch=250),
-    'cpu-strong': dict(
-        scale='reduced scale (a narrow ResNet-18 teacher trained here on the whole training set; narrower ResNet-18 students on '
-              '4,000 images, 8 epochs, 3 inner steps; 3 seeds; reduced AutoAttack): not comparable to the paper',
-        teacher=_STRONG_T,
-        standard_teacher=None,
-        students={'RN-18': 'resnet18-w8'},
-        methods=('natural', 'pgd-at', 'ard', 'rslad', 'adaad', 'adaiad', 'adaad-batchmean', 'adaad-eps16', 'adaad-ramp16'),
-        variants={'adaad-batchmean': dict(method='adaad', method_kwargs=dict(reduction='batchmean')),
-                  'adaad-eps16': dict(method='adaad', eps=16/255, step_size=6/255),
-                  'adaad-ramp16': dict(method='adaad', eps=16/255, step_size=6/255, eps_start=4/255, eps_ramp_epochs=4)},
-        seeds=(0, 1, 2),
-        train=dict(epochs=8, train_n=4000, batch_size=128, lr=0.1, milestones=(6,), steps=3, step_size=3/255, val_n=500, val_steps=5),
-        method_kwargs={'adaiad': dict(begin=3)},
-        family=dict(references=('pgd-at', 'adaad'), pairs=(('adaiad', 'ard'), ('adaiad', 'rslad')), attacks=('aa',)),
-        checkpoint='best_pgd', n_test=1000,
-        suite=('clean', 'fgsm', 'pgd10', 'aa'), attack_overrides={},
-        aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=50, n_restarts=1, n_target_classes=3), eval_batch=250),
+    'cpu-strong': _STRONG,
     'cpu-strong-long': dict(
         scale='reduced scale (the cpu-strong teacher and students, 16 epochs instead of 8; one seed; reduced AutoAttack): '
               'not comparable to the paper',
@@ -143,6 +145,11 @@ PRESETS = {
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'aa'), attack_overrides={},
         aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=50, n_restarts=1, n_target_classes=3), eval_batch=250),
+    'cpu-strong-field': dict(_STRONG,
+        scale='reduced scale (the cpu-strong teacher, students and settings; the methods since AdaAD beside PGD-AT, ARD and '
+              'AdaAD; 3 seeds; reduced AutoAttack): not comparable to the paper',
+        methods=('pgd-at', 'ard', 'adaad', 'igdm', 'saad', 'fair-ard', 'peeraid'), variants={}, method_kwargs={},
+        family=dict(references=('pgd-at', 'adaad'), pairs=(('fair-ard', 'ard'),), attacks=('aa',))),
     'paper': dict(
         scale='paper scale (official settings)',
         teacher=dict(source='robustbench', name='Chen2021LTD_WRN34_20', path='models/cifar10/Linf/Chen2021LTD_WRN34_20.pt'),

@@ -76,6 +76,19 @@ def test_dry_run_paper(data_root, tmp_path):
 
 
 @pytest.mark.timeout(1800)
+def test_dry_run_of_the_methods_since_adaad(data_root, tmp_path):
+    """cpu-strong-field through the table: IGDM, SAAD (and its weight average), Fair-ARD (its class state) and PeerAiD
+    (a peer network trained beside the student, no teacher) as rows beside PGD-AT, ARD and AdaAD, with the preset's family."""
+    res, out, _ = _dry('cpu-strong-field', data_root, tmp_path)
+    _check_common(res, out, 'cpu-strong-field')
+    conf = {r['method']: r['train']['config'] for r in res['rows'][1:]}
+    assert conf['saad']['swa'] and conf['peeraid']['swa'] and not conf['adaad']['swa']
+    assert conf['peeraid']['method_kwargs']['peer_arch'] is None and conf['fair-ard']['method_kwargs']['base'] == 'ard'
+    fam = res['family']
+    assert ('fair-ard', 'ard') in [tuple(p) for p in fam['pairs']] and fam['size'] > 0
+
+
+@pytest.mark.timeout(1800)
 def test_dry_run_paper_cifar100(tmp_path):
     "The CIFAR-100 preset on a CIFAR-100-format folder written here: its teacher, its dataset in every file, no CIFAR-10 number."
     root = write_cifar100(tmp_path / 'data')
