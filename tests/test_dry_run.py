@@ -162,11 +162,13 @@ def _user_env():
 @pytest.mark.timeout(1800)
 def test_parallel_table_trains_a_user_method(data_root, tmp_path):
     """`adaad table --import user_methods --workers 2` on the quick preset's dry run, from the folder that holds the user's
-    module: both cells, the user's method and a preset row, are trained and evaluated by the worker processes (which
-    import the module themselves), then the table is assembled without training or evaluating again."""
+    module: both cells, the user's method and a preset row, on the user's architecture and under the user's attack, are
+    trained and evaluated by the worker processes (which import the module themselves), then the table is assembled
+    without training or evaluating again."""
     out, runs = tmp_path / 'res', tmp_path / 'runs'
     cmd = [str(Path(sys.executable).with_name('adaad')), 'table', '--import', 'user_methods', '--preset', 'quick', '--dry-run',
-           '--workers', '2', '--methods', 'pgd-at,user-rslad', '--out', str(out), '--runs', str(runs), '--data-root', str(data_root)]
+           '--workers', '2', '--methods', 'pgd-at,user-rslad', '--students', 'RN-18=user-cnn', '--suite', 'clean,pgd10,user-pgd2',
+           '--out', str(out), '--runs', str(runs), '--data-root', str(data_root)]
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT / 'tests', capture_output=True, text=True, env=_user_env())
     print(f'adaad table --workers 2 (quick, dry run): {time.time() - t0:.0f} s')
@@ -174,23 +176,27 @@ def test_parallel_table_trains_a_user_method(data_root, tmp_path):
     res = json.loads((out / 'results.json').read_text())
     assert res['status'] == 'done' and res['dry_run'] and [row['method'] for row in res['rows']] == ['teacher', 'pgd-at', 'user-rslad']
     assert all(row['train']['train_wall_s'] == 0. and row['eval_cached'] for row in res['rows'][1:])   # the workers did both
-    assert json.loads((Path(res['runs']['RN-18/user-rslad/0']) / 'config.json').read_text())['method'] == 'user-rslad'
+    cfg = json.loads((Path(res['runs']['RN-18/user-rslad/0']) / 'config.json').read_text())
+    assert (cfg['method'], cfg['student']) == ('user-rslad', 'user-cnn') and all(list(row['cells']) == ['clean', 'pgd10', 'user-pgd2'] for row in res['rows'])
     assert sorted(p.name for p in out.glob('worker*.log')) == ['worker0.log', 'worker1.log'] and '[2/2] RN-18' in r.stdout
     assert (out / 'training_curves.png').exists() and 'done: 3 rows' in r.stdout
 
 
 @pytest.mark.timeout(1800)
 def test_repro_notebook_imports_a_user_method(data_root, tmp_path, monkeypatch):
-    "The reproduction notebook's `imports` (what `make repro IMPORT=...` passes, a comma-separated string) makes the user's method a row."
+    """The reproduction notebook's `imports` (what `make repro IMPORT=...` passes, a comma-separated string) makes the user's
+    method a row, the user's architecture its student and the user's attack a column."""
     papermill = pytest.importorskip('papermill')
     monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(ROOT / 'tests'), str(ROOT), os.environ.get('PYTHONPATH', '')]))
-    params = dict(preset='quick', dry_run=True, methods=['user-rslad'], students=None, train_n=None, n_test=None, scratch=False,
+    params = dict(preset='quick', dry_run=True, methods=['user-rslad'], students={'RN-18': 'user-cnn'}, suite=['clean', 'pgd10', 'user-pgd2'],
+                  train_n=None, n_test=None, scratch=False,
                   imports='user_methods', data_root=str(data_root), out_dir=str(tmp_path / 'res'), runs_dir=str(tmp_path / 'runs'))
     papermill.execute_notebook(str(ROOT / 'nbs' / 'repro_table.ipynb'), str(tmp_path / 'nb.ipynb'), kernel_name='python3',
                                cwd=str(ROOT / 'nbs'), parameters=params, progress_bar=False)
     res = json.loads((tmp_path / 'res' / 'results.json').read_text())
     assert res['status'] == 'done' and [r['method'] for r in res['rows']] == ['teacher', 'user-rslad']
-    assert json.loads((Path(res['runs']['RN-18/user-rslad/0']) / 'config.json').read_text())['method'] == 'user-rslad'
+    cfg = json.loads((Path(res['runs']['RN-18/user-rslad/0']) / 'config.json').read_text())
+    assert (cfg['method'], cfg['student']) == ('user-rslad', 'user-cnn') and list(res['rows'][1]['cells']) == ['clean', 'pgd10', 'user-pgd2']
 
 
 def test_make_repro_passes_imports():
