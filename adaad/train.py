@@ -72,7 +72,7 @@ class TrainConfig:
     fold_teacher: bool = _f(True, "fold the frozen teacher's BatchNorms into its convolutions (exact up to rounding)")
     compile: bool = _f(False, 'torch.compile the student and the teacher')
     save_every: int = _f(0, 'also checkpoint every N steps inside an epoch (0: at epoch ends only)', _int0)
-    swa: bool | None = _f(None, "average the weights of the epochs from swa_start on (SWA); the average is what is validated and kept (None: the method's default, on for SAAD)")
+    swa: bool | None = _f(None, "average the weights of the epochs from swa_start on (SWA); the average is what is validated and kept (None: the method's default, on for SAAD and PeerAiD)")
     swa_start: int | None = _f(None, "first 0-based epoch in the weight average (None: the method's share of the run, swa_fraction)", _int0)
     data_root: str | None = _f(None, 'folder holding cifar-10-batches-py (None: $ADAAD_DATA, else ./data)')
 
