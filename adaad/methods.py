@@ -737,12 +737,16 @@ class PeerAiD(Method):
                 with torch.device('meta'): create_model(self.peer_arch, 10)
             except ValueError as e: raise ValueError(f'{self.name}: peer_arch: {e}') from None
     def peer_archs(self, student): return {'peer': self.peer_arch or student}
+    def peer(self, lg):
+        "The peer network of the batch `lg`."
+        if 'peer' not in lg.peers: raise ValueError("peeraid trains a peer beside the student: pass peers={'peer': network} (the trainer does)")
+        return lg.peers['peer']
     def objective(self, lg, y):
-        with torch.no_grad(), frozen_eval(lg.peers['peer']): target = lg.peers['peer'](lg.x)
+        with torch.no_grad(), frozen_eval(self.peer(lg)): target = self.peer(lg)(lg.x)
         return fixed_target_objective(lg.student, target)
     def loss(self, lg, y, epoch):
         s_adv, s_nat = lg.s_adv, lg.s_nat if self.clean_weight else None
-        p_adv = lg.peers['peer'](lg.input('adv'))
+        p_adv = self.peer(lg)(lg.input('adv'))
         return (peeraid_peer_loss(p_adv, s_adv, y, self.peer_ce_weight, self.peer_kl_weight, self.peer_tau)
                 + peeraid_student_loss(s_adv, p_adv, y, s_nat, self.ce_weight, self.distill_weight, self.clean_weight, self.tau))
     def passes(self, epoch): return ('adv', 'adv', 'nat')

@@ -87,7 +87,8 @@ def test_bool_fields_are_checked(field):
 def test_inner_loops_make_no_host_sync(name):
     s, t = create_model('wrn-10-1'), create_model('wrn-10-1')
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    with SyncWatch() as w: inner_point(get_method(name, steps=2), Logits(s, t, x), y)
+    peers = {k: create_model('wrn-10-1') for k in get_method(name).peer_archs('wrn-10-1')}   # PeerAiD's peer
+    with SyncWatch() as w: inner_point(get_method(name, steps=2), Logits(s, t, x, peers=peers), y)
     assert w.calls == []
 
 
