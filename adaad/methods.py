@@ -234,6 +234,7 @@ def get_method(method, inner=None, **overrides):
         return _build(method, dict(overrides))
     outer = method if isinstance(method, Method) else _build(method, {})
     inner_m = inner if isinstance(inner, Method) else _build(inner, {})
+    overrides = _current_names(outer, dict(overrides))          # a former name of an outer field stays the outer's
     own = {k: v for k, v in overrides.items() if k in field_names(outer) and k not in BUDGET_KEYS}
     rest = {k: v for k, v in overrides.items() if k not in own}
     return Combo(outer=_build(outer, own), inner=_build(inner_m, rest))

@@ -1,7 +1,9 @@
 """Shared fixtures: the CIFAR-10 folder (skipped with a reason where absent), a small naturally trained model and the
 robust zoo. The trained networks are built once per test run: with pytest-xdist the first worker builds and saves them,
 the others wait and load the same weights."""
-import fcntl, os
+import os
+try: import fcntl
+except ImportError: fcntl = None   # Windows: each worker builds its own copy
 from pathlib import Path
 
 import pytest
@@ -36,9 +38,9 @@ def built_once(tmp_path_factory, name, build):
     in the run's shared temporary folder while holding a file lock, and the others wait for the lock and reuse it."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get('PYTEST_XDIST_WORKER'): root = root.parent     # the workers' basetemps share this parent
-    folder = root / name
+    folder = root / name if fcntl is not None else tmp_path_factory.mktemp(name)   # no file locks: each worker its own
     with open(root / f'{name}.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if fcntl is not None: fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / '.done').exists():
             if folder.exists():
                 import shutil; shutil.rmtree(folder)            # a build that failed half way

@@ -151,3 +151,10 @@ def test_the_batchnorm_order_follows_the_declaration_not_the_reading(declared):
     for at in reversed(declared): other(x if at == 'nat' else x_adv)
     assert not torch.equal(other[1].running_mean, ref[1].running_mean)   # the order shows in the statistics
     assert torch.equal(S[1].running_mean, ref[1].running_mean)
+
+
+def test_a_former_name_of_the_outer_method_stays_with_it_in_a_combo():
+    "With another method's inner, `alpha` still sets the outer AdaAD's `adv_weight` (with the warning), not the inner's."
+    with pytest.warns(DeprecationWarning, match='adaad: alpha is deprecated, use adv_weight'):
+        m = get_method('adaad', inner='trades', alpha=0.3)
+    assert m.outer.adv_weight == 0.3
