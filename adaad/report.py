@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['PAPER_COLUMNS', 'PAPER_TABLE', 'PAPER_METHODS', 'PAPER_TEACHER', 'CIFAR10_CLASSES', 'DEFAULT_REFERENCES',
-           'COLUMN_NAMES', 'METHOD_PAPERS', 'CURVE_PANELS', 'PAIR_ATTACKS', 'eval_path', 'row_result', 'groups',
-           'declared_family', 'correct_family', 'verdict', 'add_comparisons', 'add_per_class', 'markdown_table',
-           'resolution_sentence', 'latex_table', 'paper_comparison', 'robustbench_arch', 'model_info',
-           'write_model_infos', 'write_outputs', 'load_results', 'rewrite_tables', 'plot_eps_sweep',
-           'plot_training_curves', 'compare_results', 'preset_differences', 'seed_rows', 'compare_pairs', 'pairs_file',
-           'pairs_summary']
+           'COLUMN_NAMES', 'DIAG_COLUMNS', 'METHOD_PAPERS', 'CURVE_PANELS', 'PAIR_ATTACKS', 'eval_path', 'row_result',
+           'groups', 'declared_family', 'correct_family', 'verdict', 'add_comparisons', 'add_per_class',
+           'markdown_table', 'resolution_sentence', 'latex_table', 'paper_comparison', 'last_diagnostics',
+           'diagnostics_table', 'robustbench_arch', 'model_info', 'write_model_infos', 'write_outputs', 'load_results',
+           'rewrite_tables', 'plot_eps_sweep', 'plot_training_curves', 'compare_results', 'preset_differences',
+           'seed_rows', 'compare_pairs', 'pairs_file', 'pairs_summary']
 
 # %% ../nbs/14_report.ipynb #0395b413
 import json
@@ -204,6 +204,7 @@ def markdown_table(res):
     for label, m, rows in _table_rows(res):
         lines.append(f"| {label} | {m} | " + ' | '.join(_cell(rows, c) for c in cols) + (f' | {_worst_class(rows)} |' if has_aa else ' |'))
     if len(seeds) > 1: lines += ['', _per_seed_table(res, cols)]
+    if diag := diagnostics_table(res): lines += ['', diag]
     lines += _comparison_lines(res)
     flagged = [f"- {_label(r)} {r['method']}" + (f" (seed {r['seed']})" if r.get('seed') is not None else '') + f": {'; '.join(r['flags'])}" for r in res['rows'] if r.get('flags')]
     if flagged: lines += ['', 'Flags raised by the evaluation\'s own checks' + (' (e.g. a weak reduced AA above PGD-10):' if has_aa else ':')] + flagged
@@ -321,6 +322,34 @@ def paper_comparison(res):
     aa = res['config'].get('aa')
     if aa and 'aa' in cols: lines.append(f"\nAA here is a reduced AutoAttack ({json.dumps(aa)}), the paper's is AutoAttack standard.")
     return '\n'.join(lines) + '\n'
+
+# %% ../nbs/14_report.ipynb #358cd5be
+DIAG_COLUMNS = (('diag_teacher_acc', "teacher acc. at x̃ (%)"), ('diag_fool_both', 'fool both / fooled (%)'),
+                ('diag_entropy_fool_both', 'teacher entropy, fool both'), ('diag_entropy_fool_student', 'teacher entropy, fool student only'))
+
+def last_diagnostics(row):
+    "The diagnostics (`DIAG_COLUMNS`) of a row's last logged validation that has them, or None."
+    curve = [c for c in (row.get('train') or {}).get('curve') or [] if c.get('diag_teacher_acc') is not None]
+    return {k: curve[-1].get(k) for k, _ in DIAG_COLUMNS} | dict(epoch=curve[-1]['epoch']) if curve else None
+
+def _mean_sd(v):
+    "'mean ± sd' of the non-None values in `v` (the value alone for one), '–' for none."
+    v = [x for x in v if x is not None]
+    if not v: return '–'
+    return f'{v[0]:.2f}' if len(v) == 1 else f'{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}'
+
+def diagnostics_table(res):
+    "Markdown: the teacher-student diagnostics at each teacher-based row's last validation (mean ± sd over seeds); '' if none."
+    lines = []
+    for label, m, rows in _table_rows(res):
+        d = [x for x in map(last_diagnostics, rows) if x is not None]
+        if m == 'teacher' or not d: continue
+        lines.append(f'| {label} | {m} | {len(d)} | ' + ' | '.join(_mean_sd([x[k] for x in d]) for k, _ in DIAG_COLUMNS) + ' |')
+    if not lines: return ''
+    head = ["Teacher-student diagnostics at the last validation, on the validation images at each row's own inner points "
+            '(`adaad.diagnostics`; mean ± sd over seeds; entropy in nats):', '',
+            '| student (arch) | method | seeds | ' + ' | '.join(t for _, t in DIAG_COLUMNS) + ' |', '|---|---|---|' + '---|' * len(DIAG_COLUMNS)]
+    return '\n'.join(head + lines)
 
 # %% ../nbs/14_report.ipynb #6a447736
 METHOD_PAPERS = {  # the paper that defines each method: RobustBench's name, authors, venue and link fields
