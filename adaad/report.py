@@ -323,7 +323,7 @@ def paper_comparison(res):
     if aa and 'aa' in cols: lines.append(f"\nAA here is a reduced AutoAttack ({json.dumps(aa)}), the paper's is AutoAttack standard.")
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/14_report.ipynb #358cd5be
+# %% ../nbs/14_report.ipynb #081d00ea
 DIAG_COLUMNS = (('diag_teacher_acc', "teacher acc. at x̃ (%)"), ('diag_fool_both', 'fool both / fooled (%)'),
                 ('diag_entropy_fool_both', 'teacher entropy, fool both'), ('diag_entropy_fool_student', 'teacher entropy, fool student only'))
 
