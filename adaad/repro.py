@@ -152,7 +152,9 @@ PRESETS = {
         # igdm.py ramps its term as t/200 in a 200-epoch run (full weight at the end); here it reaches full weight at the
         # end of the 8 epochs too (SAAD's script ramps over its run's epochs, as here); the class keeps the script's 200
         method_kwargs={'igdm': dict(ramp_epochs=8)},
-        family=dict(references=('pgd-at', 'adaad'), pairs=(('fair-ard', 'ard'),), attacks=('aa',))),
+        # each new row against PGD-AT and AdaAD (IGDM's base), Fair-ARD against its base ARD, SAAD against IGDM (whose term
+        # it weights); PeerAiD's own base, a student with no teacher, is PGD-AT
+        family=dict(references=('pgd-at', 'adaad'), pairs=(('fair-ard', 'ard'), ('saad', 'igdm')), attacks=('aa',))),
     'paper': dict(
         scale='paper scale (official settings)',
         teacher=dict(source='robustbench', name='Chen2021LTD_WRN34_20', path='models/cifar10/Linf/Chen2021LTD_WRN34_20.pt'),
