@@ -11,7 +11,7 @@ __all__ = ['PRESETS', 'PAPER_SCALE', 'PAPER_REFERENCES', 'PACKAGES', 'DRY_RUN', 
            'import_modules', 'run_table_parallel', 'run_eps_sweep']
 
 # %% ../nbs/15_repro.ipynb #488eab9c
-import collections, copy, dataclasses, importlib, json, math, os, platform, subprocess, time
+import collections, copy, dataclasses, importlib, inspect, json, math, os, platform, subprocess, time
 from pathlib import Path
 import torch
 
@@ -379,6 +379,12 @@ def build_teacher(preset, run_dir=None, out=None, data_root=None, device=None, p
 # %% ../nbs/15_repro.ipynb #b6f316c1
 DRY_RUN = dict(train_images=2, batch_size=2, val_n=1, n_test=2, eval_batch=1, eval_shard=1, attack_steps=2)
 
+def _dry_cut(name, k):
+    "The overrides that cut suite attack `name` (built-in or the user's) to `k` steps or queries, where its function takes them."
+    spec = ATTACKS.get(name)
+    if name == 'aa' or spec is None or spec.fn is None: return {}   # AutoAttack is cut through the preset's `aa`
+    return {p: k for p in ('steps', 'n_queries') if p in inspect.signature(spec.fn).parameters}
+
 def dry_run_config(cfg, teacher_dir):
     "Preset dict `cfg` cut to toy size (`DRY_RUN`), its file teachers replaced by random networks saved under `teacher_dir`."
     d, ds = copy.deepcopy(cfg), dataset_of(cfg)
@@ -394,8 +400,8 @@ def dry_run_config(cfg, teacher_dir):
             d[role] = dict(source='checkpoint', arch=spec['arch'], path=str(dry_run_teacher(dict(spec, source='checkpoint'), teacher_dir, ds)))
         else: d[role] = dict(spec, path=str(dry_run_teacher(spec, teacher_dir, ds)))
     k = DRY_RUN['attack_steps']
-    cut = dict(pgd10=dict(steps=k), pgd20=dict(steps=k), cwinf=dict(steps=k), cw2=dict(steps=k), square=dict(n_queries=k))
-    d['attack_overrides'] = {a: {**d['attack_overrides'].get(a, {}), **cut[a]} for a in d['suite'] if a in cut}
+    cut = {a: c for a in d['suite'] if (c := _dry_cut(a, k))}
+    d['attack_overrides'] = {a: {**d['attack_overrides'].get(a, {}), **c} for a, c in cut.items()}
     if 'aa' in d['suite']: d['aa'] = dict(attacks=['apgd-ce', 'apgd-t'], n_iter=k, n_restarts=1, n_target_classes=1)
     d.update(seeds=list(d.get('seeds', (0,)))[:1], n_test=DRY_RUN['n_test'], eval_batch=DRY_RUN['eval_batch'],
              eval_shard=DRY_RUN['eval_shard'], dry_run=True,

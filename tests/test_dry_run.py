@@ -206,3 +206,15 @@ def test_make_repro_passes_imports():
     line = next(l for l in r.stdout.splitlines() if 'papermill nbs/repro_table.ipynb' in l)
     assert r.returncode == 0 and '-p imports user_methods,other' in r.stdout and line.startswith(f'PYTHONPATH="{ROOT}')
     assert '-p imports' not in _make('repro', 'PRESET=quick').stdout
+
+
+def test_dry_run_cuts_every_multi_step_attack_of_the_suite(tmp_path):
+    """Built-in attacks and a user's registered attack that takes `steps` run DRY_RUN['attack_steps'] steps (or queries)
+    in a dry run; AutoAttack is cut through the preset's `aa`; an attack without steps or queries is left as it is."""
+    import user_methods  # noqa: F401  (registers user-pgd2, which takes `steps`)
+    from adaad.repro import dry_run_config, preset_config
+    cfg = preset_config('smoke')
+    cfg['suite'] = ('clean', 'fgsm', 'pgd10', 'cw2', 'user-pgd2', 'square', 'aa')
+    d, k = dry_run_config(cfg, tmp_path), DRY_RUN['attack_steps']
+    assert d['attack_overrides'] == {'pgd10': dict(steps=k), 'cw2': dict(steps=k), 'user-pgd2': dict(steps=k), 'square': dict(n_queries=k)}
+    assert d['aa']['n_iter'] == k

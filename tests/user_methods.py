@@ -28,9 +28,9 @@ class UserPGD(PGDAT):
 
 
 @register_attack('user-pgd2', white_box=True, multi_step=True, norm='linf', budget='eps')
-def user_pgd2(model, x, y, eps=8 / 255, seed=None):
-    "Two signed-gradient steps of eps/2 from the clean point: an evaluation column under the user's name."
-    return pgd(model, x, y, eps=eps, step_size=eps / 2, steps=2, random_start=False)
+def user_pgd2(model, x, y, eps=8 / 255, steps=2, seed=None):
+    "`steps` signed-gradient steps of eps/2 from the clean point: an evaluation column under the user's name."
+    return pgd(model, x, y, eps=eps, step_size=eps / 2, steps=steps, random_start=False)
 
 
 @register_model('user-cnn')
