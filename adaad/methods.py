@@ -613,6 +613,13 @@ class IGDM(PlugIn):
         s_minus, t_minus = _mirror_logits(lg)
         return igdm_loss(base, lg.s_adv, s_minus, lg.t_adv, t_minus, epoch, self.matching_weight, self.ramp_epochs)
     def needs(self, epoch): return self._base.needs(epoch) | {'adv'}
+    def for_run(self, epochs):
+        "The base fixed for a run of `epochs` epochs; a warning when the ramp outlasts the run (the term never reaches `matching_weight`)."
+        if self.ramp_epochs > epochs:
+            warnings.warn(f"igdm: ramp_epochs={self.ramp_epochs} outlasts the run's {epochs} epochs, so the gradient-matching term "
+                          f"ends at {epochs / self.ramp_epochs:.0%} of matching_weight (igdm.py ramps over its own 200-epoch run); "
+                          f"pass ramp_epochs={epochs} to reach it", stacklevel=2)
+        return _base_for_run(self, epochs)
 
 def _counting(objective, student, y, kappa):
     "`objective`, also adding to `kappa[c]` the examples of class c the student classifies correctly at each point."

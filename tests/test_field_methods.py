@@ -64,6 +64,16 @@ def official_weight_assign(kappa_total, per_class, beta):
     return r.clamp(5 / 6, 5 / 2)
 
 
+def test_igdm_warns_when_its_ramp_outlasts_the_run():
+    "A run shorter than IGDM's ramp is told how much of the term it gets; a ramp that fits is silent."
+    with pytest.warns(UserWarning, match=r'ramp_epochs=200 outlasts the run.s 30 epochs.*15% of matching_weight'):
+        resolve(TrainConfig(method='igdm', epochs=30))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert resolve(TrainConfig(method='igdm', epochs=30, method_kwargs=dict(ramp_epochs=30))).method_kwargs['ramp_epochs'] == 30
+
+
 def test_class_weights_follow_weight_assign_on_balanced_counts():
     kappa = torch.tensor([40., 3., 0., 17., 20., 9., 1., 39., 25., 12.], dtype=torch.float64)
     counts = torch.full((10,), 4., dtype=torch.float64)
