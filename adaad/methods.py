@@ -109,6 +109,7 @@ class Method:
     positive: ClassVar[tuple] = ()                 # fields that must be > 0 (temperatures)
     ranges: ClassVar[dict] = {}                    # field -> (low, high, meaning): the values the definition gives a sense
     renamed: ClassVar[dict] = {}                   # former field name -> its name now (still accepted, with a DeprecationWarning)
+    dataset_defaults: ClassVar[dict] = {}          # field -> {dataset: official value}, taken where the field is None
     budget: Budget | None = Budget()               # the inner maximisation's budget; None: no inner problem
 
     def __init_subclass__(cls, **kw):
@@ -140,6 +141,10 @@ class Method:
     def for_run(self, epochs):
         "This method with what depends on the run's length fixed for a run of `epochs` epochs (the trainer calls it once)."
         return self
+    def for_dataset(self, dataset):
+        "This method with each None field of `dataset_defaults` set to its official value on `dataset` (the trainer calls it, for the record)."
+        fill = {k: v[dataset] for k, v in self.dataset_defaults.items() if getattr(self, k) is None and dataset in v}
+        return replace(self, **fill) if fill else self
     def passes(self, epoch):
         "The official sequence of student forward passes of one batch ('nat'/'adv'), repeats and dead passes included."
         return ('adv',)
@@ -437,6 +442,17 @@ class AdaAD(Method):
 
 def _reduction(m, lg): return m.reduction or adaad_reduction(lg.num_classes or lg.s_adv.shape[1])
 
+_DATASET_BY_CLASSES = {10: 'cifar10', 100: 'cifar100'}
+
+def _official(m, name, lg):
+    "Field `name` of `m`, or where it is None its official value (`dataset_defaults`) for the batch's number of classes."
+    if (v := getattr(m, name)) is not None: return v
+    n = lg.num_classes or lg.s_adv.shape[1]
+    ds = _DATASET_BY_CLASSES.get(n)
+    if ds not in m.dataset_defaults[name]:
+        raise ValueError(f"{m.name}: {name} has an official value only on {', '.join(m.dataset_defaults[name])}; pass {name} for {n} classes")
+    return m.dataset_defaults[name][ds]
+
 @register
 @dataclass(frozen=True)
 class AdaIAD(Method):
@@ -720,6 +736,7 @@ class PeerAiD(Method):
     $\\max\\sum_i\\mathrm{KL}(p_P(x_i)\\|p_S(x'_i))$. Outer: $\\mathcal L_P + \\mathcal L_S$ (`peeraid_peer_loss`, `peeraid_student_loss`)."""
     name = 'peeraid'
     source = 'jaewonalive/PeerAiD main.py (train_kd), attack_function.py (LinfPeerAttack), configs/PeerAiD_resnet18_cifar10.json, README'
+    dataset_defaults = dict(peer_kl_weight={'cifar10': 0.1, 'cifar100': 1.})   # --gamma2 of the README's commands
     needs_teacher = False
     epochs, milestones, weight_decay = 300, (214, 259, 284), 2e-4
     swa, swa_fraction = True, 214 / 300             # the script averages from its first LR decay, epoch 214
@@ -735,7 +752,7 @@ class PeerAiD(Method):
     clean_weight: float = 1.                        # lambda_3 (--lamb3)
     peer_tau: float = 1.                            # tau_P (--re_kd_temperature)
     peer_ce_weight: float = 1.                      # gamma_1 (--gamma1)
-    peer_kl_weight: float = 0.1                     # gamma_2 (--gamma2): 0.1 on CIFAR-10, 1 on CIFAR-100
+    peer_kl_weight: float | None = None             # gamma_2 (--gamma2); None: 0.1 on CIFAR-10, 1 on CIFAR-100
     peer_arch: str | None = None                    # the peer's architecture (--p_type); None: the student's
     def __post_init__(self):
         super().__post_init__()
@@ -755,7 +772,7 @@ class PeerAiD(Method):
     def loss(self, lg, y, epoch):
         s_adv, s_nat = lg.s_adv, lg.s_nat if self.clean_weight else None
         p_adv = self.peer(lg)(lg.input('adv'))
-        return (peeraid_peer_loss(p_adv, s_adv, y, self.peer_ce_weight, self.peer_kl_weight, self.peer_tau)
+        return (peeraid_peer_loss(p_adv, s_adv, y, self.peer_ce_weight, _official(self, 'peer_kl_weight', lg), self.peer_tau)
                 + peeraid_student_loss(s_adv, p_adv, y, s_nat, self.ce_weight, self.distill_weight, self.clean_weight, self.tau))
     def passes(self, epoch): return ('adv', 'adv', 'nat')
     def needs(self, epoch): return {'adv'} | ({'nat'} if self.clean_weight else set())

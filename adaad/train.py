@@ -101,7 +101,7 @@ def build_method(cfg):
     "The `Method` instance of `cfg` (method, inner, method_kwargs, the budget fields that are not None), fixed for its epochs."
     bad = sorted(set(cfg.method_kwargs) & {'eps', 'step_size', 'steps', 'inner'})
     if bad: raise ValueError(f"method_kwargs must not set {', '.join(bad)}: they are TrainConfig fields of their own")
-    m = M.get_method(cfg.method, cfg.inner, **cfg.method_kwargs)
+    m = M.get_method(cfg.method, cfg.inner, **cfg.method_kwargs).for_dataset(cfg.dataset)
     budget = {k: getattr(cfg, k) for k in ('eps', 'step_size', 'steps') if getattr(cfg, k) is not None}
     if budget: m = m.with_budget(**budget)
     return m if cfg.epochs is None else m.for_run(cfg.epochs)     # what depends on the run's length (IAD's begin)

@@ -340,6 +340,22 @@ def test_peeraid_one_step_matches_main_py(batch, kw):
     assert rel(ours, theirs) < 1e-10 and rel(grads(s1), grads(s2)) < 1e-9 and rel(grads(p1), grads(p2)) < 1e-9, (ours.item(), theirs.item())
 
 
+def test_peeraid_gamma2_follows_the_dataset_unless_given():
+    "gamma_2 as the README's commands pass it: 0.1 on CIFAR-10, 1 on CIFAR-100 (in the run's record and in a batch); a value given is kept."
+    assert [resolve(TrainConfig(method='peeraid', dataset=d)).method_kwargs['peer_kl_weight'] for d in ('cifar10', 'cifar100')] == [0.1, 1.]
+    assert resolve(TrainConfig(method='peeraid', dataset='cifar100', method_kwargs=dict(peer_kl_weight=0.3))).method_kwargs['peer_kl_weight'] == 0.3
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(4, 3, 8, 8, generator=g), torch.arange(4)
+    S, P = tiny(100, seed=0), tiny(100, seed=1)
+    loss = lambda **kw: training_loss(get_method('peeraid', **kw), copy.deepcopy(S), None, x, y, num_classes=100, peers={'peer': copy.deepcopy(P)})[0]
+    torch.manual_seed(1); default = loss()
+    torch.manual_seed(1); given = loss(peer_kl_weight=1.)
+    torch.manual_seed(1); other = loss(peer_kl_weight=0.1)
+    assert default == given and default != other
+    with pytest.raises(ValueError, match='peer_kl_weight has an official value only on cifar10, cifar100'):
+        training_loss('peeraid', tiny(7, seed=0), None, x, y % 7, peers={'peer': tiny(7, seed=1)})
+
+
 def test_peeraid_losses_on_hand_made_logits():
     "The two losses written with explicit exponentials: a mean over B*C for each KL, the peer detached in the student's."
     g = torch.Generator().manual_seed(0)
