@@ -441,10 +441,15 @@ TRAININGS = 'trainings.json'   # in a run folder: each call that trained some of
 
 def record_training(run_dir, epochs_before, tr):
     """Append to `run_dir/trainings.json` the call that just trained epochs `epochs_before`.. of the run (its commit, the
-    epochs, the wall seconds), if it trained any; the list so far ([] for a run trained before this record existed)."""
+    epochs, the wall seconds), if it trained any; the list so far ([] for a run trained before this record existed).
+    Epochs trained by a call that ended without recording (killed) come first as an `unrecorded` entry: commit unknown."""
     f, done = Path(run_dir) / TRAININGS, len(logged_curve(run_dir))
     rows = json.loads(f.read_text()) if f.exists() else []
     if done > epochs_before:
+        recorded = rows[-1]['epochs'][1] if rows else 0
+        if recorded < epochs_before:
+            rows.append(dict(commit=None, epochs=[recorded, epochs_before], wall_s=None, status='unrecorded',
+                             note='trained by a call that ended without recording (killed, or before this record existed)'))
         rows.append(dict(git_info(), epochs=[epochs_before, done], wall_s=round(tr['wall_s'], 1), status=tr['status'],
                          finished=time.strftime('%Y-%m-%dT%H:%M:%S%z')))
         write_json(f, rows)

@@ -174,3 +174,19 @@ def test_the_reduced_autoattack_is_a_registered_attack_that_reads_the_committed_
             assert _suite_key(eval_suite(preset_config(preset))) == key['suite'], f
             checked += 1
     assert checked >= 4
+
+
+def test_record_training_keeps_the_epochs_of_a_call_that_ended_without_recording(tmp_path):
+    "Calls that trained epochs 0-2 and 4-5 recorded; the killed call between them appears as unrecorded epochs 2-4."
+    from adaad.repro import record_training
+    log = tmp_path / 'metrics.jsonl'
+    def logged(n): log.write_text(''.join(json.dumps(dict(epoch=e, train_s=1.)) + '\n' for e in range(n)))
+    logged(2)
+    assert [r['epochs'] for r in record_training(tmp_path, 0, dict(wall_s=3., status='paused'))] == [[0, 2]]
+    logged(4)                                                     # a call trains epochs 2 and 3, then is killed
+    logged(5)
+    rows = record_training(tmp_path, 4, dict(wall_s=2., status='done'))
+    assert [(r['epochs'], r['status']) for r in rows] == [([0, 2], 'paused'), ([2, 4], 'unrecorded'), ([4, 5], 'done')]
+    assert rows[1]['commit'] is None and rows[2]['commit'] == rows[0]['commit']
+    assert json.loads((tmp_path / 'trainings.json').read_text()) == rows
+    assert record_training(tmp_path, 5, dict(wall_s=0., status='done')) == rows   # a reused run adds nothing
