@@ -7,7 +7,7 @@ __all__ = ['CHOICES', 'USER_ERRORS', 'parse_number', 'parse_eps', 'add_config_op
            'main', 'teacherless_methods']
 
 # %% ../nbs/13_cli.ipynb #bb523ac1
-import argparse, dataclasses, errno, importlib, json, sys, time, traceback, types, typing
+import argparse, dataclasses, errno, importlib, json, os, sys, time, traceback, types, typing
 from fractions import Fraction
 from pathlib import Path
 
@@ -167,6 +167,9 @@ def _train(ap, a):
     teacher, standard = (_load(s, a.dataset) for s in specs)
     r = train(cfg, teacher=teacher, out_dir=out, device=a.device, time_limit=a.time_limit,
               progress=not a.no_progress, standard_teacher=standard)
+    if int(os.environ.get('RANK', 0)) == 0:
+        from adaad.repro import record_training
+        record_training(out, None, r)         # which code trained which epochs, beside the run (trainings.json)
     print(json.dumps({k: v for k, v in r.items() if k != 'model'}))
 
 def _eval(ap, a):

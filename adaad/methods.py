@@ -143,8 +143,13 @@ class Method:
         return self
     def for_dataset(self, dataset):
         "This method with each None field of `dataset_defaults` set to its official value on `dataset` (the trainer calls it, for the record)."
-        fill = {k: v[dataset] for k, v in self.dataset_defaults.items() if getattr(self, k) is None and dataset in v}
-        return replace(self, **fill) if fill else self
+        fill = {k: v for k, v in self.dataset_defaults.items() if getattr(self, k) is None}
+        for k, v in fill.items():
+            if dataset not in v: raise ValueError(f"{self.name}: {k}=None takes the official value on {', '.join(v)}, not on {dataset!r}: pass {k}")
+        return replace(self, **{k: v[dataset] for k, v in fill.items()}) if fill else self
+    def run_warnings(self, epochs):
+        "What a run of `epochs` epochs should be told about this method's settings (the trainer warns once each); none by default."
+        return ()
     def passes(self, epoch):
         "The official sequence of student forward passes of one batch ('nat'/'adv'), repeats and dead passes included."
         return ('adv',)
@@ -252,6 +257,14 @@ def _introspection_for_run(self, epochs):
 def _base_for_run(self, epochs):
     "A plug-in with its base method fixed for a run of `epochs` epochs."
     out = replace(self); object.__setattr__(out, '_base', self._base.for_run(epochs)); return out
+
+def _base_for_dataset(self, dataset):
+    "A method with a `_base` (plug-ins, MMARD) with its own and its base's dataset defaults fixed."
+    out = replace(Method.for_dataset(self, dataset)); object.__setattr__(out, '_base', self._base.for_dataset(dataset)); return out
+
+def _base_run_warnings(self, epochs):
+    "The warnings of a method's `_base`, whose loss it extends."
+    return self._base.run_warnings(epochs)
 
 def _introspection_start(self):
     "The first epoch with the introspection term (outside a run, `begin_fraction` of the official schedule)."
@@ -447,11 +460,11 @@ _DATASET_BY_CLASSES = {10: 'cifar10', 100: 'cifar100'}
 def _official(m, name, lg):
     "Field `name` of `m`, or where it is None its official value (`dataset_defaults`) for the batch's number of classes."
     if (v := getattr(m, name)) is not None: return v
-    n = lg.num_classes or lg.s_adv.shape[1]
-    ds = _DATASET_BY_CLASSES.get(n)
-    if ds not in m.dataset_defaults[name]:
-        raise ValueError(f"{m.name}: {name} has an official value only on {', '.join(m.dataset_defaults[name])}; pass {name} for {n} classes")
-    return m.dataset_defaults[name][ds]
+    n, known = lg.num_classes or lg.s_adv.shape[1], m.dataset_defaults[name]
+    if _DATASET_BY_CLASSES.get(n) not in known:
+        raise ValueError(f"{m.name}: {name}=None takes the official value for {' or '.join(f'{c} ({d})' for c, d in _DATASET_BY_CLASSES.items() if d in known)} "
+                         f"classes, but the batch has {n}: pass {name}")
+    return known[_DATASET_BY_CLASSES[n]]
 
 @register
 @dataclass(frozen=True)
@@ -496,7 +509,7 @@ class MMARD(Method):
         super().__post_init__()
         if method_class(self.base) is MMARD: raise ValueError("base must be another method than 'mmard'")
         object.__setattr__(self, '_base', get_method(self.base))
-    for_run = _base_for_run
+    for_run, for_dataset, run_warnings = _base_for_run, _base_for_dataset, _base_run_warnings
     def objective(self, lg, y): return mmard_objective(lg.student, lg.teacher, y, self.boundary_weight)
     def loss(self, lg, y, epoch):
         s_nat = lg.s_nat
@@ -527,6 +540,8 @@ class Combo(Method):
     def needs(self, epoch): return self.outer.needs(epoch)
     def with_budget(self, **changes): return replace(self, inner=self.inner.with_budget(**changes))
     def for_run(self, epochs): return replace(self, inner=self.inner.for_run(epochs), outer=self.outer.for_run(epochs))
+    def for_dataset(self, dataset): return replace(self, inner=self.inner.for_dataset(dataset), outer=self.outer.for_dataset(dataset))
+    def run_warnings(self, epochs): return self.outer.run_warnings(epochs)     # the loss is the outer method's
     def peer_archs(self, student): return {**self.inner.peer_archs(student), **self.outer.peer_archs(student)}
     def hparams(self): return {**self.inner.hparams(), **self.outer.hparams()}
 
@@ -597,7 +612,7 @@ class PlugIn(Method):
     def objective(self, lg, y): return self._base.objective(lg, y)
     def passes(self, epoch): return self._base.passes(epoch)
     def needs(self, epoch): return self._base.needs(epoch)
-    for_run = _base_for_run
+    for_run, for_dataset, run_warnings = _base_for_run, _base_for_dataset, _base_run_warnings
 
 def _mirror_logits(lg):
     "$S(x-\\delta)$ with a graph and $T(x-\\delta)$ without, for $\\delta = \\tilde x - x$ (not cached)."
@@ -629,13 +644,13 @@ class IGDM(PlugIn):
         s_minus, t_minus = _mirror_logits(lg)
         return igdm_loss(base, lg.s_adv, s_minus, lg.t_adv, t_minus, epoch, self.matching_weight, self.ramp_epochs)
     def needs(self, epoch): return self._base.needs(epoch) | {'adv'}
-    def for_run(self, epochs):
-        "The base fixed for a run of `epochs` epochs; a warning when the ramp outlasts the run (the term never reaches `matching_weight`)."
-        if self.ramp_epochs > epochs:
-            warnings.warn(f"igdm: ramp_epochs={self.ramp_epochs} outlasts the run's {epochs} epochs, so the gradient-matching term "
-                          f"ends at {epochs / self.ramp_epochs:.0%} of matching_weight (igdm.py ramps over its own 200-epoch run); "
-                          f"pass ramp_epochs={epochs} to reach it", stacklevel=2)
-        return _base_for_run(self, epochs)
+    def run_warnings(self, epochs):
+        "The base's warnings, and one when the ramp and the run differ in length (the term ends below or above `matching_weight`)."
+        mine = () if self.ramp_epochs == epochs else (
+            f"igdm: ramp_epochs={self.ramp_epochs} differs from the run's {epochs} epochs, so the weight of the gradient-matching "
+            f"term ends at {epochs}/{self.ramp_epochs} of matching_weight (igdm.py ramps as epoch/200 over its 200 epochs); "
+            f"pass ramp_epochs={epochs} to end at matching_weight",)
+        return (*super().run_warnings(epochs), *mine)
 
 def _counting(objective, student, y, kappa):
     "`objective`, also adding to `kappa[c]` the examples of class c the student classifies correctly at each point."

@@ -440,19 +440,21 @@ def logged_train_s(run_dir):
 TRAININGS = 'trainings.json'   # in a run folder: each call that trained some of its epochs, with the commit that did
 
 def record_training(run_dir, epochs_before, tr):
-    """Append to `run_dir/trainings.json` the call that just trained epochs `epochs_before`.. of the run (its commit, the
-    epochs, the wall seconds), if it trained any; the list so far ([] for a run trained before this record existed).
-    Epochs trained by a call that ended without recording (killed) come first as an `unrecorded` entry: commit unknown."""
-    f, done = Path(run_dir) / TRAININGS, len(logged_curve(run_dir))
+    """Append to `run_dir/trainings.json` the call `tr` (what `train` returned) if it trained some epochs of the run: its
+    commit, the epochs (`tr['epochs']`, else `epochs_before` to the epochs logged), the wall seconds; the list so far ([] for
+    a run trained before this record existed). Epochs that no entry covers (a killed call, or older code) get an
+    `unrecorded` entry, commit unknown; ranges overlap where a call redid an epoch (a resume from the previous checkpoint)."""
+    f = Path(run_dir) / TRAININGS
     rows = json.loads(f.read_text()) if f.exists() else []
-    if done > epochs_before:
-        recorded = rows[-1]['epochs'][1] if rows else 0
-        if recorded < epochs_before:
-            rows.append(dict(commit=None, epochs=[recorded, epochs_before], wall_s=None, status='unrecorded',
-                             note='trained by a call that ended without recording (killed, or before this record existed)'))
-        rows.append(dict(git_info(), epochs=[epochs_before, done], wall_s=round(tr['wall_s'], 1), status=tr['status'],
-                         finished=time.strftime('%Y-%m-%dT%H:%M:%S%z')))
-        write_json(f, rows)
+    start, end = tr.get('epochs') or (epochs_before, len(logged_curve(run_dir)))
+    trained, recorded, new = end > start, rows[-1]['epochs'][1] if rows else 0, []
+    if (rows or trained) and recorded < (gap := start if trained else end):
+        new.append(dict(commit=None, epochs=[recorded, gap], wall_s=None, status='unrecorded',
+                        note='trained by a call that left no record (killed before recording, or code older than this record)'))
+    if trained:
+        new.append(dict(git_info(), epochs=[start, end], wall_s=round(tr['wall_s'], 1), status=tr['status'],
+                        finished=time.strftime('%Y-%m-%dT%H:%M:%S%z')))
+    if new: write_json(f, rows := rows + new)
     return rows
 
 def run_cell(tc, run_dir, eval_path, cfg, data, device=None, teacher=None, standard_teacher=None, test=None, ev=None,

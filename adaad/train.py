@@ -118,6 +118,7 @@ def resolve_run(cfg):
     for k in ('epochs', 'weight_decay', 'milestones', 'single_decay'):
         if getattr(cfg, k) is None: setattr(cfg, k, getattr(m, k))
     m = m.for_run(cfg.epochs)
+    for w in m.run_warnings(cfg.epochs): warnings.warn(w)   # raised here, so shown once however often a run is resolved
     if cfg.batch_size is None: cfg.batch_size = m.official_batch_size(cfg.dataset)
     _resolve_swa(cfg, m)
     b = m.budget
@@ -303,6 +304,7 @@ class Run:
     world: int = 1
     epoch: int = 0
     step: int = 0
+    epoch0: int = 0                    # the epoch this call started from (after the resume)
     best: dict = field(default_factory=lambda: dict(pgd=-1., clean=-1., pgd_epoch=None, clean_epoch=None))
     t0: float = field(default_factory=time.time)
     deadline: float | None = None
@@ -316,7 +318,8 @@ class Run:
 
     def summary(self, status):
         "The dict `train` returns."
-        return dict(status=status, out_dir=str(self.out), best=self.best, model=self.result(), wall_s=time.time() - self.t0)
+        return dict(status=status, out_dir=str(self.out), best=self.best, model=self.result(), wall_s=time.time() - self.t0,
+                    epochs=[self.epoch0, self.epoch])
 
     def result(self):
         "The network the run reports: the weight average once it holds an epoch, else the trained student."
@@ -403,7 +406,9 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
     run.method_state = method.new_state(train_set.num_classes, device)
     if (out / 'DONE').exists() and (out / 'final.pt').exists():  # finished earlier, with the same identity: reuse it
         model.load_state_dict(read_checkpoint(out / 'final.pt')['state_dict']); model.eval()   # the average, for an SWA run
-        run.best, run.done = json.loads((out / 'DONE').read_text())['best'], True
+        done = json.loads((out / 'DONE').read_text())
+        run.best, run.done, run.epoch = done['best'], True, done.get('epochs', cfg.epochs)
+        run.epoch0 = run.epoch
         return run
     if cfg.swa: run.swa = AveragedModel(model)
     if rank == 0: clean_temporaries(out)
@@ -416,6 +421,7 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
         if run.swa is not None: run.swa.load_state_dict(st['swa'])
         for k, p in peers.items(): p.load_state_dict(st['peers'][k])
     else: torch.manual_seed(cfg.seed + 1)
+    run.epoch0 = run.epoch
     if rank == 0:
         atomic_write(out / 'config.json', json.dumps(plain(asdict(cfg)), indent=1))
         _trim_log(out / 'metrics.jsonl', run.epoch)

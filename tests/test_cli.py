@@ -102,6 +102,8 @@ def test_teacher_train_eval_end_to_end(tmp_path, data_root, capsys):
     main(['train', '--method', 'rslad', '--student', 'wrn-10-1', '--teacher', str(tmp_path / 't' / 'final.pt'),
           '--teacher-arch', 'wrn-10-1', '--out', str(tmp_path / 's')] + common)
     assert (tmp_path / 's' / 'DONE').exists()
+    tr = json.loads((tmp_path / 's' / 'trainings.json').read_text())    # which code trained which epochs
+    assert [(r['epochs'], r['status']) for r in tr] == [([0, 1], 'done')] and 'commit' in tr[0]
     main(['eval', '--ckpt', str(tmp_path / 's' / 'final.pt'), '--arch', 'wrn-10-1', '--n', '20', '--data-root', str(data_root),
           '--device', 'cpu', '--no-progress', '--out', str(tmp_path / 'e.json')])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -64,14 +64,23 @@ def official_weight_assign(kappa_total, per_class, beta):
     return r.clamp(5 / 6, 5 / 2)
 
 
-def test_igdm_warns_when_its_ramp_outlasts_the_run():
-    "A run shorter than IGDM's ramp is told how much of the term it gets; a ramp that fits is silent."
-    with pytest.warns(UserWarning, match=r'ramp_epochs=200 outlasts the run.s 30 epochs.*15% of matching_weight'):
-        resolve(TrainConfig(method='igdm', epochs=30))
+def test_igdm_warns_once_when_its_ramp_and_the_run_differ():
+    "A run shorter or longer than IGDM's ramp is told where the term's weight ends, once; a ramp that fits, or IGDM as an inner only, is silent."
     import warnings
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('default')
+        for _ in range(3): resolve(TrainConfig(method='igdm', epochs=30))
+        resolve(TrainConfig(method='igdm', epochs=16, method_kwargs=dict(ramp_epochs=8)))
+    assert [str(x.message).split(', so')[0] for x in w] == ["igdm: ramp_epochs=200 differs from the run's 30 epochs",
+                                                            "igdm: ramp_epochs=8 differs from the run's 16 epochs"]
+    assert 'ends at 30/200 of matching_weight' in str(w[0].message) and 'ends at 16/8' in str(w[1].message)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         assert resolve(TrainConfig(method='igdm', epochs=30, method_kwargs=dict(ramp_epochs=30))).method_kwargs['ramp_epochs'] == 30
+        resolve(TrainConfig(method='igdm'))                              # the class's 200 epochs and ramp
+        resolve(TrainConfig(method='ard', inner='igdm', epochs=30))      # IGDM's inner point only: its ramp plays no part
+    with pytest.warns(UserWarning, match='ends at 30/200'):
+        resolve(TrainConfig(method='fair-ard', epochs=30, method_kwargs=dict(base='igdm')))   # IGDM's loss under a plug-in
 
 
 def test_class_weights_follow_weight_assign_on_balanced_counts():
@@ -352,7 +361,8 @@ def test_peeraid_gamma2_follows_the_dataset_unless_given():
     torch.manual_seed(1); given = loss(peer_kl_weight=1.)
     torch.manual_seed(1); other = loss(peer_kl_weight=0.1)
     assert default == given and default != other
-    with pytest.raises(ValueError, match='peer_kl_weight has an official value only on cifar10, cifar100'):
+    assert resolve(TrainConfig(method='peeraid', inner='adaad', dataset='cifar100')).method_kwargs['peer_kl_weight'] == 1.   # a combination too
+    with pytest.raises(ValueError, match=r'peer_kl_weight=None takes the official value for 10 \(cifar10\) or 100 \(cifar100\) classes, but the batch has 7'):
         training_loss('peeraid', tiny(7, seed=0), None, x, y % 7, peers={'peer': tiny(7, seed=1)})
 
 

@@ -190,3 +190,10 @@ def test_record_training_keeps_the_epochs_of_a_call_that_ended_without_recording
     assert rows[1]['commit'] is None and rows[2]['commit'] == rows[0]['commit']
     assert json.loads((tmp_path / 'trainings.json').read_text()) == rows
     assert record_training(tmp_path, 5, dict(wall_s=0., status='done')) == rows   # a reused run adds nothing
+    # `train`'s own epochs: a resume from the previous checkpoint redoes epoch 4; a call killed after DONE leaves a gap
+    rows = record_training(tmp_path, None, dict(wall_s=1., status='done', epochs=[4, 6]))
+    assert rows[-1]['epochs'] == [4, 6]
+    rows = record_training(tmp_path, None, dict(wall_s=0., status='done', epochs=[8, 8]))
+    assert [(r['epochs'], r['status']) for r in rows[-2:]] == [([4, 6], 'done'), ([6, 8], 'unrecorded')]
+    other = tmp_path / 'old'; other.mkdir()                       # a run from before the record: reused, it stays []
+    assert record_training(other, None, dict(wall_s=0., status='done', epochs=[8, 8])) == [] and not (other / 'trainings.json').exists()
