@@ -720,6 +720,7 @@ class SAAD(Method):
     teacher_in_inner = True
     weight_decay = 2e-4
     swa, swa_fraction = True, 0.47                  # saad.py averages from its 1-based epoch 95 (--swa_epoch) of 200
+    dataset_defaults = dict(matching_weight={'cifar10': 1., 'cifar100': 10.})   # "igdm_alpha = 1 for cifar10, 10 for cifar100"
     ranges = dict(inner_correction=(0., math.inf, "lambda, the weight of the teacher's first-order correction in the inner objective"),
                   matching_weight=(0., math.inf, "gamma, the weight of IGDM's gradient-matching term at the end of the ramp"),
                   ramp_epochs=(1, math.inf, 'E, the epochs over which the IGDM weight grows linearly (None: the run)'),
@@ -727,7 +728,7 @@ class SAAD(Method):
                   entropy_order=(0., math.inf, "the Renyi order of the teacher's entropy; 1 is Shannon's"),
                   entropy_scale=(0., math.inf, 'the factor from entropy above the batch minimum to sample weight'))
     inner_correction: float = 1.                    # lambda (--lambda_inner)
-    matching_weight: float = 1.                     # gamma (--igdm_alpha): 1 on CIFAR-10, 10 on CIFAR-100
+    matching_weight: float | None = None            # gamma (--igdm_alpha); None: 1 on CIFAR-10, 10 on CIFAR-100 (saad.py's comment)
     ramp_epochs: int | None = None                  # E (--epochs); None: the run's epochs
     clean_weight: float = 0.                        # beta (--beta, 0 in main.sh)
     entropy_order: float = 1.                       # the Renyi order (--gamma, 1 in main.sh)
@@ -737,7 +738,7 @@ class SAAD(Method):
         s_adv, clean = lg.s_adv, self.clean_weight != 0
         s_minus, t_minus = _mirror_logits(lg)
         return saad_loss(s_adv, lg.t_adv, s_minus, t_minus, lg.s_nat if clean else None, lg.t_nat if clean else None, epoch,
-                         self.matching_weight, self.ramp_epochs or type(self).epochs, self.clean_weight,
+                         _official(self, 'matching_weight', lg), self.ramp_epochs or type(self).epochs, self.clean_weight,
                          self.entropy_order, self.entropy_scale)
     def passes(self, epoch): return ('adv', 'nat')
     def needs(self, epoch): return {'adv'} | ({'nat'} if self.clean_weight != 0 else set())

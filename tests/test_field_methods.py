@@ -366,6 +366,13 @@ def test_peeraid_gamma2_follows_the_dataset_unless_given():
         training_loss('peeraid', tiny(7, seed=0), None, x, y % 7, peers={'peer': tiny(7, seed=1)})
 
 
+@pytest.mark.parametrize('method, key, values', [('saad', 'matching_weight', [1., 10.]), ('peeraid', 'peer_kl_weight', [0.1, 1.]),
+                                                  ('igdm', 'matching_weight', [1., 1.])])
+def test_dataset_defaults_in_the_run_record(method, key, values):
+    "SAAD's gamma (saad.py: 1 for cifar10, 10 for cifar100) and PeerAiD's gamma_2 follow the dataset; IGDM's stays 1 (igdm.py is silent)."
+    assert [resolve(TrainConfig(method=method, dataset=d)).method_kwargs[key] for d in ('cifar10', 'cifar100')] == values
+
+
 def test_peeraid_losses_on_hand_made_logits():
     "The two losses written with explicit exponentials: a mean over B*C for each KL, the peer detached in the student's."
     g = torch.Generator().manual_seed(0)
