@@ -197,14 +197,16 @@ def interaction(a1, b1, a2, b2, n_boot=10_000, seed=0):
 # %% ../nbs/06_stats.ipynb #5ae3e999
 def ttest_power(delta, sd, seeds, significance=None, alpha=None):
     """Power of a two-sided paired t-test over `seeds` seeds for a true mean difference `delta` with spread `sd`:
-    P(|t| > t_crit) as an integral over the chi-square of the sample variance (statsmodels' and scipy's noncentral t
-    return nan in the far tail, which large effects reach)."""
+    P(|t| > t_crit) from scipy's noncentral t, or, where that returns nan (the far tail, which large effects reach), the
+    same probability integrated over the quantiles u of the sample variance's chi-square, V = F^{-1}(u)."""
     from scipy.integrate import quad
     significance = SIGNIFICANCE if (v := renamed_argument(alpha, significance, 'alpha', 'significance', 'ttest_power')) is None else v
     df, nc = seeds - 1, abs(delta) / sd * np.sqrt(seeds)
     c = _st.t.ppf(1 - significance / 2, df)
-    f = lambda v: (_st.norm.cdf(nc - c * np.sqrt(v / df)) + _st.norm.cdf(-nc - c * np.sqrt(v / df))) * _st.chi2.pdf(v, df)
-    return float(min(1., quad(f, 0, np.inf, limit=200)[0]))
+    p = _st.nct.sf(c, df, nc) + _st.nct.cdf(-c, df, nc)
+    if np.isfinite(p) and 0 <= p <= 1: return float(p)
+    given = lambda v: _st.norm.cdf(nc - c * np.sqrt(v / df)) + _st.norm.cdf(-nc - c * np.sqrt(v / df))   # P(|t| > c | V = v)
+    return float(min(1., quad(lambda u: given(_st.chi2.ppf(u, df)), 0, 1, limit=200)[0]))
 
 def seeds_needed(delta, sd, significance=None, power=0.8, max_seeds=1000, alpha=None):
     "The fewest seeds at which a two-sided paired t-test of a true mean difference `delta` (spread `sd`) has `power` at level `significance` (default `SIGNIFICANCE`)."
