@@ -50,8 +50,8 @@ _STRONG_T = dict(source='shipped', arch='resnet18-w16', path='teachers/cpu-stron
 
 # family: the comparisons a table's verdicts are corrected over (Holm), declared before a run (adaad.report.add_comparisons)
 _STRONG = dict(
-    scale='reduced scale (a narrow ResNet-18 teacher trained here on the whole training set; narrower ResNet-18 students on '
-          '4,000 images, 8 epochs, 3 inner steps; 3 seeds; reduced AutoAttack): not comparable to the paper',
+    scale='reduced scale (the shipped narrow ResNet-18 teacher, PGD-AT on the whole training set; narrower ResNet-18 students '
+          'on 4,000 images, 8 epochs, 3 inner steps; the seeds listed below; reduced AutoAttack): not comparable to the paper',
     teacher=_STRONG_T,
     standard_teacher=None,
     students={'RN-18': 'resnet18-w8'},
