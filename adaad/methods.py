@@ -455,7 +455,8 @@ class AdaAD(Method):
 
 def _reduction(m, lg): return m.reduction or adaad_reduction(lg.num_classes or lg.s_adv.shape[1])
 
-_DATASET_BY_CLASSES = {10: 'cifar10', 100: 'cifar100'}
+from .data import DATASETS
+_DATASET_BY_CLASSES = {spec[-1]: name for name, spec in DATASETS.items()}   # number of classes -> dataset
 
 def _official(m, name, lg):
     "Field `name` of `m`, or where it is None its official value (`dataset_defaults`) for the batch's number of classes."
