@@ -21,14 +21,14 @@ def to_nb(src, dst):
             cur = dict(md=bool(m['md']), tags=json.loads(m['tags']) if m['tags'] else [], lines=[])
             cells.append(cur)
         elif cur is not None: cur['lines'].append(line)
-    nb_cells, seen = [], set()
-    for c in cells:
+    nb_cells, seen, old = [], set(), _old_ids(dst, cells)
+    for i, c in enumerate(cells):
         lines = c['lines']
         while lines and not lines[-1].strip(): lines.pop()
         if c['md']: lines = [l[2:] if l.startswith('# ') else l.lstrip('#') for l in lines]
         text = '\n'.join(lines)
         meta = {'tags': c['tags']} if c['tags'] else {}
-        cid = hashlib.sha1(text.encode()).hexdigest()[:8]  # content-based ids keep exports stable across round trips
+        cid = old.get(i) or hashlib.sha1(text.encode()).hexdigest()[:8]  # kept ids keep exports and diffs small
         while cid in seen: cid = hashlib.sha1(cid.encode()).hexdigest()[:8]
         seen.add(cid)
         cell = dict(cell_type='markdown' if c['md'] else 'code', id=cid, metadata=meta, source=text.splitlines(keepends=True))
@@ -37,6 +37,26 @@ def to_nb(src, dst):
     nb = dict(cells=nb_cells, nbformat=4, nbformat_minor=5,
               metadata=dict(kernelspec=dict(display_name='python3', language='python', name='python3')))
     Path(dst).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
+
+def _text(c):
+    "A parsed cell's text as the notebook stores it."
+    lines = list(c['lines'])
+    while lines and not lines[-1].strip(): lines.pop()
+    if c['md']: lines = [l[2:] if l.startswith('# ') else l.lstrip('#') for l in lines]
+    return '\n'.join(lines)
+
+def _old_ids(dst, cells):
+    """{index of a new cell: id of the existing notebook's cell it continues}: unchanged cells and cells edited in place
+    (aligned by difflib) keep their ids, so a round trip changes only the cells that were edited, added or removed."""
+    import difflib
+    if not Path(dst).exists(): return {}
+    prev = json.loads(Path(dst).read_text())['cells']
+    a, b = [''.join(c['source']) for c in prev], [_text(c) for c in cells]
+    ids = {}
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag == 'equal' or (tag == 'replace' and i2 - i1 == j2 - j1):
+            ids.update({j1 + k: prev[i1 + k].get('id') for k in range(j2 - j1)})
+    return {k: v for k, v in ids.items() if v}
 
 def to_py(src, dst):
     "Write the percent script `dst` from the notebook `src`."
