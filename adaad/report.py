@@ -8,8 +8,9 @@ __all__ = ['PAPER_COLUMNS', 'PAPER_TABLE', 'PAPER_METHODS', 'PAPER_TEACHER', 'CI
            'groups', 'declared_family', 'correct_family', 'verdict', 'add_comparisons', 'add_per_class',
            'markdown_table', 'resolution_sentence', 'latex_table', 'paper_comparison', 'last_diagnostics',
            'diagnostics_table', 'robustbench_arch', 'model_info', 'write_model_infos', 'write_outputs', 'load_results',
-           'rewrite_tables', 'plot_eps_sweep', 'plot_training_curves', 'compare_results', 'preset_differences',
-           'seed_rows', 'compare_pairs', 'pairs_file', 'pairs_summary']
+           'rewrite_tables', 'plot_eps_sweep', 'plot_training_curves', 'prediction_interval', 'place_in_spread',
+           'run_conditions', 'compare_results', 'preset_differences', 'seed_rows', 'compare_pairs', 'pairs_file',
+           'pairs_summary']
 
 # %% ../nbs/14_report.ipynb #0395b413
 import json
@@ -496,24 +497,73 @@ def _eval_key(out, row):
     f = eval_path(out, row)
     return json.loads(f.read_text()).get('key') if f.exists() else None
 
-def compare_results(new_out, old_out):
-    "Markdown: every row and attack of the results in `new_out` against the same row in `old_out`, with a paired test."
+def prediction_interval(values, level=0.95):
+    "(mean, sd, low, high) of `values` with the `level` prediction interval of one more draw; sd and bounds None below 2."
+    from scipy.stats import t
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2: return (float(v.mean()) if len(v) else None), None, None, None
+    m, sd = float(v.mean()), float(v.std(ddof=1))
+    half = float(t.ppf((1 + level) / 2, len(v) - 1)) * sd * (1 + 1 / len(v)) ** .5
+    return m, sd, m - half, m + half
+
+def place_in_spread(x, values, level=0.95):
+    "Where accuracy `x` lies against the committed seeds' `values`: within their range, or outside by how much, and the interval."
+    if not values: return 'no committed seed of this row'
+    m, sd, lo, hi = prediction_interval(values, level)
+    if sd is None: return f'one committed seed ({values[0]:.1f}): no spread to place it in'
+    a, b = min(values), max(values)
+    where = 'within the seeds\' range' if a <= x <= b else f"{'below' if x < a else 'above'} their range by {min(abs(x - a), abs(x - b)):.1f}"
+    inside = 'inside' if lo <= x <= hi else 'OUTSIDE'
+    return f'{where}; {inside} the {level:.0%} prediction interval [{lo:.1f}, {hi:.1f}]'
+
+def run_conditions(res):
+    "What a results dict's trainings ran under: device, CPU kind, torch, precision and threads of its rows (where recorded)."
+    rows = [r for r in res['rows'] if r['method'] != 'teacher']
+    amp = sorted({'bf16' if (r['train'].get('config') or {}).get('amp') else 'fp32' for r in rows})
+    threads = sorted({str(t['threads']) for r in rows for t in r['train'].get('trainings') or [] if t.get('threads')})
+    hw = res['hardware']
+    return {'device': hw.get('device'), 'CPU kind': hw.get('cpu_capability'), 'torch': hw.get('torch'),
+            'precision': '/'.join(amp), 'training threads': '/'.join(threads) or 'not recorded'}
+
+def _describe(res, folder):
+    "One line: the folder, its commit and seeds, and `run_conditions`."
+    seeds = sorted({r.get('seed') or 0 for r in res['rows'] if r['method'] != 'teacher'})
+    return (f"`{folder}` (commit {str(res['git'].get('commit'))[:7]}, seeds {seeds}): "
+            + ', '.join(f'{k} {v}' for k, v in run_conditions(res).items()))
+
+def _same_network(new_out, r, old_out, o):
+    "Whether rows `r` (of `new_out`) and `o` (of `old_out`) were evaluated from the same checkpoint bytes."
+    ka, kb = _eval_key(new_out, r), _eval_key(old_out, o)
+    return ka is not None and kb is not None and ka.get('ckpt_sha256') == kb.get('ckpt_sha256')
+
+def compare_results(new_out, old_out, level=0.95):
+    """Markdown: every row and attack of the fresh results in `new_out` placed against the committed seeds of the same row
+    in `old_out` (their range and the `level` prediction interval of one more training), with both sides' conditions."""
     new, old = load_results(new_out), load_results(old_out)
-    index = {(r['student'], r['method'], r.get('seed') or 0): r for r in old['rows']}
-    lines = [f"Fresh run `{new_out}` (commit {str(new['git'].get('commit'))[:7]}, torch {new['hardware'].get('torch')}) against the "
-             f"committed `{old_out}` (commit {str(old['git'].get('commit'))[:7]}, torch {old['hardware'].get('torch')}):", '',
-             '| student | method | seed | attack | fresh | committed | diff | paired p |', '|---|---|---|---|---|---|---|---|']
+    seeds = {}
+    for o in old['rows']: seeds.setdefault((o['student'], o['method']), []).append(o)
+    lines = ['Fresh run ' + _describe(new, new_out), '', 'against the committed run ' + _describe(old, old_out) + '.', '',
+             '| student | method | seed | attack | fresh | committed: mean ± sd (seeds) | fresh − mean | where the fresh run lies |',
+             '|---|---|---|---|---|---|---|---|']
+    placed = outside = 0
     for r in new['rows']:
-        o = index.get((r['student'], r['method'], r.get('seed') or 0))
-        if o is None: lines.append(f"| {r['student']} | {r['method']} | {r.get('seed')} | – | – | not in the committed run | | |"); continue
-        ka, kb = _eval_key(new_out, r), _eval_key(old_out, o)
-        same = ka is not None and kb is not None and ka.get('test_sha256') == kb.get('test_sha256')
-        ra, rb = (row_result(new_out, r), row_result(old_out, o)) if same else (None, None)
-        for c in r['cells']:
-            if c not in o['cells']: continue
-            p = f"{compare(ra.correct[c], rb.correct[c], n_boot=1000)['p']:.2g}" if same else '–'
-            a, b = r['cells'][c]['acc'], o['cells'][c]['acc']
-            lines.append(f"| {r['student']} | {r['method']} | {r.get('seed')} | {c} | {a:.2f} | {b:.2f} | {a - b:+.2f} | {p} |")
+        os_ = seeds.get((r['student'], r['method']), [])
+        same = [o for o in os_ if (o.get('seed') or 0) == (r.get('seed') or 0) and _same_network(new_out, r, old_out, o)]
+        for c, cell in r['cells'].items():
+            vals = [o['cells'][c]['acc'] for o in os_ if c in o['cells']]
+            m, sd, lo, hi = prediction_interval(vals, level)
+            text = place_in_spread(cell['acc'], vals, level) + ('; the same network as the committed seed (checkpoint SHA-256)' if same else '')
+            if r['method'] == 'teacher': text = 'the same teacher file as committed' if same else 'another teacher file than committed'
+            if sd is not None: placed += 1; outside += not lo <= cell['acc'] <= hi
+            mean = '–' if m is None else f'{m:.1f}' + ('' if sd is None else f' ± {sd:.1f}') + f' ({len(vals)})'
+            diff = '' if m is None else f"{cell['acc'] - m:+.1f}"
+            lines.append(f"| {r['student']} | {r['method']} | {r.get('seed')} | {c} | {cell['acc']:.1f} | {mean} | {diff} | {text} |")
+    cn, co = run_conditions(new), run_conditions(old)
+    differ = [k for k in cn if k != 'device' and cn[k] != co[k]]
+    lines += ['', f'{placed - outside} of {placed} cells lie inside the {level:.0%} prediction interval of the committed seeds, '
+              f'{outside} outside (about {(1 - level) * placed:.1f} would by chance alone). '
+              + (f"The two sides differ in {', '.join(differ)}: each changes the rounding and so the trajectory of every training."
+                 if differ else 'The two sides ran under the same recorded conditions.')]
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/14_report.ipynb #d2121481

@@ -441,9 +441,10 @@ TRAININGS = 'trainings.json'   # in a run folder: each call that trained some of
 
 def record_training(run_dir, epochs_before, tr):
     """Append to `run_dir/trainings.json` the call `tr` (what `train` returned) if it trained some epochs of the run: its
-    commit, the epochs (`tr['epochs']`, else `epochs_before` to the epochs logged), the wall seconds; the list so far ([] for
-    a run trained before this record existed). Epochs that no entry covers (a killed call, or older code) get an
-    `unrecorded` entry, commit unknown; ranges overlap where a call redid an epoch (a resume from the previous checkpoint)."""
+    commit, its torch threads and CPU capability (both choose the kernels, and so the trajectory), the epochs
+    (`tr['epochs']`, else `epochs_before` to the epochs logged), the wall seconds; the list so far ([] for a run trained
+    before this record existed). Epochs that no entry covers (a killed call, or older code) get an `unrecorded` entry,
+    commit unknown; ranges overlap where a call redid an epoch (a resume from the previous checkpoint)."""
     f = Path(run_dir) / TRAININGS
     rows = json.loads(f.read_text()) if f.exists() else []
     start, end = tr.get('epochs') or (epochs_before, len(logged_curve(run_dir)))
@@ -453,7 +454,8 @@ def record_training(run_dir, epochs_before, tr):
                         note='trained by a call that left no record (killed before recording, or code older than this record)'))
     if trained:
         new.append(dict(git_info(), epochs=[start, end], wall_s=round(tr['wall_s'], 1), status=tr['status'],
-                        finished=time.strftime('%Y-%m-%dT%H:%M:%S%z')))
+                        finished=time.strftime('%Y-%m-%dT%H:%M:%S%z'), threads=torch.get_num_threads(),
+                        cpu_capability=torch.backends.cpu.get_cpu_capability()))
     if new: write_json(f, rows := rows + new)
     return rows
 

@@ -1,0 +1,42 @@
+"""`make repro`'s comparison of a fresh run with the committed one (`adaad.report.compare_results`): each cell placed
+against the committed seeds' range and the prediction interval of one more training, with both sides' conditions."""
+import numpy as np
+import pytest
+import statsmodels.api as sm
+
+from adaad.report import compare_results, place_in_spread, prediction_interval, run_conditions, load_results
+from adaad.repro import repo_root
+
+ROOT = repo_root()
+
+
+@pytest.mark.parametrize('values', [[21.8, 23.0, 20.7], [12.7, 11.5, 12.8, 13.2, 13.0], [1., 2.]])
+def test_the_prediction_interval_is_the_regression_one(values):
+    "The interval equals the observation interval of an intercept-only least-squares fit (statsmodels), computed apart."
+    fit = sm.OLS(np.asarray(values), np.ones((len(values), 1))).fit()
+    f = fit.get_prediction(np.ones((1, 1))).summary_frame(alpha=0.05)
+    m, sd, lo, hi = prediction_interval(values)
+    assert m == pytest.approx(np.mean(values)) and sd == pytest.approx(np.std(values, ddof=1))
+    assert (lo, hi) == pytest.approx((f['obs_ci_lower'][0], f['obs_ci_upper'][0]))
+
+
+def test_a_value_is_placed_inside_or_outside_with_its_distance():
+    assert place_in_spread(22.0, [21.8, 23.0, 20.7]).startswith("within the seeds' range; inside")
+    assert place_in_spread(16.3, [21.8, 23.0, 20.7]).startswith('below their range by 4.4; inside')
+    assert place_in_spread(40.0, [21.8, 23.0, 20.7]).startswith('above their range by 17.0; OUTSIDE')
+    assert place_in_spread(5.0, [7.0]).startswith('one committed seed (7.0)')
+    assert place_in_spread(5.0, []) == 'no committed seed of this row'
+
+
+def test_a_fresh_run_of_committed_seeds_is_placed_in_their_spread():
+    """cpu-strong's seeds 0-2 against cpu-strong-5's seeds 0-4 (the same trainings for the rows both hold): every such
+    cell lies in the five seeds' range and is recognised as the committed network; rows the five-seed run lacks say so."""
+    a, b = ROOT / 'results' / 'cpu-strong', ROOT / 'results' / 'cpu-strong-5'
+    text = compare_results(a, b)
+    rows = [l for l in text.splitlines() if l.startswith('| RN-18 |')]
+    shared = [l for l in rows if any(f'| {m} |' in l for m in ('pgd-at', 'ard', 'rslad', 'adaad', 'adaiad'))]
+    assert len(shared) == 5 * 3 * 4 and all("within the seeds' range" in l and 'same network' in l for l in shared)
+    assert all('no committed seed of this row' in l for l in rows if '| natural |' in l)
+    assert 'CPU kind AVX2' in text and 'precision fp32' in text
+    assert 'The two sides ran under the same recorded conditions' in text
+    assert run_conditions(load_results(a))['training threads'] == 'not recorded'
