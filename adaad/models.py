@@ -7,7 +7,7 @@ __all__ = ['MBV2_CFG', 'CIFAR10_MEAN', 'CIFAR10_STD', 'MODELS', 'PARAM_COUNTS', 
            'PreActBlock', 'PreActResNet', 'InvertedResidual', 'MobileNetV2', 'WideBlock', 'NetworkBlock', 'WideResNet',
            'Normalized', 'register_model', 'model_names', 'create_model', 'count_params', 'create_robustbench']
 
-# %% ../nbs/02_models.ipynb #c8c3d9c2
+# %% ../nbs/02_models.ipynb #ad455ce5
 import inspect, math, re
 from pathlib import Path
 import torch
@@ -164,7 +164,7 @@ class Normalized(nn.Module):
         self.register_buffer('std', torch.tensor(std).view(1, -1, 1, 1))
     def forward(self, x): return self.model((x - self.mean) / self.std)
 
-# %% ../nbs/02_models.ipynb #ecc45cba
+# %% ../nbs/02_models.ipynb #2053c4e7
 MODELS = {}
 _WRN = re.compile(r'^wrn-(\d+)-(\d+)$')
 _NARROW = re.compile(r'^resnet18-w(\d+)$')
@@ -215,15 +215,18 @@ def count_params(model):
     "Number of parameters (BN affine included, running statistics not)."
     return sum(p.numel() for p in model.parameters())
 
-# %% ../nbs/02_models.ipynb #cea3e667
+# %% ../nbs/02_models.ipynb #293ba74a
 ROBUSTBENCH = {  # (dataset, name) -> architecture, constructor options, RobustBench's reported accuracies, Drive id
     ('cifar10', 'Chen2021LTD_WRN34_20'): dict(arch='wrn-34-20', sub_block1=False, clean=86.03, aa=57.71, gdrive='1-5JmY9rapuGwCUc2nPvy7Rb_sn_dHhFm'),
     ('cifar10', 'Chen2021LTD_WRN34_10'): dict(arch='wrn-34-10', sub_block1=False, clean=85.21, aa=56.94, gdrive='1-0RoQKYvHLNh7hZ71wJjSit1XtrJQo9D'),
-    ('cifar100', 'Chen2021LTD_WRN34_10'): dict(arch='wrn-34-10', sub_block1=True, clean=64.07, aa=30.59, gdrive='1-I4NZyULdEWH46b4EaCTxuuRo4eFXsg_')}
+    ('cifar100', 'Chen2021LTD_WRN34_10'): dict(arch='wrn-34-10', sub_block1=True, clean=64.07, aa=30.59, gdrive='1-I4NZyULdEWH46b4EaCTxuuRo4eFXsg_'),
+    ('cifar10', 'Zhang2019Theoretically'): dict(arch='wrn-34-10', sub_block1=True, clean=84.92, aa=53.08, gdrive='1hPz9QQwyM7QSuWu-ANG_uXR-29xtL8t_'),
+    ('cifar10', 'Rice2020Overfitting'): dict(arch='wrn-34-20', sub_block1=False, normalize=(CIFAR10_MEAN, CIFAR10_STD), clean=85.34,
+                                             aa=53.42, gdrive='1vC_Twazji7lBjeMQvAD9uEQxi9Nx2oG-')}
 
 def create_robustbench(name, dataset='cifar10'):
-    "The architecture of RobustBench model `name`, untrained."
+    "The architecture of RobustBench model `name`, untrained; behind a `Normalized` layer where the model standardises its input."
     if (dataset, name) not in ROBUSTBENCH:
         raise ValueError(f'unknown RobustBench model {name!r} for {dataset!r}; known: {sorted(f"{d}/{n}" for d, n in ROBUSTBENCH)}')
     info = ROBUSTBENCH[(dataset, name)]
-    return create_model(info['arch'], 10 if dataset == 'cifar10' else 100, sub_block1=info['sub_block1'])
+    return create_model(info['arch'], 10 if dataset == 'cifar10' else 100, normalize=info.get('normalize'), sub_block1=info['sub_block1'])
