@@ -8,7 +8,7 @@ __all__ = ['DIGEST_KEY', 'NORM_KEYS', 'verify_digest', 'convert_command', 'read_
            'load_teacher', 'convert_checkpoint', 'atomic_save', 'rng_state', 'set_rng_state', 'save_state', 'prev_path',
            'save_rotating', 'load_resume']
 
-# %% ../nbs/03_checkpoint.ipynb #ecb99489
+# %% ../nbs/03_checkpoint.ipynb #be07a454
 import os, random, re, tempfile, warnings
 from pathlib import Path
 import numpy as np
@@ -64,7 +64,7 @@ def extract_state_dict(obj):
     if not isinstance(obj, dict): raise ValueError(f'checkpoint holds a {type(obj).__name__}, not a state dict')
     return {re.sub(r'^(module\.)+', '', k): v for k, v in obj.items()}
 
-# %% ../nbs/03_checkpoint.ipynb #215738f9
+# %% ../nbs/03_checkpoint.ipynb #e0c4f4cb
 def _arch(model): return getattr(getattr(model, 'model', model), 'arch', type(model).__name__)
 
 def load_weights(model, state, source='checkpoint'):
@@ -175,7 +175,7 @@ def atomic_save(obj, path, checksum=False):
         obj = {**obj, DIGEST_KEY: content_digest(obj)}
     return atomic_write(path, lambda f: torch.save(obj, f))
 
-# %% ../nbs/03_checkpoint.ipynb #335bfa77
+# %% ../nbs/03_checkpoint.ipynb #f83cd452
 def rng_state():
     "Every random-number state a run draws from, as tensors and plain values (loadable with weights_only)."
     name, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -7,7 +7,7 @@ __all__ = ['MBV2_CFG', 'CIFAR10_MEAN', 'CIFAR10_STD', 'MODELS', 'PARAM_COUNTS', 
            'PreActBlock', 'PreActResNet', 'InvertedResidual', 'MobileNetV2', 'WideBlock', 'NetworkBlock', 'WideResNet',
            'Normalized', 'register_model', 'model_names', 'create_model', 'count_params', 'create_robustbench']
 
-# %% ../nbs/02_models.ipynb #ad455ce5
+# %% ../nbs/02_models.ipynb #c8c3d9c2
 import inspect, math, re
 from pathlib import Path
 import torch
@@ -164,7 +164,7 @@ class Normalized(nn.Module):
         self.register_buffer('std', torch.tensor(std).view(1, -1, 1, 1))
     def forward(self, x): return self.model((x - self.mean) / self.std)
 
-# %% ../nbs/02_models.ipynb #2053c4e7
+# %% ../nbs/02_models.ipynb #ecc45cba
 MODELS = {}
 _WRN = re.compile(r'^wrn-(\d+)-(\d+)$')
 _NARROW = re.compile(r'^resnet18-w(\d+)$')
@@ -215,7 +215,7 @@ def count_params(model):
     "Number of parameters (BN affine included, running statistics not)."
     return sum(p.numel() for p in model.parameters())
 
-# %% ../nbs/02_models.ipynb #293ba74a
+# %% ../nbs/02_models.ipynb #cea3e667
 ROBUSTBENCH = {  # (dataset, name) -> architecture, constructor options, RobustBench's reported accuracies, Drive id
     ('cifar10', 'Chen2021LTD_WRN34_20'): dict(arch='wrn-34-20', sub_block1=False, clean=86.03, aa=57.71, gdrive='1-5JmY9rapuGwCUc2nPvy7Rb_sn_dHhFm'),
     ('cifar10', 'Chen2021LTD_WRN34_10'): dict(arch='wrn-34-10', sub_block1=False, clean=85.21, aa=56.94, gdrive='1-0RoQKYvHLNh7hZ71wJjSit1XtrJQo9D'),

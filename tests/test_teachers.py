@@ -1,6 +1,7 @@
 """Teachers a user can trust: RobustBench files in each of their layouts (with the input normalisation they carry), the
 accuracy check before any student trains, and the teacher file's digest recorded on first use and checked on reuse."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,104 @@ def test_a_normalisation_the_model_does_not_have_is_refused(tmp_path, small_entr
                      (dict(sd, mu=torch.zeros(3), sigma=torch.zeros(3)), '3 positive standard deviations'),
                      ({'normalize.mean': torch.zeros(3), 'normalize.std': torch.ones(3), **sd}, 'not all under model.')]:
         with pytest.raises(ValueError, match=msg): split_normalization(bad)
+
+
+# ---- the accuracy check before any student trains, and the teacher file's digest (trust on first use) ----
+
+def _table(tmp_path, data_root, teacher, tag='a', **check):
+    "A one-cell smoke table (natural student, 1 epoch on 64 images, 20 test images) with teacher spec `teacher`; the results dict."
+    from adaad.repro import preset_config, run_table
+    cfg = preset_config('smoke', teacher=None, standard_teacher=None)
+    cfg.update(teacher=teacher, teacher_check=dict(n=50, **check))
+    return run_table(cfg, students={'RN-18': 'wrn-10-1'}, methods=['natural'], train_n=64, epochs=1, n_test=20, data_root=str(data_root),
+                     out_dir=str(tmp_path / f'res-{tag}'), runs_dir=str(tmp_path / f'runs-{tag}'), device='cpu')
+
+
+def _rb_file(path, seed=0):
+    torch.save({f'module.{k}': v for k, v in random_wrn_state(True, seed).items()}, path)
+    return path
+
+
+def test_a_teacher_clearly_below_its_recorded_accuracy_stops_the_table_before_any_student(tmp_path, data_root, small_entries, monkeypatch):
+    "A random network in the place of a RobustBench teacher recorded at 80% clean / 50% AA: refused, naming the file and the numbers."
+    import adaad.repro
+    f = _rb_file(tmp_path / 'weak.pt')
+    spec = dict(source='robustbench', name='_t_trades', path=str(f))
+    with pytest.raises(RuntimeError, match=r"teacher file .*weak.pt is clearly below the accuracy recorded for it: on the first 50 test "
+                                           r"images it has \d+\.\d% clean and \d+\.\d% under PGD-10, but .*_t_trades.* gives 80% clean and 50% under aa"):
+        _table(tmp_path, data_root, spec)
+    assert sorted(p.name for p in (tmp_path / 'runs-a').iterdir()) == ['teachers.json']      # no student was trained
+    assert (tmp_path / 'res-a' / 'evals' / 'teacher-check.json').exists()
+    def no_eval(*a, **k): raise AssertionError('the cached check was evaluated again')
+    monkeypatch.setattr(adaad.repro, 'evaluate', no_eval)                                    # a rerun reads the cached check
+    with pytest.raises(RuntimeError, match='clearly below'): _table(tmp_path, data_root, spec)
+
+
+def test_a_teacher_at_its_recorded_accuracy_trains_and_the_check_and_digest_are_in_the_results(tmp_path, data_root, small_entries):
+    from adaad.core import file_sha256
+    ROBUSTBENCH[('cifar10', '_t_trades')].update(clean=0., aa=0.)      # anything passes
+    f = _rb_file(tmp_path / 'ok.pt')
+    res = _table(tmp_path, data_root, dict(source='robustbench', name='_t_trades', path=str(f)))
+    t = json.loads((tmp_path / 'res-a' / 'results.json').read_text())['teacher']
+    assert res['status'] == 'done' and t['sha256'] == file_sha256(f) and t['check']['verdict'] == 'passed' and t['check']['n'] == 50
+    assert set(t['check']['measured']) == {'clean', 'pgd10'} and t['check']['expected']['attack'] == 'aa'
+    assert json.loads((tmp_path / 'runs-a' / 'teachers.json').read_text())['teacher']['sha256'] == t['sha256']
+    old = t['sha256']
+    _rb_file(f, seed=1)                                                  # the file changes under the same runs and results
+    with pytest.raises(ValueError, match=rf"teacher file .*ok.pt has SHA-256 {file_sha256(f)}, but .*teachers.json records SHA-256 {old}"):
+        _table(tmp_path, data_root, dict(source='robustbench', name='_t_trades', path=str(f)))
+
+
+def test_a_results_folder_refuses_a_changed_teacher_file(tmp_path):
+    "A results.json that records another digest (a reassembly into the same results folder) is refused too, naming both."
+    from adaad.repro import trust_teacher_file
+    f = tmp_path / 't.pt'; f.write_bytes(b'one')
+    (tmp_path / 'res').mkdir(); (tmp_path / 'res' / 'results.json').write_text(json.dumps(dict(teacher=dict(sha256='0' * 64))))
+    with pytest.raises(ValueError, match=r"t.pt has SHA-256 [0-9a-f]{64}, but .*results.json records SHA-256 0{64}"):
+        trust_teacher_file(f, 'teacher', tmp_path / 'runs', tmp_path / 'res')
+    got = trust_teacher_file(f, 'teacher', tmp_path / 'runs2')           # first use: recorded
+    assert trust_teacher_file(f, 'teacher', tmp_path / 'runs2') == got    # reuse of the same file: accepted
+
+
+def test_a_file_teacher_is_checked_against_the_record_beside_it(tmp_path, data_root):
+    "The shipped teachers' records (teachers/*.json) give clean and PGD-10 accuracy: a file below them is refused."
+    from adaad.core import file_sha256
+    from adaad.models import create_model
+    from adaad.repro import teacher_expectation
+    f = tmp_path / 'small.pt'; torch.manual_seed(0); torch.save(create_model('wrn-10-1').state_dict(), f)
+    rec = dict(name='small', sha256=file_sha256(f), n_test=1000, accuracy=dict(clean=55.0, fgsm=36.0, pgd10=35.0))
+    f.with_suffix('.json').write_text(json.dumps(rec))
+    spec = dict(source='checkpoint', arch='wrn-10-1', path=str(f))
+    assert teacher_expectation(dict(spec, ckpt=str(f)))['robust'] == 35.0
+    with pytest.raises(RuntimeError, match=r'small.pt is clearly below.*gives 55% clean and 35% under pgd10'):
+        _table(tmp_path, data_root, spec)
+    f.with_suffix('.json').write_text(json.dumps(dict(rec, sha256='0' * 64)))   # a record of another file: nothing to check against
+    assert teacher_expectation(dict(spec, ckpt=str(f))) is None
+    shipped = json.loads((Path(__file__).parents[1] / 'teachers' / 'quick-resnet18-w8.json').read_text())
+    assert {'clean', 'pgd10'} <= set(shipped['accuracy'])                 # what the shipped teachers are checked against
+
+
+def _tiny_cifar10(root, n=40):
+    "A CIFAR-10 folder in the official layout with `n` random images per file (the check then runs on all `n` test images)."
+    import pickle
+    import numpy as np
+    folder = root / 'cifar-10-batches-py'; folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        with open(folder / name, 'wb') as fh:
+            pickle.dump({'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8), 'labels': [int(v) for v in rng.integers(0, 10, n)]}, fh)
+    return root
+
+
+def test_adaad_train_checks_a_robustbench_teacher_first(tmp_path, small_entries, capsys):
+    "Before `adaad train` trains, its teacher is checked (on the first 1,000 test images, here all 40 of a tiny folder)."
+    from adaad.cli import main
+    data_root = _tiny_cifar10(tmp_path / 'data')
+    f = _rb_file(tmp_path / 'weak.pt')
+    with pytest.raises(SystemExit) as e:
+        main(['train', '--method', 'rslad', '--student', 'wrn-10-1', '--teacher', str(f), '--teacher-robustbench', '_t_trades',
+              '--data-root', str(data_root), '--epochs', '1', '--train-n', '32', '--device', 'cpu', '--no-progress', '--out', str(tmp_path / 's')])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and 'weak.pt is clearly below' in err and 'under PGD-10' in err
+    assert not (tmp_path / 's' / 'last.pt').exists()
+    assert json.loads((tmp_path / 's' / 'teacher-check.json').read_text())['key']['n'] == 40
