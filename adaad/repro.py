@@ -375,16 +375,18 @@ def teacher_expectation(info, dataset='cifar10'):
     return dict(clean=rec['accuracy']['clean'], robust=rec['accuracy'][attack], attack=attack,
                 source=f"its record {Path(info['ckpt']).with_suffix('.json').name} ({rec.get('n_test', '?')} images)")
 
-def check_teacher(model, path, expect, test, cache, device=None, batch_size=200, margin=TEACHER_CHECK['margin'], enforce=True, note=None):
+def check_teacher(model, path, expect, test, cache, device=None, batch_size=200, margin=TEACHER_CHECK['margin'], enforce=True, note=None,
+                  overrides=None):
     """Evaluate teacher `model` of file `path` clean and under PGD-10 on `test` (cached at `cache`) and compare with `expect`
     (`teacher_expectation`); raise, naming the file and the numbers, when it is more than `margin` points below. The record."""
-    r, c = cached_eval(model, test, path, cache, suite=['clean', 'pgd10'], overrides={}, batch_size=batch_size, device=device)
+    r, c = cached_eval(model, test, path, cache, suite=['clean', 'pgd10'], overrides=overrides or {}, batch_size=batch_size, device=device)
     got = dict(clean=round(r.accuracy['clean'], 2), pgd10=round(r.accuracy['pgd10'], 2))
     low = ([f"clean {got['clean']:.1f}% is more than {margin:g} points below {expect['clean']:g}%"] if got['clean'] < expect['clean'] - margin else []) + \
           ([f"PGD-10 {got['pgd10']:.1f}% is more than {margin:g} points below the recorded {expect['attack']} {expect['robust']:g}%"]
            if got['pgd10'] < expect['robust'] - margin else [])
     rec = dict(n=r.n, measured=got, expected=expect, margin=margin, cached=c['cached'], wall_s=round(c['wall_s'], 1),
-               verdict='passed' if not low else 'failed' if enforce else f'failed, not enforced ({note})', **({'note': note} if note else {}))
+               verdict='passed' if not low else 'failed' if enforce else f'failed, not enforced ({note})', **({'note': note} if note else {}),
+               **({'overrides': plain(overrides)} if overrides else {}))
     if low and enforce:
         raise RuntimeError(f"teacher file {path} is clearly below the accuracy recorded for it: on the first {r.n} test images it has "
                            f"{got['clean']:.1f}% clean and {got['pgd10']:.1f}% under PGD-10, but {expect['source']} gives {expect['clean']:g}% clean "
@@ -470,8 +472,9 @@ def dry_run_config(cfg, teacher_dir):
     cut = {a: c for a in d['suite'] if (c := _dry_cut(a, k))}
     d['attack_overrides'] = {a: {**d['attack_overrides'].get(a, {}), **c} for a, c in cut.items()}
     if 'aa' in d['suite']: d['aa'] = dict(attacks=['apgd-ce', 'apgd-t'], n_iter=k, n_restarts=1, n_target_classes=1)
-    d['teacher_check'] = dict(n=DRY_RUN['n_test'], margin=TEACHER_CHECK['margin'], enforce=False,
-                              note=f"dry run: checked on the first {DRY_RUN['n_test']} test images of a random network in the teacher's place")
+    d['teacher_check'] = dict(n=DRY_RUN['n_test'], margin=TEACHER_CHECK['margin'], enforce=False, overrides={'pgd10': _dry_cut('pgd10', k)},
+                              note=f"dry run: checked on the first {DRY_RUN['n_test']} test images, PGD with {k} steps, of a random network "
+                                   "in the teacher's place")
     d.update(seeds=list(d.get('seeds', (0,)))[:1], n_test=DRY_RUN['n_test'], eval_batch=DRY_RUN['eval_batch'],
              eval_shard=DRY_RUN['eval_shard'], dry_run=True,
              scale=f"DRY RUN of preset {cfg['name']} ({cfg['scale']}) at toy size: the numbers mean nothing, only that every step runs")
@@ -595,7 +598,8 @@ def _trusted(ctx, model, info, role):
         return dict(info, check=dict(verdict='not checked: nothing records the accuracy this teacher should reach (the table evaluates it in its teacher row)'))
     n = min(tc['n'], len(ctx['test_full']))
     return dict(info, check=check_teacher(model, info['ckpt'], expect, first_n(ctx['test_full'], n), ctx['out'] / 'evals' / f'{role}-check.json',
-                                          ctx['device'], ctx['cfg'].get('eval_batch', 200), tc['margin'], tc.get('enforce', True), tc.get('note')))
+                                          ctx['device'], ctx['cfg'].get('eval_batch', 200), tc['margin'], tc.get('enforce', True), tc.get('note'),
+                                          tc.get('overrides')))
 
 def _header(ctx, kind, **extra):
     "The provenance part of a results dict."
