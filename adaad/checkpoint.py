@@ -91,20 +91,22 @@ def load_model(name, path, num_classes=10, normalize=None, **kwargs):
     "Create registry model `name` and load `path` into it; returned in eval mode."
     return load_checkpoint(create_model(name, num_classes, normalize, **kwargs), path).eval()
 
-NORM_KEYS = (('mu', 'sigma'), ('normalize.mean', 'normalize.std'))   # the two places RobustBench files keep an input normalisation
+NORM_KEYS = (('mu', 'sigma'), ('normalize.mean', 'normalize.std'))   # where RobustBench files keep a normalisation
 
 def split_normalization(state):
-    """(network state, (mean, std) or None) of a RobustBench state dict: the network's keys, either bare, or under `model.`
-    behind a `normalize.` layer, with the `mu`/`sigma` buffers or the `normalize.mean`/`normalize.std` it stores, if any."""
+    """(network state, (mean, std) or None) of a RobustBench state dict: the network's keys, bare or under `model.`
+    behind a `normalize.` layer, and the `mu`/`sigma` or `normalize.mean`/`normalize.std` it stores, if any."""
     found = [(m, s) for m, s in NORM_KEYS if m in state or s in state]
-    if len(found) > 1: raise ValueError(f'the state dict holds two input normalisations ({found}): not one RobustBench model')
+    if len(found) > 1: raise ValueError(f'the state dict holds two input normalisations ({found}): not one model')
     norm = None
     if found:
         (m, s), = found
-        if m not in state or s not in state: raise ValueError(f'the state dict holds {m if m in state else s} without {s if m in state else m}')
+        if m not in state or s not in state:
+            raise ValueError(f'the state dict holds {m if m in state else s} without {s if m in state else m}')
         norm = tuple(state[k].detach().float().flatten() for k in (m, s))
         if norm[0].numel() != 3 or norm[1].numel() != 3 or not (norm[1] > 0).all():
-            raise ValueError(f'the normalisation {m}/{s} must be 3 means and 3 positive standard deviations, got {norm[0].tolist()} / {norm[1].tolist()}')
+            raise ValueError(f'the normalisation {m}/{s} must be 3 means and 3 positive standard deviations, '
+                             f'got {norm[0].tolist()} / {norm[1].tolist()}')
         state = {k: v for k, v in state.items() if k not in (m, s)}
     if state and all(k.startswith('model.') for k in state): state = {k[len('model.'):]: v for k, v in state.items()}
     elif found and found[0][0] == 'normalize.mean':
@@ -113,21 +115,22 @@ def split_normalization(state):
     return state, norm
 
 def load_robustbench_state(model, name, state, source='checkpoint'):
-    """Load RobustBench state dict `state` (any layout `split_normalization` reads) into `create_robustbench`'s `model` of
-    `name`: the network strictly, the file's normalisation into the `Normalized` layer (the model's own one if the file has none)."""
+    """Load RobustBench state dict `state` (a layout `split_normalization` reads) into `create_robustbench(name)`
+    `model`: the network strictly, the file's normalisation into its `Normalized` layer (else the model's own)."""
     net_state, norm = split_normalization(state)
     if norm is not None and not isinstance(model, Normalized):
-        raise ValueError(f'{source} carries an input normalisation (mean {norm[0].tolist()}, std {norm[1].tolist()}) but RobustBench '
-                         f'model {name!r} takes raw images: a file of another RobustBench model?')
+        raise ValueError(f'{source} carries an input normalisation (mean {norm[0].tolist()}, std {norm[1].tolist()}) '
+                         f'but RobustBench model {name!r} takes raw images: a file of another RobustBench model?')
     load_weights(model, net_state, source)
     if norm is not None:
         with torch.no_grad(): model.mean.copy_(norm[0].view_as(model.mean)); model.std.copy_(norm[1].view_as(model.std))
     return model
 
 def load_robustbench(name, path, dataset='cifar10'):
-    "RobustBench model `name` (notebook 02) with the weights (and input normalisation, if any) of the local file `path`, in eval mode."
+    "RobustBench model `name` (notebook 02) with the weights (and normalisation) of local file `path`, in eval mode."
+    state = extract_state_dict(read_checkpoint(path))
     model = create_robustbench(name, dataset)
-    return load_robustbench_state(model, name, extract_state_dict(read_checkpoint(path)), f'checkpoint {Path(path).name}').eval()
+    return load_robustbench_state(model, name, state, f'checkpoint {Path(path).name}').eval()
 
 def _out_features(state):
     "The number of outputs of the last 2-D weight (the classifier) of a state dict, or None."
@@ -143,8 +146,9 @@ def load_teacher(path, arch=None, robustbench=None, dataset='cifar10', device=No
     what = f'RobustBench model {robustbench!r} for {dataset}' if robustbench is not None else f'{arch!r} with {num_classes} classes ({dataset})'
     state = extract_state_dict(read_checkpoint(path))
     try:
-        if robustbench is not None: load_robustbench_state(net, robustbench, state, source=f'checkpoint {Path(path).name}')
-        else: load_weights(net, state, source=f'checkpoint {Path(path).name}')
+        src = f'checkpoint {Path(path).name}'
+        if robustbench is not None: load_robustbench_state(net, robustbench, state, src)
+        else: load_weights(net, state, source=src)
     except ValueError as e:
         got = _out_features(state)
         hint = (f' The file\'s classifier has {got} outputs but {dataset} has {num_classes} classes: a teacher for another dataset?'

@@ -139,7 +139,7 @@ def _load(spec, dataset):
     return None if spec is None else load_teacher(spec[0], arch=spec[1], robustbench=spec[2], dataset=dataset)
 
 def _check_teachers(specs, models, a, cfg, out):
-    "Check each teacher file whose accuracy is recorded (`adaad.repro.check_file_teacher`) before any training; a line per check."
+    "Check each teacher whose accuracy is recorded (`adaad.repro.check_file_teacher`) before training; a line each."
     from adaad.repro import check_file_teacher
     for spec, model, role in zip(specs, models, ('teacher', 'standard-teacher')):
         if spec is None: continue

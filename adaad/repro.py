@@ -357,9 +357,9 @@ TEACHER_CHECK = dict(n=1000, margin=5.)   # the first n test images; points belo
 TEACHERS_RECORD = 'teachers.json'         # in a runs folder: the digest of each teacher file its runs were trained with
 
 def teacher_record(path, sha256=None):
-    "The record beside teacher file `path` (`<name>.json`) if it records this very file's SHA-256 and its accuracy, else None."
+    "The record beside teacher file `path` (`<name>.json`) if it records this file's SHA-256 and accuracy, else None."
     rec = shipped_record(path)
-    if not isinstance(rec, dict) or not isinstance(rec.get('accuracy'), dict) or 'clean' not in rec['accuracy']: return None
+    if not isinstance(rec, dict) or 'clean' not in (rec.get('accuracy') or {}): return None
     return rec if rec.get('sha256') == (sha256 or file_sha256(path)) else None
 
 def teacher_expectation(info, dataset='cifar10'):
@@ -367,7 +367,8 @@ def teacher_expectation(info, dataset='cifar10'):
     if info.get('source') == 'robustbench':
         e = ROBUSTBENCH.get((dataset, info['name']), {})
         if 'clean' not in e or 'aa' not in e: return None
-        return dict(clean=e['clean'], robust=e['aa'], attack='aa', source=f"RobustBench's report for {info['name']} on {dataset} (10,000 images)")
+        return dict(clean=e['clean'], robust=e['aa'], attack='aa',
+                    source=f"RobustBench's report for {info['name']} on {dataset} (10,000 images)")
     if info.get('source') not in ('shipped', 'checkpoint') or info.get('ckpt') is None: return None
     rec = teacher_record(info['ckpt'], info.get('sha256'))
     attack = next((a for a in ('pgd10', 'aa') if rec and a in rec['accuracy']), None)
@@ -375,28 +376,38 @@ def teacher_expectation(info, dataset='cifar10'):
     return dict(clean=rec['accuracy']['clean'], robust=rec['accuracy'][attack], attack=attack,
                 source=f"its record {Path(info['ckpt']).with_suffix('.json').name} ({rec.get('n_test', '?')} images)")
 
-def check_teacher(model, path, expect, test, cache, device=None, batch_size=200, margin=TEACHER_CHECK['margin'], enforce=True, note=None,
-                  overrides=None):
-    """Evaluate teacher `model` of file `path` clean and under PGD-10 on `test` (cached at `cache`) and compare with `expect`
-    (`teacher_expectation`); raise, naming the file and the numbers, when it is more than `margin` points below. The record."""
-    r, c = cached_eval(model, test, path, cache, suite=['clean', 'pgd10'], overrides=overrides or {}, batch_size=batch_size, device=device)
+def _shortfalls(got, expect, margin):
+    "What of the measured `got` (clean, pgd10) lies more than `margin` points below `expect`, as sentences."
+    low = [f"clean {got['clean']:.1f}% is more than {margin:g} points below {expect['clean']:g}%"] \
+        if got['clean'] < expect['clean'] - margin else []
+    if got['pgd10'] < expect['robust'] - margin:
+        low.append(f"PGD-10 {got['pgd10']:.1f}% is more than {margin:g} points below the recorded {expect['attack']} "
+                   f"{expect['robust']:g}%")
+    return low
+
+def check_teacher(model, path, expect, test, cache, device=None, batch_size=200, margin=TEACHER_CHECK['margin'],
+                  enforce=True, note=None, overrides=None):
+    """Evaluate teacher `model` of file `path` clean and under PGD-10 on `test` (cached at `cache`), compare with
+    `expect` (`teacher_expectation`), raise naming file and numbers when more than `margin` points below; the record."""
+    r, c = cached_eval(model, test, path, cache, suite=['clean', 'pgd10'], overrides=overrides or {},
+                       batch_size=batch_size, device=device)
     got = dict(clean=round(r.accuracy['clean'], 2), pgd10=round(r.accuracy['pgd10'], 2))
-    low = ([f"clean {got['clean']:.1f}% is more than {margin:g} points below {expect['clean']:g}%"] if got['clean'] < expect['clean'] - margin else []) + \
-          ([f"PGD-10 {got['pgd10']:.1f}% is more than {margin:g} points below the recorded {expect['attack']} {expect['robust']:g}%"]
-           if got['pgd10'] < expect['robust'] - margin else [])
+    low = _shortfalls(got, expect, margin)
+    verdict = 'passed' if not low else 'failed' if enforce else f'failed, not enforced ({note})'
     rec = dict(n=r.n, measured=got, expected=expect, margin=margin, cached=c['cached'], wall_s=round(c['wall_s'], 1),
-               verdict='passed' if not low else 'failed' if enforce else f'failed, not enforced ({note})', **({'note': note} if note else {}),
+               verdict=verdict, **({'note': note} if note else {}),
                **({'overrides': plain(overrides)} if overrides else {}))
     if low and enforce:
-        raise RuntimeError(f"teacher file {path} is clearly below the accuracy recorded for it: on the first {r.n} test images it has "
-                           f"{got['clean']:.1f}% clean and {got['pgd10']:.1f}% under PGD-10, but {expect['source']} gives {expect['clean']:g}% clean "
-                           f"and {expect['robust']:g}% under {expect['attack']} ({'; '.join(low)}). Is it the file of another model or "
-                           f"dataset, or damaged? No student was trained; replace the file and run again")
+        raise RuntimeError(f"teacher file {path} is clearly below the accuracy recorded for it: on the first {r.n} "
+                           f"test images it has {got['clean']:.1f}% clean and {got['pgd10']:.1f}% under PGD-10, but "
+                           f"{expect['source']} gives {expect['clean']:g}% clean and {expect['robust']:g}% under "
+                           f"{expect['attack']} ({'; '.join(low)}). Is it the file of another model or dataset, or "
+                           "damaged? No student was trained; replace the file and run again")
     return rec
 
 def trust_teacher_file(path, role, runs_dir, out_dir=None):
-    """The SHA-256 of teacher file `path`, recorded for `role` in `<runs_dir>/teachers.json` on first use; refused, naming both
-    digests, where that record or `<out_dir>/results.json` records another digest for it."""
+    """The SHA-256 of teacher file `path`, recorded for `role` in `<runs_dir>/teachers.json` on first use; refused,
+    naming both digests, where that record or `<out_dir>/results.json` records another digest for it."""
     got, key = file_sha256(path), role.replace('-', '_')
     f = Path(runs_dir) / TEACHERS_RECORD
     seen = json.loads(f.read_text()) if f.exists() else {}
@@ -404,14 +415,19 @@ def trust_teacher_file(path, role, runs_dir, out_dir=None):
     old = (json.loads(res.read_text()).get(key) or {}) if res is not None and res.exists() else {}
     for want, where in ((seen.get(key, {}).get('sha256'), f), (old.get('sha256'), res)):
         if want and want != got:
-            raise ValueError(f"teacher file {path} has SHA-256 {got}, but {where} records SHA-256 {want} for the {role} its runs were "
-                             f"made with: the file changed since. Restore that file, or give a new out_dir and runs_dir to start over with this one")
-    if key not in seen: write_json(f, dict(seen, **{key: dict(path=str(path), sha256=got, first_used=time.strftime('%Y-%m-%dT%H:%M:%S%z'))}))
+            raise ValueError(f"teacher file {path} has SHA-256 {got}, but {where} records SHA-256 {want} for the "
+                             f"{role} its runs were made with: the file changed since. Restore that file, or give a "
+                             "new out_dir and runs_dir to start over with this one")
+    if key not in seen:
+        first = dict(path=str(path), sha256=got, first_used=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
+        write_json(f, dict(seen, **{key: first}))
     return got
 
-def check_file_teacher(model, path, robustbench=None, dataset='cifar10', data_root=None, out_dir='.', device=None, role='teacher'):
-    """`check_teacher` of the teacher `model` read from file `path` (RobustBench model `robustbench`, else a file with its record
-    beside it) on the first 1,000 test images, cached in `<out_dir>/<role>-check.json`; None where nothing records its accuracy."""
+def check_file_teacher(model, path, robustbench=None, dataset='cifar10', data_root=None, out_dir='.', device=None,
+                       role='teacher'):
+    """`check_teacher` of teacher `model` read from file `path` (RobustBench model `robustbench`, else a file with its
+    record beside it) on the first 1,000 test images, cached in `<out_dir>/<role>-check.json`; None if nothing records
+    its accuracy."""
     info = dict(source='robustbench', name=robustbench) if robustbench else dict(source='checkpoint')
     expect = teacher_expectation(dict(info, ckpt=str(path)), dataset)
     if expect is None: return None
@@ -472,9 +488,10 @@ def dry_run_config(cfg, teacher_dir):
     cut = {a: c for a in d['suite'] if (c := _dry_cut(a, k))}
     d['attack_overrides'] = {a: {**d['attack_overrides'].get(a, {}), **c} for a, c in cut.items()}
     if 'aa' in d['suite']: d['aa'] = dict(attacks=['apgd-ce', 'apgd-t'], n_iter=k, n_restarts=1, n_target_classes=1)
-    d['teacher_check'] = dict(n=DRY_RUN['n_test'], margin=TEACHER_CHECK['margin'], enforce=False, overrides={'pgd10': _dry_cut('pgd10', k)},
-                              note=f"dry run: checked on the first {DRY_RUN['n_test']} test images, PGD with {k} steps, of a random network "
-                                   "in the teacher's place")
+    d['teacher_check'] = dict(n=DRY_RUN['n_test'], margin=TEACHER_CHECK['margin'], enforce=False,
+                              overrides={'pgd10': _dry_cut('pgd10', k)},
+                              note=f"dry run: checked on the first {DRY_RUN['n_test']} test images, PGD with {k} "
+                                   "steps, of a random network in the teacher's place")
     d.update(seeds=list(d.get('seeds', (0,)))[:1], n_test=DRY_RUN['n_test'], eval_batch=DRY_RUN['eval_batch'],
              eval_shard=DRY_RUN['eval_shard'], dry_run=True,
              scale=f"DRY RUN of preset {cfg['name']} ({cfg['scale']}) at toy size: the numbers mean nothing, only that every step runs")
@@ -485,7 +502,7 @@ def dry_run_teacher(spec, folder, dataset='cifar10', seed=0):
     torch.manual_seed(seed)
     path = Path(folder) / Path(spec['path']).name
     if spec['source'] == 'robustbench':
-        net = create_robustbench(spec['name'], dataset)   # a normalising model's file: mu and sigma beside the network's keys
+        net = create_robustbench(spec['name'], dataset)   # a normalising model's file: mu, sigma beside the network
         sd = net.model.state_dict() if hasattr(net, 'mean') else net.state_dict()
         if hasattr(net, 'mean'): sd.update(mu=net.mean, sigma=net.std)
         atomic_write(path, lambda f: torch.save(collections.OrderedDict(('module.' + k, v) for k, v in sd.items()), f))
@@ -566,8 +583,8 @@ def _context(cfg, out, runs, device, data_root, time_limit, progress):
     if cfg.get('dry_run'): train_full = first_n(train_full, DRY_RUN['train_images'])
     test = first_n(test_full, cfg['n_test'])
     t0 = time.time()
-    return dict(cfg=cfg, out=Path(out), runs=Path(runs), device=device, data_root=data_root, train_full=train_full, test=test, test_full=test_full,
-                t0=t0, time_limit=time_limit, progress=progress,
+    return dict(cfg=cfg, out=Path(out), runs=Path(runs), device=device, data_root=data_root, train_full=train_full, test=test,
+                test_full=test_full, t0=t0, time_limit=time_limit, progress=progress,
                 left=lambda: None if time_limit is None else max(1., time_limit - (time.time() - t0)))
 
 def _data_of(ctx, tc):
@@ -589,17 +606,19 @@ def _teachers(ctx):
     return t, s, ti, si
 
 def _trusted(ctx, model, info, role):
-    "Teacher `info` with its file's digest (`trust_teacher_file`) and its accuracy check (`check_teacher`), before any student trains."
+    "Teacher `info` with its file's digest (`trust_teacher_file`) and accuracy check (`check_teacher`), pre-students."
     if model is None or info.get('ckpt') is None: return info
     info = dict(info, sha256=trust_teacher_file(info['ckpt'], role, ctx['runs'], ctx['out']))
     tc, ds = {**TEACHER_CHECK, **(ctx['cfg'].get('teacher_check') or {})}, dataset_of(ctx['cfg'])
     expect = teacher_expectation(info, ds)
     if expect is None:
-        return dict(info, check=dict(verdict='not checked: nothing records the accuracy this teacher should reach (the table evaluates it in its teacher row)'))
-    n = min(tc['n'], len(ctx['test_full']))
-    return dict(info, check=check_teacher(model, info['ckpt'], expect, first_n(ctx['test_full'], n), ctx['out'] / 'evals' / f'{role}-check.json',
-                                          ctx['device'], ctx['cfg'].get('eval_batch', 200), tc['margin'], tc.get('enforce', True), tc.get('note'),
-                                          tc.get('overrides')))
+        return dict(info, check=dict(verdict='not checked: nothing records the accuracy this teacher should reach '
+                                             '(the table evaluates it in its teacher row)'))
+    test = first_n(ctx['test_full'], min(tc['n'], len(ctx['test_full'])))
+    check = check_teacher(model, info['ckpt'], expect, test, ctx['out'] / 'evals' / f'{role}-check.json', ctx['device'],
+                          ctx['cfg'].get('eval_batch', 200), tc['margin'], tc.get('enforce', True), tc.get('note'),
+                          tc.get('overrides'))
+    return dict(info, check=check)
 
 def _header(ctx, kind, **extra):
     "The provenance part of a results dict."
