@@ -138,6 +138,15 @@ def _load(spec, dataset):
     from adaad.checkpoint import load_teacher
     return None if spec is None else load_teacher(spec[0], arch=spec[1], robustbench=spec[2], dataset=dataset)
 
+def _check_teachers(specs, models, a, cfg, out):
+    "Check each teacher whose accuracy is recorded (`adaad.repro.check_file_teacher`) before training; a line each."
+    from adaad.repro import check_file_teacher
+    for spec, model, role in zip(specs, models, ('teacher', 'standard-teacher')):
+        if spec is None: continue
+        c = check_file_teacher(model, spec[0], spec[2], a.dataset, cfg.data_root, out, a.device, role)
+        if c is not None: print(f"{role} check ({c['n']} test images): clean {c['measured']['clean']:.1f}%, PGD-10 "
+                                f"{c['measured']['pgd10']:.1f}% -- {c['verdict']}", file=sys.stderr)
+
 def _unused(ap, a, m):
     "Refuse the options that method `m` would ignore: a teacher it does not read, a budget it has no inner maximisation for."
     if not m.uses_teacher and getattr(a, 'teacher', None):
@@ -165,6 +174,7 @@ def _train(ap, a):
     check_device(a.device, '--device')
     out = check_writable(a.out or f'runs/{a.method}-{cfg.student}', '--out', folder=True)
     teacher, standard = (_load(s, a.dataset) for s in specs)
+    _check_teachers(specs, (teacher, standard), a, cfg, out)
     r = train(cfg, teacher=teacher, out_dir=out, device=a.device, time_limit=a.time_limit,
               progress=not a.no_progress, standard_teacher=standard)
     if int(os.environ.get('RANK', 0)) == 0:

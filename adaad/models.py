@@ -219,11 +219,16 @@ def count_params(model):
 ROBUSTBENCH = {  # (dataset, name) -> architecture, constructor options, RobustBench's reported accuracies, Drive id
     ('cifar10', 'Chen2021LTD_WRN34_20'): dict(arch='wrn-34-20', sub_block1=False, clean=86.03, aa=57.71, gdrive='1-5JmY9rapuGwCUc2nPvy7Rb_sn_dHhFm'),
     ('cifar10', 'Chen2021LTD_WRN34_10'): dict(arch='wrn-34-10', sub_block1=False, clean=85.21, aa=56.94, gdrive='1-0RoQKYvHLNh7hZ71wJjSit1XtrJQo9D'),
-    ('cifar100', 'Chen2021LTD_WRN34_10'): dict(arch='wrn-34-10', sub_block1=True, clean=64.07, aa=30.59, gdrive='1-I4NZyULdEWH46b4EaCTxuuRo4eFXsg_')}
+    ('cifar100', 'Chen2021LTD_WRN34_10'): dict(arch='wrn-34-10', sub_block1=True, clean=64.07, aa=30.59, gdrive='1-I4NZyULdEWH46b4EaCTxuuRo4eFXsg_'),
+    ('cifar10', 'Zhang2019Theoretically'): dict(arch='wrn-34-10', sub_block1=True, clean=84.92, aa=53.08,
+                                                gdrive='1hPz9QQwyM7QSuWu-ANG_uXR-29xtL8t_'),
+    ('cifar10', 'Rice2020Overfitting'): dict(arch='wrn-34-20', sub_block1=False, normalize=(CIFAR10_MEAN, CIFAR10_STD),
+                                             clean=85.34, aa=53.42, gdrive='1vC_Twazji7lBjeMQvAD9uEQxi9Nx2oG-')}
 
 def create_robustbench(name, dataset='cifar10'):
-    "The architecture of RobustBench model `name`, untrained."
+    "RobustBench model `name`, untrained; behind a `Normalized` layer where it standardises its input."
     if (dataset, name) not in ROBUSTBENCH:
         raise ValueError(f'unknown RobustBench model {name!r} for {dataset!r}; known: {sorted(f"{d}/{n}" for d, n in ROBUSTBENCH)}')
     info = ROBUSTBENCH[(dataset, name)]
-    return create_model(info['arch'], 10 if dataset == 'cifar10' else 100, sub_block1=info['sub_block1'])
+    return create_model(info['arch'], 10 if dataset == 'cifar10' else 100, normalize=info.get('normalize'),
+                        sub_block1=info['sub_block1'])
