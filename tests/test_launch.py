@@ -1,0 +1,89 @@
+"""The documented launch commands (adaad.repro.LAUNCH, quoted by README) run each preset at its own scale: each command,
+and `make repro` for the same preset, is prepared by papermill (nothing runs) and the run it asks for is checked."""
+import json, shlex, shutil, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+from adaad.repro import LAUNCH, PRESETS, _table_plan, preset_config, scale_changes
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_KEYS = ('preset', 'methods', 'students', 'epochs', 'train_n', 'n_test', 'suite', 'teacher', 'seeds', 'out_dir', 'scratch', 'device')
+
+
+def _prepare(cmd, tmp_path):
+    "The run_table arguments (and scratch) of a papermill command line, prepared by papermill itself (`--prepare-only`)."
+    papermill_cli = pytest.importorskip('papermill.cli')
+    args = shlex.split(cmd.split('&&')[-1])
+    i = next(i for i, a in enumerate(args) if a.endswith('papermill'))
+    args = args[i + 1:]
+    args[1] = str(tmp_path / 'prepared.ipynb')                  # the output notebook
+    args[0] = str(ROOT / 'nbs' / 'repro_table.ipynb')
+    args = [a for j, a in enumerate(args) if a != '--cwd' and (j == 0 or args[j - 1] != '--cwd')]
+    papermill_cli.papermill.main([*args, '--prepare-only'], standalone_mode=False)
+    cells = json.loads((tmp_path / 'prepared.ipynb').read_text())['cells']
+    ns = {}
+    for c in cells:   # the parameters, papermill's injected ones, and the notebook's own resolution of the unset sizes
+        if {'parameters', 'injected-parameters', 'launch'} & set(c['metadata'].get('tags', [])): exec(''.join(c['source']), ns)
+    return {k: ns[k] for k in RUN_KEYS}
+
+
+def _check_full_scale(p, preset):
+    "The prepared run is `preset` at its own scale, into a folder that stays (not a temporary one)."
+    assert p['preset'] == preset and not p['scratch']
+    cfg, out, _, seeds = _table_plan(preset, p['out_dir'], None, False, methods=p['methods'], suite=p['suite'], seeds=p['seeds'],
+                                     epochs=p['epochs'], train_n=p['train_n'], teacher=p['teacher'], students=p['students'], n_test=p['n_test'])
+    assert scale_changes(cfg) == []
+    base = preset_config(preset)
+    assert (cfg['n_test'], cfg['train'], cfg['students'], list(cfg['methods']), seeds) == \
+        (base['n_test'], base['train'], base['students'], list(base['methods']), list(base['seeds']))
+    return cfg, out
+
+
+@pytest.mark.parametrize('preset', list(LAUNCH))
+def test_documented_papermill_command_runs_the_preset_at_its_scale(preset, tmp_path):
+    p = _prepare(LAUNCH[preset]['papermill'], tmp_path)
+    _, out = _check_full_scale(p, preset)
+    assert str(out) == f'runs/results/{preset}' and p['device'] == ('cuda' if preset.startswith('paper') else None)
+
+
+@pytest.mark.parametrize('preset', list(LAUNCH))
+def test_documented_make_command_runs_the_preset_at_its_scale(preset, tmp_path):
+    if shutil.which('make') is None: pytest.skip('no make')
+    make = shlex.split(LAUNCH[preset]['make'])
+    assert make[:2] == ['make', 'repro']
+    venv = Path(sys.executable).parent.parent
+    r = subprocess.run(['make', '-n', '-C', str(ROOT), f'VENV={venv}', *make[1:]], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.replace('\\\n', ' ').splitlines() if 'papermill nbs/repro_table.ipynb' in l)
+    p = _prepare(line, tmp_path)
+    _check_full_scale(p, preset)
+    assert p['device'] == ('cuda' if 'DEVICE=cuda' in make else None)
+
+
+def test_the_notebook_left_at_its_sizes_runs_a_paper_preset_at_paper_scale(tmp_path):
+    "The bare papermill call (sizes unset) runs the paper's scale; only the default smoke preset is cut for the notebook tests."
+    p = _prepare('papermill nbs/repro_table.ipynb out.ipynb -p preset paper -p device cuda', tmp_path)
+    _check_full_scale(p, 'paper')
+    smoke = _prepare('papermill nbs/repro_table.ipynb out.ipynb', tmp_path)
+    assert smoke['scratch'] and (smoke['train_n'], smoke['n_test']) == (256, 50)
+
+
+def test_a_run_that_changes_a_paper_presets_sizes_is_labelled_reduced():
+    "What the notebook's old defaults did to `-p preset paper`: the changes are named, and _header marks the run reduced."
+    from adaad.repro import _header
+    cfg = preset_config('paper', train=dict(train_n=256), n_test=50, students={'RN-18': 'wrn-10-1'}, methods=['adaad'])
+    changes = scale_changes(cfg)
+    assert changes == ['train.train_n: 256 (null)', 'n_test: 50 (10000)', 'students.RN-18: "wrn-10-1" ("resnet18")']
+    assert scale_changes(preset_config('paper', methods=['adaad'], students={'RN-18': 'resnet18'}, seeds=[0, 1])) == []
+
+    class Data:   # the few attributes _header reads of the test and training sets
+        source = dict(official=True)
+        def __len__(self): return 50
+    ctx = dict(cfg=cfg, test=Data(), train_full=Data(), device='cpu', data_root='data', time_limit=None, out=ROOT / 'runs' / 'x',
+               runs=ROOT / 'runs' / 'y')
+    h = _header(ctx, 'table')
+    assert h['reduced'] and h['scale_changes'] == changes and 'REDUCED' in h['scale'] and 'n_test: 50 (10000)' in h['scale']
+    assert h['device'].startswith('cpu (') and h['precision'] == 'fp32'
+    assert not _header(dict(ctx, cfg=preset_config('paper')), 'table')['reduced']
+    assert set(LAUNCH) == {'quick', 'paper', 'paper-cifar100'} and set(LAUNCH) <= set(PRESETS)
