@@ -4,6 +4,7 @@ import json, shlex, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaad.repro import LAUNCH, PRESETS, _table_plan, preset_config, scale_changes
 
@@ -87,3 +88,26 @@ def test_a_run_that_changes_a_paper_presets_sizes_is_labelled_reduced():
     assert h['device'].startswith('cpu (') and h['precision'] == 'fp32'
     assert not _header(dict(ctx, cfg=preset_config('paper')), 'table')['reduced']
     assert set(LAUNCH) == {'quick', 'paper', 'paper-cifar100'} and set(LAUNCH) <= set(PRESETS)
+
+
+def test_a_preset_that_asks_for_cuda_stops_with_one_clear_message_where_none_is_visible(tmp_path, monkeypatch):
+    from adaad.repro import run_table
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(ValueError, match=r"device 'cuda' is not available: no CUDA GPU is visible to PyTorch here \(PyTorch "):
+        run_table('paper', device='cuda', data_root=str(tmp_path / 'no-data'), out_dir=str(tmp_path / 'o'), runs_dir=str(tmp_path / 'r'))
+
+
+@pytest.mark.timeout(900)
+def test_progress_lines_and_results_name_the_device_and_precision(data_root, tmp_path, one_thread):
+    "Where no device is asked for: CUDA if visible, else the CPU, said in the first progress line, every training's, and results.json."
+    from adaad.repro import run_table
+    lines = []
+    res = run_table('quick', dry_run=True, methods=['pgd-at'], data_root=str(data_root), out_dir=str(tmp_path / 'o'),
+                    runs_dir=str(tmp_path / 'r'), log=lines.append)
+    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    assert res['device'].startswith(dev + (':0 (' if dev == 'cuda' else ' (no CUDA GPU visible)'))
+    assert res['precision'] in ('fp32', 'bf16 autocast') or res['precision'].startswith('fp32 (TF32')
+    assert lines[0].startswith(f"preset quick on {res['device']}, {res['precision']}: DRY RUN")
+    training = [l for l in lines if ': training ' in l]
+    assert training and all(f" on {dev}, {res['precision']} (" in l for l in training)
+    assert json.loads((tmp_path / 'o' / 'results.json').read_text())['device'] == res['device']
