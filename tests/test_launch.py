@@ -111,3 +111,23 @@ def test_progress_lines_and_results_name_the_device_and_precision(data_root, tmp
     training = [l for l in lines if ': training ' in l]
     assert training and all(f" on {dev}, {res['precision']} (" in l for l in training)
     assert json.loads((tmp_path / 'o' / 'results.json').read_text())['device'] == res['device']
+
+
+def test_paper_presets_train_channels_last_in_fp32_unless_amp_passes_its_check(monkeypatch):
+    "The paper presets: channels_last, fp32 (TF32 as PyTorch's default); amp=True only after amp_guard's check of the teacher."
+    import adaad.repro as R
+    from adaad.data import CifarSplit
+    for p in ('paper', 'paper-cifar100'):
+        tc = R.train_config(preset_config(p), 'adaad', 'resnet18', device='cuda')
+        assert tc.channels_last and not tc.amp
+    assert R._table_plan('paper', None, None, False, amp=True)[0]['train']['amp'] is True
+    with pytest.raises(ValueError, match='amp must be True, False or None'): R.run_table('paper', amp='bf16')
+    data = CifarSplit(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), 10)
+    lines = []
+    ctx = dict(train_full=data, device=torch.device('cpu'), cfg=dict(eval_batch=2), log=lines.append)
+    for diff, ok in ((0.5, True), (R.AMP_LIMIT + 1, False)):
+        monkeypatch.setattr(R, 'amp_check', lambda m, x, y, **k: dict(n=len(x), pgd_fp32=40., pgd_amp=40. + diff, pgd_diff=diff,
+                                                                     sign_agreement=0.99))
+        if ok: assert R.amp_guard(torch.nn.Identity(), ctx)['pgd_diff'] == diff and 'under bf16' in lines[-1]
+        else:
+            with pytest.raises(ValueError, match='amp=True refused: bf16 weakens PGD-10 on the teacher'): R.amp_guard(torch.nn.Identity(), ctx)
