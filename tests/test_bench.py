@@ -199,10 +199,36 @@ def test_projection_of_a_preset_from_its_trainings():
     a = next(r for r in rows if r['what'] == 'MN-V2/adaad/s0')
     assert a['flops'] == 8 * 49_000 * bench.step_flops('adaad', fm, fs, 'ours', k=10)
     p = project.project('gpu-small', rate_official=1e12, peak=1e15, utilisation=0.5)
-    total = sum(r['flops'] for r in rows)
+    evals = project.evaluations('gpu-small')
+    total = sum(r['flops'] for r in rows) + sum(e['flops'] for e in evals)
     assert p['hours_gpu_1'] == pytest.approx(total / 5e14 / 3600) and p['days_official_1'] == pytest.approx(total / 1e12 / 86400)
     assert max(r['flops'] for r in rows) / 5e14 / 3600 <= p['hours_gpu_8'] < p['hours_gpu_1']
     assert project.longest_first([4, 3, 3, 2], 2) == 6 and project.longest_first([5, 1], 8) == 5
     # the official code's rate: its AdaAD step (1,198.5 GFLOP) x 50,000 images in the 45.9 minutes of one logged epoch
     assert project.official_rate() / 1e12 == pytest.approx(1198.5e9 * 50_000 / 2753 / 1e12, rel=1e-3)
     assert project.duration(90) == '2 min' and project.duration(5 * 3600) == '5.0 h' and project.duration(30 * 86400) == '30 days'
+
+
+def test_projection_states_its_precision_and_counts_the_teachers_evaluation_and_the_schedule():
+    """The paper presets train in fp32 (TF32 convolutions): priced at the TF32 peak, not bf16's. The teacher's final
+    evaluation (AutoAttack standard and CW2 on 10,000 images) is counted, and eight GPUs take the cells as schedule_cells assigns them."""
+    import project
+    from adaad.models import ROBUSTBENCH
+    from adaad.repro import schedule_cells
+    assert (project.precision('paper'), project.precision('paper-cifar100'), project.precision('gpu-small')) == ('tf32', 'tf32', 'bf16')
+    ev = project.evaluations('paper')
+    t = ev[0]
+    ft = bench.forward_flops(create_model('wrn-34-20'))
+    r = ROBUSTBENCH[('cifar10', 'Chen2021LTD_WRN34_20')]['aa'] / 100
+    per = ft + 3 * ft + 21 * ft + 2001 * ft + (200 * ft + r * (3600 * ft + 5000 * ft) + ft)   # clean, FGSM, PGD-10, CW2-1000, AA
+    assert (t['what'], t['arch'], t['images']) == ('teacher-eval', 'wrn-34-20', 10_000) and t['flops'] == pytest.approx(10_000 * per)
+    assert len(ev) == 1 + 2 * 8
+    p = project.project('paper', rate_official=1e12, utilisation=0.5)
+    assert p['precision'] == 'tf32' and p['gpu_peak_tflops'] == pytest.approx(494.7) and p['teacher_eval_eflop'] == pytest.approx(t['flops'] / 1e18)
+    rows = p['trainings']
+    teachers = sum(x['flops'] for x in rows if x['what'] in ('teacher', 'standard_teacher'))
+    cost = {x['what']: x['flops'] for x in rows if x['what'] not in ('teacher', 'standard_teacher')}
+    for e in ev[1:]: cost[e['what'][:-len('-eval')]] += e['flops']
+    span = max(sum(cost[c] for c in w) for w in schedule_cells(list(cost.items()), 8))
+    assert p['hours_gpu_8'] == pytest.approx((teachers + span + t['flops']) / (494.7e12 * 0.5) / 3600)
+    assert 'tf32 (495 TFLOP/s peak)' in project.markdown([p])
