@@ -114,3 +114,12 @@ bench: install data
 .PHONY: bench-gpu
 bench-gpu: install data
 	DRY_RUN='$(DRY_RUN)' STEP_LIMIT='$(STEP_LIMIT)' PY=$(BIN)/python bash bench/gpu.sh
+
+# The first check on a machine with a GPU (bench/gpu_check.py), at most 8 minutes on one H100/H200: the step rate of
+# the paper preset's AdaAD training (ResNet-18 <- WRN-34-20 of random weights, batch 128, fp32 as the preset trains, and
+# bf16) and its first batches end to end (training, checkpoints, every attack of the paper suite on a few images), into
+# runs/gpu-check/gpu_check.json. DRY_RUN=1 runs the same script on the CPU at tiny sizes (under a minute, into
+# runs/gpu-check-dry/). Without a visible CUDA GPU (and without DRY_RUN) it stops at once and says so.
+.PHONY: gpu-check
+gpu-check: install data
+	timeout 480 $(BIN)/python bench/gpu_check.py $(if $(DRY_RUN),--dry-run) $(if $(DEVICE),--device $(DEVICE))

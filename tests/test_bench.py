@@ -232,3 +232,31 @@ def test_projection_states_its_precision_and_counts_the_teachers_evaluation_and_
     span = max(sum(cost[c] for c in w) for w in schedule_cells(list(cost.items()), 8))
     assert p['hours_gpu_8'] == pytest.approx((teachers + span + t['flops']) / (494.7e12 * 0.5) / 3600)
     assert 'tf32 (495 TFLOP/s peak)' in project.markdown([p])
+
+
+def test_gpu_check_dry_run_runs_every_step_and_writes_its_report(tmp_path, data_root, capsys):
+    "`make gpu-check DRY_RUN=1`'s script on the CPU: the paper preset's AdaAD step rate and its first batches end to end."
+    import json, shutil, subprocess
+    import gpu_check
+    assert gpu_check.main(['--dry-run', '--out', str(tmp_path), '--data-root', str(data_root)]) == 0
+    rep = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert rep['dry_run'] and rep['device'].startswith('cpu') and all(s['ok'] for s in rep['steps'].values())
+    (row,) = rep['steps']['rate']['rows']
+    assert (row['pair'], row['batch_size'], row['precision'], row['channels_last'], row['epochs']) == ('small', 4, 'fp32', True, 200)
+    e2e = rep['steps']['end-to-end']
+    assert e2e['status'] == 'done' and [r['method'] for r in e2e['rows']] == ['teacher', 'adaad']
+    assert list(e2e['full_suite']['accuracy']) == ['clean', 'fgsm', 'pgd10', 'cw2', 'aa'] and Path(e2e['checkpoint']).is_file()
+    out = capsys.readouterr().out
+    assert 'gpu_check on cpu' in out and 'training wrn-10-1, 1 epochs on cpu, fp32' in out and 'every step passed' in out
+    if shutil.which('make'):   # the make target runs this script, with --dry-run only under DRY_RUN, under 8 minutes
+        root, venv = Path(__file__).resolve().parents[1], Path(sys.executable).parent.parent
+        n = lambda *a: subprocess.run(['make', '-n', '-C', str(root), f'VENV={venv}', 'gpu-check', *a], capture_output=True, text=True).stdout
+        assert 'timeout 480 ' in n('DRY_RUN=1') and 'bench/gpu_check.py --dry-run' in n('DRY_RUN=1') and '--dry-run' not in n()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal on a machine without a CUDA GPU')
+def test_gpu_check_without_a_gpu_stops_with_one_message(tmp_path, capsys):
+    import gpu_check
+    assert gpu_check.main(['--out', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--device 'cuda' is not available: no CUDA GPU is visible" in err and '--dry-run' in err and not list(tmp_path.iterdir())
