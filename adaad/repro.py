@@ -538,16 +538,18 @@ def _teachers(ctx):
     return t, s, ti, si
 
 _SCALE_KEYS = ('teacher', 'standard_teacher', 'train', 'n_test', 'suite', 'attack_overrides', 'aa', 'checkpoint', 'method_kwargs')
+_SPEED_KEYS = ('amp', 'channels_last', 'compile', 'fold_teacher')   # how fast, not what is computed (amp: checked by amp_guard)
 
 def scale_changes(cfg):
     """What preset dict `cfg` (its preset with a call's changes) changes of its preset's scale, as "key: this run's (the
-    preset's)" strings: sizes, teachers, attacks, students of another architecture; fewer students, rows or seeds are no change."""
+    preset's)" strings: sizes, teachers, attacks, students of another architecture; fewer students, rows or seeds and the
+    speed switches (`_SPEED_KEYS`; the precision is recorded beside) are no change."""
     if cfg.get('name') not in PRESETS: return []
     base, out = preset_config(cfg['name']), []
     for k in _SCALE_KEYS:
         a, b = plain(cfg.get(k)), plain(base.get(k))
         if k != 'train': out += [f'{k}: {json.dumps(a)} ({json.dumps(b)})'] if a != b else []
-        else: out += [f'train.{t}: {json.dumps(a.get(t))} ({json.dumps(b.get(t))})' for t in dict.fromkeys([*a, *b]) if a.get(t) != b.get(t)]
+        else: out += [f'train.{t}: {json.dumps(a.get(t))} ({json.dumps(b.get(t))})' for t in dict.fromkeys([*a, *b]) if t not in _SPEED_KEYS and a.get(t) != b.get(t)]
     return out + [f'students.{l}: {json.dumps(a)} ({json.dumps(base["students"].get(l))})'
                   for l, a in cfg['students'].items() if base['students'].get(l) != a]
 

@@ -77,6 +77,7 @@ def test_a_run_that_changes_a_paper_presets_sizes_is_labelled_reduced():
     changes = scale_changes(cfg)
     assert changes == ['train.train_n: 256 (null)', 'n_test: 50 (10000)', 'students.RN-18: "wrn-10-1" ("resnet18")']
     assert scale_changes(preset_config('paper', methods=['adaad'], students={'RN-18': 'resnet18'}, seeds=[0, 1])) == []
+    assert scale_changes(preset_config('paper', train=dict(amp=True, compile=True))) == []   # speed, with the precision recorded
 
     class Data:   # the few attributes _header reads of the test and training sets
         source = dict(official=True)
