@@ -106,7 +106,7 @@ def test_progress_lines_and_results_name_the_device_and_precision(data_root, tmp
     res = run_table('quick', dry_run=True, methods=['pgd-at'], data_root=str(data_root), out_dir=str(tmp_path / 'o'),
                     runs_dir=str(tmp_path / 'r'), log=lines.append)
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
-    assert res['device'].startswith(dev + (':0 (' if dev == 'cuda' else ' (no CUDA GPU visible)'))
+    assert res['device'].startswith(dev + (' (' if dev == 'cuda' else ' (no CUDA GPU visible)'))
     assert res['precision'] in ('fp32', 'bf16 autocast') or res['precision'].startswith('fp32 (TF32')
     assert lines[0].startswith(f"preset quick on {res['device']}, {res['precision']}: DRY RUN")
     training = [l for l in lines if ': training ' in l]
