@@ -459,7 +459,7 @@ def train_epoch(run, epoch):
     for p in run.peer_nets.values(): p.train()
     it = batches(run.train_set, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last, rank=run.rank, world=run.world)
     nb = (len(run.train_set) // cfg.batch_size) if cfg.drop_last else math.ceil(len(run.train_set) / cfg.batch_size)
-    bar = tqdm(it, total=nb, desc=f'{cfg.method} epoch {epoch}', disable=not run.progress or run.rank != 0, leave=False)
+    bar = tqdm(it, total=nb, desc=f"{cfg.method} epoch {epoch} ({run.device}, {'bf16' if cfg.amp else 'fp32'})", disable=not run.progress or run.rank != 0, leave=False)
     for step, (x, y) in enumerate(bar):
         if step < start: continue
         if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)

@@ -293,3 +293,10 @@ def test_a_cuda_training_turns_on_the_cudnn_autotuner_and_leaves_tf32_alone(tmp_
     monkeypatch.setattr(T, 'gpu_defaults', stop)
     with pytest.raises(KeyboardInterrupt): T.start_run(TrainConfig(method='pgd-at', student='wrn-10-1'), out_dir=tmp_path / 'r', device='cpu')
     assert seen == [torch.device('cpu')]
+
+
+def test_the_training_progress_bar_names_the_device_and_precision(tmp_path, cifar_train, capsys):
+    data = _tiny_data(cifar_train)
+    train(TrainConfig(method='natural', student='wrn-10-1', epochs=1, batch_size=32, val_n=64), out_dir=tmp_path, device='cpu',
+          progress=True, data=data)
+    assert 'natural epoch 0 (cpu, fp32)' in capsys.readouterr().err
