@@ -57,9 +57,11 @@ test-slow: install data
 # steps, attacks cut to two steps) into runs/results/<preset>-dry-run/: minutes on a CPU, numbers meaningless.
 # `make repro IMPORT=mymod` (or IMPORT=mod1,mod2) imports your own modules first (the notebook's `imports`), so the
 # methods, attacks and architectures they register can be rows, attacks and students (REPRO_ARGS='-y ...' sets them);
-# the modules are looked for on PYTHONPATH and in this folder. The same table by parallel one-thread workers:
-# `adaad table --preset P --workers N` (notebook 13).
+# the modules are looked for on PYTHONPATH and in this folder. `DEVICE=cuda` (or cpu, cuda:1) picks the device; left
+# empty, CUDA where visible, else the CPU (every progress line names it). The command for each preset:
+# adaad.repro.LAUNCH. The same table by parallel one-thread workers: `adaad table --preset P --workers N` (notebook 13).
 PRESET ?= quick
+DEVICE ?=
 REPRO_ARGS ?=
 IMPORT ?=
 COMMIT ?=
@@ -74,7 +76,7 @@ repro: install data
 	@$(CHECK_PRESET)
 	mkdir -p $(REPRO_OUT)
 	$(if $(IMPORT),PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}") $(BIN)/papermill nbs/repro_table.ipynb $(REPRO_OUT)/repro_table.ipynb --cwd nbs -k python3 --log-output --no-progress-bar \
-		-p preset $(PRESET) -p scratch False -p progress True -p out_dir $(CURDIR)/$(REPRO_OUT) -p curves $(REPRO_CURVES) -p dry_run $(if $(DRY_RUN),True,False) $(if $(IMPORT),-p imports $(IMPORT)) \
+		-p preset $(PRESET) -p scratch False -p test_cut False -p progress True -p out_dir $(CURDIR)/$(REPRO_OUT) -p curves $(REPRO_CURVES) -p dry_run $(if $(DRY_RUN),True,False) $(if $(IMPORT),-p imports $(IMPORT)) $(if $(DEVICE),-p device $(DEVICE)) \
 		-p committed $(if $(or $(COMMIT),$(DRY_RUN)),None,$(CURDIR)/results/$(PRESET)) -y '{"methods": null, "students": null, "train_n": null, "n_test": null}' $(REPRO_ARGS)
 
 # Remake a preset's shipped teacher (teachers/<name>.pt and its record teachers/<name>.json) from the training its preset
@@ -112,3 +114,12 @@ bench: install data
 .PHONY: bench-gpu
 bench-gpu: install data
 	DRY_RUN='$(DRY_RUN)' STEP_LIMIT='$(STEP_LIMIT)' PY=$(BIN)/python bash bench/gpu.sh
+
+# The first check on a machine with a GPU (bench/gpu_check.py), at most 8 minutes on one H100/H200: the step rate of
+# the paper preset's AdaAD training (ResNet-18 <- WRN-34-20 of random weights, batch 128, fp32 as the preset trains, and
+# bf16) and its first batches end to end (training, checkpoints, every attack of the paper suite on a few images), into
+# runs/gpu-check/gpu_check.json. DRY_RUN=1 runs the same script on the CPU at tiny sizes (under a minute, into
+# runs/gpu-check-dry/). Without a visible CUDA GPU (and without DRY_RUN) it stops at once and says so.
+.PHONY: gpu-check
+gpu-check: install data
+	timeout 480 $(BIN)/python bench/gpu_check.py $(if $(DRY_RUN),--dry-run) $(if $(DEVICE),--device $(DEVICE))

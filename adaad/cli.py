@@ -113,7 +113,7 @@ def parser():
     e.add_argument('--pieces', default=None, help='folder for finished (attack, shard) pieces: a rerun after a kill redoes only the rest (default: none)')
     e.add_argument('--aa-attacks', default=None, help="run AutoAttack as a custom version of these attacks, e.g. apgd-ce,apgd-t (default: standard AutoAttack)")
     e.add_argument('--model-info', default=None, help='also write a RobustBench-style model-info JSON here (needs aa in the suite) (default: none)')
-    e.add_argument('--device', default=None, help='(default: cuda if available)')
+    e.add_argument('--device', default=None, help='cpu, cuda, cuda:1 ... (default: cuda if a CUDA GPU is visible, else cpu; printed)')
     e.add_argument('--no-progress', action='store_true', help='hide progress bars')
     _repro_commands(sub)
     for p in sub.choices.values():   # --import after the command too (main imports every one of them before parsing)
@@ -208,8 +208,9 @@ def _suite(ap, a):
 
 def _check_outputs(a):
     "Check the device and that every output of `adaad eval` can be written, before the evaluation."
-    from adaad.core import check_device, check_writable
-    check_device(a.device, '--device')
+    from adaad.core import check_device, check_writable, default_device
+    a.device = check_device(a.device, '--device') or default_device()
+    print(f'adaad eval: on {a.device}', file=sys.stderr, flush=True)
     for flag, path in (('--out', a.out), ('--model-info', a.model_info)):
         if path: check_writable(path, flag)
     if a.pieces: check_writable(a.pieces, '--pieces', folder=True)

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['UNIT', 'REDUCTIONS', 'LOCK_NAME', 'is_real', 'is_int', 'int_range', 'check_int', 'is_unit', 'check_unit',
            'check_positive', 'check_choice', 'as_float', 'reduce_batch', 'kl', 'atomic_write', 'clean_temporaries',
-           'write_json', 'FolderBusy', 'FolderLock', 'check_writable', 'check_device', 'first_nonfinite', 'file_sha256',
-           'tensor_sha256', 'content_digest', 'plain', 'renamed_argument']
+           'write_json', 'FolderBusy', 'FolderLock', 'check_writable', 'check_device', 'default_device',
+           'first_nonfinite', 'file_sha256', 'tensor_sha256', 'content_digest', 'plain', 'renamed_argument']
 
 # %% ../nbs/00_core.ipynb #1b4042a9
 import errno, hashlib, json, math, numbers, os, socket, tempfile, time, warnings
@@ -183,6 +183,12 @@ def check_writable(path, name, folder=False):
     except OSError as e: raise OSError(e.errno, f'{name}: cannot write in {where} ({e.strerror or e})', str(path)) from None
     return path
 
+def _cuda_build():
+    "What this PyTorch build needs to see a GPU, for the message of a CUDA device that is not visible."
+    if torch.version.cuda is None: return f'PyTorch {torch.__version__} is a CPU-only build: install a CUDA build'
+    return (f'PyTorch {torch.__version__} is built for CUDA {torch.version.cuda}: it needs an NVIDIA GPU and a driver that supports '
+            f'CUDA {torch.version.cuda}; nvidia-smi shows the driver and the CUDA version it supports')
+
 def check_device(device, name='device'):
     "`device` as a `torch.device` (None stays None); raise ValueError naming `name` if it is malformed or absent here."
     if device is None: return None
@@ -190,10 +196,14 @@ def check_device(device, name='device'):
     except (RuntimeError, TypeError): raise ValueError(f"{name} must be a device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
     if d.type == 'cuda':
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0: raise ValueError(f"{name} {str(device)!r} is not available: no CUDA GPU is visible to PyTorch here; use 'cpu'")
+        if n == 0: raise ValueError(f"{name} {str(device)!r} is not available: no CUDA GPU is visible to PyTorch here ({_cuda_build()}); use 'cpu'")
         if d.index is not None and d.index >= n: raise ValueError(f"{name} {str(device)!r} is not available: {n} CUDA GPU(s) visible (cuda:0 to cuda:{n - 1})")
     elif d.type == 'mps' and not torch.backends.mps.is_available(): raise ValueError(f"{name} 'mps' is not available here; use 'cpu'")
     return d
+
+def default_device():
+    "CUDA where PyTorch sees a GPU, else the CPU: the device of a command given none."
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 def first_nonfinite(state):
     "The name of the first floating tensor of state dict `state` holding a NaN or an infinity; None if all are finite."

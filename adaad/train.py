@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['IDENTITY_SKIP', 'CHECKPOINTS', 'TrainConfig', 'build_method', 'resolve', 'resolve_run', 'config_dict', 'lr_at',
            'eps_at', 'method_at', 'split_run_data', 'run_data', 'run_identity', 'check_identity',
-           'check_finite_weights', 'NonFiniteWatch', 'validate', 'dist_info', 'Run', 'read_log', 'start_run',
-           'train_epoch', 'average_epoch', 'end_epoch', 'finish_run', 'train']
+           'check_finite_weights', 'NonFiniteWatch', 'validate', 'dist_info', 'Run', 'read_log', 'gpu_defaults',
+           'start_run', 'train_epoch', 'average_epoch', 'end_epoch', 'finish_run', 'train']
 
 # %% ../nbs/12_train.ipynb #fc1ed4e7
 import dataclasses, json, math, os, time, typing, types, warnings
@@ -376,12 +376,17 @@ def _prepare(net, cfg, device, val, num_classes):
     if c != num_classes: raise ValueError(f'teacher has {c} classes but dataset {cfg.dataset!r} has {num_classes}')
     return prepare_teacher(net, fold_bn=cfg.fold_teacher, channels_last=cfg.channels_last, compile=cfg.compile)
 
+def gpu_defaults(device):
+    "On CUDA, cuDNN's autotuner on (`cudnn.benchmark`, as the official scripts set it); TF32 is left at PyTorch's defaults."
+    if torch.device(device).type == 'cuda': torch.backends.cudnn.benchmark = True
+
 def start_run(cfg, teacher=None, out_dir='runs/run', device=None, time_limit=None, progress=True, data=None, standard_teacher=None):
     "Set up (or resume, or return finished) the run of `cfg` in `out_dir`, holding the folder's lock (`Run.close` releases it)."
     cfg, method = resolve_run(cfg)
     _check_args(method, teacher, standard_teacher, time_limit, data)
     rank, world, local = dist_info()
     device = check_device(device) if device is not None else (torch.device('cuda', local) if torch.cuda.is_available() else torch.device('cpu'))
+    gpu_defaults(device)
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(out, 'training run') if rank == 0 else None
     try: return _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, local, time_limit, progress, data, lock)
@@ -454,7 +459,7 @@ def train_epoch(run, epoch):
     for p in run.peer_nets.values(): p.train()
     it = batches(run.train_set, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last, rank=run.rank, world=run.world)
     nb = (len(run.train_set) // cfg.batch_size) if cfg.drop_last else math.ceil(len(run.train_set) / cfg.batch_size)
-    bar = tqdm(it, total=nb, desc=f'{cfg.method} epoch {epoch}', disable=not run.progress or run.rank != 0, leave=False)
+    bar = tqdm(it, total=nb, desc=f"{cfg.method} epoch {epoch} ({run.device}, {'bf16' if cfg.amp else 'fp32'})", disable=not run.progress or run.rank != 0, leave=False)
     for step, (x, y) in enumerate(bar):
         if step < start: continue
         if cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)

@@ -1,13 +1,21 @@
-"""Projected cost of a preset: the FLOPs of every training it runs (bench.py's accounting), and the wall time they imply at
-the official code's measured rate and on one and eight GPUs at a stated utilisation. A projection, not a measurement.
+"""Projected cost of a preset: the FLOPs of every training and evaluation it runs (bench.py's accounting), and the wall
+time they imply at the official code's measured rate and on one and eight GPUs at a stated utilisation of the peak of the
+precision the preset trains in. A projection, not a measurement.
 
     python bench/project.py paper paper-cifar100 gpu-small      # markdown table on stdout
     python bench/project.py paper --json bench/results/projection.json
 
 What is counted: every training step of every training the preset runs (students of every row and seed, and the teachers
 it trains itself), with the preset's epochs, training images and inner steps, `bench.step_flops` per image (ours, IAD and
-AdaIAD with their introspection term on throughout: an upper bound). Not counted: the per-epoch validation (1,000 images,
-PGD-10 and the diagnostics: a few percent) and the final evaluation (standard AutoAttack on 10,000 images).
+AdaIAD with their introspection term on throughout: an upper bound); and the final evaluation of the teacher and of every
+student under the preset's suite on its test images (`eval_flops`: AutoAttack's later attacks on the points still robust,
+the teacher's RobustBench AutoAttack accuracy, `STUDENT_ROBUST` for a student; CW2 without its early stop). Not counted:
+the per-epoch validation (1,000 images, PGD-10 and the diagnostics: a few percent).
+
+Precision: fp32 presets (the paper's) run their convolutions as TF32 (PyTorch's default for cuDNN), so their GPU time is
+priced at the TF32 peak; presets that train in bf16 at the bf16 peak. Schedule on eight GPUs as `run_table_parallel` runs a
+preset: the teachers it trains first (each on one GPU), then the students' cells (training and evaluation) assigned by
+`adaad.repro.schedule_cells` (longest first by FLOPs), then the teacher's evaluation on one GPU.
 """
 import argparse, json, sys
 from pathlib import Path
@@ -18,14 +26,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench  # noqa: E402
 from adaad.models import ROBUSTBENCH, create_model, create_robustbench  # noqa: E402
-from adaad.repro import dataset_of, preset_config, train_config  # noqa: E402
+from adaad.attacks import ATTACKS  # noqa: E402
+from adaad.repro import dataset_of, preset_config, schedule_cells, train_config  # noqa: E402
 from adaad.train import TrainConfig, resolve  # noqa: E402
 
 TRAIN_IMAGES = 50_000                 # CIFAR-10 and CIFAR-100 training sets
 OFFICIAL_EPOCH_S = 45 * 60 + 53       # boyellow/AdaAD issue #2: the author's log, epochs 0 -> 1 at 15:41:04 -> 16:26:57
 OFFICIAL_PAIR = ('resnet18', 'wrn-34-20')   # that log's run: AdaAD, ResNet-18 <- WRN-34-20, on the README's RTX 3090
 H200_BF16_DENSE = 989.5e12            # NVIDIA's H200 datasheet: 1,979 TFLOP/s BF16 with sparsity, half of it dense
-UTILISATION = 0.35                    # the benchmark's GPU target (bench.TARGETS): 35% of the bf16 peak
+H200_TF32_DENSE = 494.7e12            # the same datasheet: 989 TFLOP/s TF32 with sparsity, half of it dense
+PEAKS = {'bf16': H200_BF16_DENSE, 'tf32': H200_TF32_DENSE}
+UTILISATION = 0.35                    # the benchmark's GPU target (bench.TARGETS): 35% of the peak
+STUDENT_ROBUST = 0.5                  # fraction of a student's test images AutoAttack's later attacks still run on (paper: ~50% AA)
+AA_TARGETS = 9                        # AutoAttack standard: APGD-T and FAB-T each over 9 target classes, 100 iterations, Square 5,000 queries
 
 
 def _classes(dataset): return 10 if dataset == 'cifar10' else 100
@@ -71,10 +84,49 @@ def trainings(preset):
 
 
 def longest_first(durations, gpus):
-    "Wall time of independent trainings on `gpus` devices, each training on one, longest first onto the least loaded."
-    load = [0.] * gpus
-    for d in sorted(durations, reverse=True): load[load.index(min(load))] += d
-    return max(load)
+    "Wall time of independent cells on `gpus` devices, each on one, as `adaad.repro.schedule_cells` assigns them."
+    return max((sum(durations[i] for i in w) for w in schedule_cells([(i, d) for i, d in enumerate(durations)], gpus)), default=0.)
+
+
+def attack_flops(name, f, robust, cw_steps=None):
+    "FLOPs of attack `name` on one image of a network of forward FLOPs `f` (2f a forward with input gradient, f one without)."
+    if name == 'clean': return f
+    if name == 'fgsm': return 3 * f
+    if name == 'aa': return 2 * f * 100 + robust * (2 * 2 * f * 100 * AA_TARGETS + f * 5000) + f
+    spec = ATTACKS[name]
+    steps = cw_steps or spec.kwargs.get('steps') or spec.kwargs.get('n_queries') or 1
+    return 2 * f * steps + f
+
+
+def eval_flops(cfg, f, robust):
+    "FLOPs of one network's final evaluation under preset dict `cfg`'s suite on its test images (reduced AutoAttack: APGD-CE)."
+    over = cfg.get('attack_overrides') or {}
+    per = 0
+    for a in cfg['suite']:
+        if a == 'aa' and cfg.get('aa'):   # a reduced AutoAttack: its APGD attacks with their iterations, restarts and targets
+            aa = cfg['aa']; it, r = aa.get('n_iter', 20), aa.get('n_restarts', 1)
+            per += sum(2 * f * it * r * (aa.get('n_target_classes', 3) if k == 'apgd-t' else 1) for k in aa.get('attacks', ('apgd-ce',)))
+        else: per += attack_flops(a, f, robust, over.get(a, {}).get('steps'))
+    return cfg['n_test'] * per
+
+
+def evaluations(preset):
+    "The final evaluations of `preset`: dict(what, arch, images, flops), the teacher's first, then each student cell's."
+    cfg = preset_config(preset); ds = dataset_of(cfg)
+    arch, ft = teacher_arch_flops(cfg['teacher'], ds)
+    spec = cfg['teacher']
+    robust = ROBUSTBENCH[(ds, spec['name'])]['aa'] / 100 if spec['source'] == 'robustbench' else STUDENT_ROBUST
+    out = [dict(what='teacher-eval', arch=arch, images=cfg['n_test'], flops=eval_flops(cfg, ft, robust))]
+    for label, a in cfg['students'].items():
+        fs = bench.forward_flops(create_model(a, _classes(ds)))
+        out += [dict(what=f'{label}/{row}/s{seed}-eval', arch=a, images=cfg['n_test'], flops=eval_flops(cfg, fs, STUDENT_ROBUST))
+                for row in cfg['methods'] for seed in cfg['seeds']]
+    return out
+
+
+def precision(preset):
+    "'bf16' where the preset trains under bf16 autocast, else 'tf32' (fp32 with TF32 convolutions, PyTorch's default on CUDA)."
+    return 'bf16' if preset_config(preset)['train'].get('amp') in (True, 'auto') else 'tf32'
 
 
 def official_rate():
@@ -83,15 +135,29 @@ def official_rate():
     return bench.step_flops('adaad', fs, ft, 'naive') * TRAIN_IMAGES / OFFICIAL_EPOCH_S
 
 
-def project(preset, rate_official=None, peak=H200_BF16_DENSE, utilisation=UTILISATION):
-    "The projection of `preset`: its trainings and their total FLOPs, days at the official rate, hours on 1 and 8 GPUs."
-    rows, rate = trainings(preset), rate_official or official_rate()
-    total, gpu_rate = sum(r['flops'] for r in rows), peak * utilisation
+def wall_flops(rows, evals, gpus):
+    "FLOPs on the slowest of `gpus` GPUs: teachers' trainings one after the other, the students' cells by `schedule_cells`, the teacher's evaluation."
+    teachers = sum(r['flops'] for r in rows if r['what'] in ('teacher', 'standard_teacher'))
+    ev = {e['what'][:-len('-eval')]: e['flops'] for e in evals[1:]}
+    cells = [(r['what'], r['flops'] + ev[r['what']]) for r in rows if r['what'] not in ('teacher', 'standard_teacher')]
+    cost = dict(cells)
+    return teachers + max(sum(cost[c] for c in w) for w in schedule_cells(cells, gpus)) + evals[0]['flops']
+
+
+def project(preset, rate_official=None, peak=None, utilisation=UTILISATION):
+    """The projection of `preset`: its trainings and evaluations and their total FLOPs, days at the official rate, hours on 1
+    and 8 GPUs at `utilisation` of `peak` (default: the H200's dense peak of the precision the preset trains in)."""
+    rows, evals, rate, prec = trainings(preset), evaluations(preset), rate_official or official_rate(), precision(preset)
+    peak = peak or PEAKS[prec]
+    train_total, eval_total, gpu_rate = sum(r['flops'] for r in rows), sum(e['flops'] for e in evals), peak * utilisation
+    total = train_total + eval_total
     big = max(rows, key=lambda r: r['flops'])
-    return dict(preset=preset, trainings=rows, n=len(rows), eflop=total / 1e18, largest=big['what'], largest_eflop=big['flops'] / 1e18,
+    return dict(preset=preset, trainings=rows, evaluations=evals, n=len(rows), precision=prec, eflop=total / 1e18,
+                train_eflop=train_total / 1e18, eval_eflop=eval_total / 1e18, teacher_eval_eflop=evals[0]['flops'] / 1e18,
+                largest=big['what'], largest_eflop=big['flops'] / 1e18,
                 official_rate_tflops=rate / 1e12, days_official_1=total / rate / 86400,
                 gpu_peak_tflops=peak / 1e12, utilisation=utilisation, hours_gpu_1=total / gpu_rate / 3600,
-                hours_gpu_8=longest_first([r['flops'] / gpu_rate / 3600 for r in rows], 8))
+                hours_gpu_8=wall_flops(rows, evals, 8) / gpu_rate / 3600)
 
 
 def duration(seconds):
@@ -104,11 +170,14 @@ def duration(seconds):
 def markdown(projections):
     "The projections as a markdown table."
     p0 = projections[0]
-    lines = ['| preset | trainings | training FLOPs | largest training | at the official code\'s rate (one RTX 3090) | '
-             f'one H200 at {100 * p0["utilisation"]:.0f}% of bf16 peak | eight H200 (one training each, longest first) |',
-             '|---|---|---|---|---|---|---|']
+    lines = ['| preset | precision | trainings | FLOPs: training + evaluation (the teacher\'s) | largest training | '
+             f'at the official code\'s rate (one RTX 3090) | one H200 at {100 * p0["utilisation"]:.0f}% of that precision\'s peak | '
+             'eight H200 (teachers first, cells longest first, then the teacher\'s evaluation) |',
+             '|---|---|---|---|---|---|---|---|']
     for p in projections:
-        lines.append(f"| `{p['preset']}` | {p['n']} | {p['eflop']:.2f} EFLOP | {p['largest']} ({p['largest_eflop']:.2f} EFLOP) | "
+        lines.append(f"| `{p['preset']}` | {p['precision']} ({p['gpu_peak_tflops']:.0f} TFLOP/s peak) | {p['n']} | "
+                     f"{p['train_eflop']:.2f} + {p['eval_eflop']:.2f} ({p['teacher_eval_eflop']:.2f}) EFLOP | "
+                     f"{p['largest']} ({p['largest_eflop']:.2f} EFLOP) | "
                      f"{duration(p['days_official_1'] * 86400)} | {duration(p['hours_gpu_1'] * 3600)} | {duration(p['hours_gpu_8'] * 3600)} |")
     return '\n'.join(lines) + '\n'
 
@@ -116,7 +185,7 @@ def markdown(projections):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('presets', nargs='+')
-    ap.add_argument('--utilisation', type=float, default=UTILISATION, help='fraction of the GPU bf16 peak assumed')
+    ap.add_argument('--utilisation', type=float, default=UTILISATION, help="fraction of the GPU's peak (of the preset's precision) assumed")
     ap.add_argument('--json', default=None, help='also write the projections (every training) to this file')
     args = ap.parse_args(argv)
     if not 0 < args.utilisation <= 1: ap.error(f'--utilisation must be in (0, 1], got {args.utilisation}')

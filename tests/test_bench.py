@@ -199,10 +199,64 @@ def test_projection_of_a_preset_from_its_trainings():
     a = next(r for r in rows if r['what'] == 'MN-V2/adaad/s0')
     assert a['flops'] == 8 * 49_000 * bench.step_flops('adaad', fm, fs, 'ours', k=10)
     p = project.project('gpu-small', rate_official=1e12, peak=1e15, utilisation=0.5)
-    total = sum(r['flops'] for r in rows)
+    evals = project.evaluations('gpu-small')
+    total = sum(r['flops'] for r in rows) + sum(e['flops'] for e in evals)
     assert p['hours_gpu_1'] == pytest.approx(total / 5e14 / 3600) and p['days_official_1'] == pytest.approx(total / 1e12 / 86400)
     assert max(r['flops'] for r in rows) / 5e14 / 3600 <= p['hours_gpu_8'] < p['hours_gpu_1']
     assert project.longest_first([4, 3, 3, 2], 2) == 6 and project.longest_first([5, 1], 8) == 5
     # the official code's rate: its AdaAD step (1,198.5 GFLOP) x 50,000 images in the 45.9 minutes of one logged epoch
     assert project.official_rate() / 1e12 == pytest.approx(1198.5e9 * 50_000 / 2753 / 1e12, rel=1e-3)
     assert project.duration(90) == '2 min' and project.duration(5 * 3600) == '5.0 h' and project.duration(30 * 86400) == '30 days'
+
+
+def test_projection_states_its_precision_and_counts_the_teachers_evaluation_and_the_schedule():
+    """The paper presets train in fp32 (TF32 convolutions): priced at the TF32 peak, not bf16's. The teacher's final
+    evaluation (AutoAttack standard and CW2 on 10,000 images) is counted, and eight GPUs take the cells as schedule_cells assigns them."""
+    import project
+    from adaad.models import ROBUSTBENCH
+    from adaad.repro import schedule_cells
+    assert (project.precision('paper'), project.precision('paper-cifar100'), project.precision('gpu-small')) == ('tf32', 'tf32', 'bf16')
+    ev = project.evaluations('paper')
+    t = ev[0]
+    ft = bench.forward_flops(create_model('wrn-34-20'))
+    r = ROBUSTBENCH[('cifar10', 'Chen2021LTD_WRN34_20')]['aa'] / 100
+    per = ft + 3 * ft + 21 * ft + 2001 * ft + (200 * ft + r * (3600 * ft + 5000 * ft) + ft)   # clean, FGSM, PGD-10, CW2-1000, AA
+    assert (t['what'], t['arch'], t['images']) == ('teacher-eval', 'wrn-34-20', 10_000) and t['flops'] == pytest.approx(10_000 * per)
+    assert len(ev) == 1 + 2 * 8
+    p = project.project('paper', rate_official=1e12, utilisation=0.5)
+    assert p['precision'] == 'tf32' and p['gpu_peak_tflops'] == pytest.approx(494.7) and p['teacher_eval_eflop'] == pytest.approx(t['flops'] / 1e18)
+    rows = p['trainings']
+    teachers = sum(x['flops'] for x in rows if x['what'] in ('teacher', 'standard_teacher'))
+    cost = {x['what']: x['flops'] for x in rows if x['what'] not in ('teacher', 'standard_teacher')}
+    for e in ev[1:]: cost[e['what'][:-len('-eval')]] += e['flops']
+    span = max(sum(cost[c] for c in w) for w in schedule_cells(list(cost.items()), 8))
+    assert p['hours_gpu_8'] == pytest.approx((teachers + span + t['flops']) / (494.7e12 * 0.5) / 3600)
+    assert 'tf32 (495 TFLOP/s peak)' in project.markdown([p])
+
+
+def test_gpu_check_dry_run_runs_every_step_and_writes_its_report(tmp_path, data_root, capsys):
+    "`make gpu-check DRY_RUN=1`'s script on the CPU: the paper preset's AdaAD step rate and its first batches end to end."
+    import json, shutil, subprocess
+    import gpu_check
+    assert gpu_check.main(['--dry-run', '--out', str(tmp_path), '--data-root', str(data_root)]) == 0
+    rep = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert rep['dry_run'] and rep['device'].startswith('cpu') and all(s['ok'] for s in rep['steps'].values())
+    (row,) = rep['steps']['rate']['rows']
+    assert (row['pair'], row['batch_size'], row['precision'], row['channels_last'], row['epochs']) == ('small', 4, 'fp32', True, 200)
+    e2e = rep['steps']['end-to-end']
+    assert e2e['status'] == 'done' and [r['method'] for r in e2e['rows']] == ['teacher', 'adaad']
+    assert list(e2e['full_suite']['accuracy']) == ['clean', 'fgsm', 'pgd10', 'cw2', 'aa'] and Path(e2e['checkpoint']).is_file()
+    out = capsys.readouterr().out
+    assert 'gpu_check on cpu' in out and 'training wrn-10-1, 1 epochs on cpu, fp32' in out and 'every step passed' in out
+    if shutil.which('make'):   # the make target runs this script, with --dry-run only under DRY_RUN, under 8 minutes
+        root, venv = Path(__file__).resolve().parents[1], Path(sys.executable).parent.parent
+        n = lambda *a: subprocess.run(['make', '-n', '-C', str(root), f'VENV={venv}', 'gpu-check', *a], capture_output=True, text=True).stdout
+        assert 'timeout 480 ' in n('DRY_RUN=1') and 'bench/gpu_check.py --dry-run' in n('DRY_RUN=1') and '--dry-run' not in n()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal on a machine without a CUDA GPU')
+def test_gpu_check_without_a_gpu_stops_with_one_message(tmp_path, capsys):
+    import gpu_check
+    assert gpu_check.main(['--out', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--device 'cuda' is not available: no CUDA GPU is visible" in err and '--dry-run' in err and not list(tmp_path.iterdir())

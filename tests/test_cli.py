@@ -153,3 +153,18 @@ def test_eval_in_pieces_resumes_and_exports_model_info(tmp_path, data_root, caps
     assert info['unreliable'] and '20 test images' in info['footnote'] and info['adaad']['ckpt_sha256']
     main(args)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first
+
+
+def test_eval_without_device_runs_on_cuda_where_visible_else_the_cpu_and_says_which(monkeypatch, capsys):
+    "`adaad eval` with no --device does what its help says (CUDA where a GPU is visible, else the CPU) and prints the device."
+    import types
+    from adaad.cli import _check_outputs
+    assert 'cuda if a CUDA GPU is visible, else cpu' in next(a.help for a in _sub('eval')._actions if a.dest == 'device')
+    for visible, dev in ((True, 'cuda'), (False, 'cpu')):
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: visible)
+        a = types.SimpleNamespace(device=None, out=None, model_info=None, pieces=None)
+        _check_outputs(a)
+        assert a.device == torch.device(dev) and f'adaad eval: on {dev}' in capsys.readouterr().err
+    a = types.SimpleNamespace(device='cuda', out=None, model_info=None, pieces=None)
+    with pytest.raises(ValueError, match=r"no CUDA GPU is visible to PyTorch here \(PyTorch .*(CPU-only|built for CUDA)"):
+        _check_outputs(a)

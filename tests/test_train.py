@@ -277,3 +277,26 @@ def test_settings_flow_from_the_config_to_the_method_once_per_run(tmp_path, cifa
                       eps_start=2 / 255, eps_ramp_epochs=2)
     train(cfg, teacher=teacher, out_dir=tmp_path, device='cpu', progress=False, data=_tiny_data(cifar_train))
     assert built == ['adaad']
+
+
+def test_a_cuda_training_turns_on_the_cudnn_autotuner_and_leaves_tf32_alone(tmp_path, monkeypatch):
+    "gpu_defaults: cudnn.benchmark on CUDA only, TF32 flags untouched; start_run applies it to the run's device."
+    import adaad.train as T
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    T.gpu_defaults(torch.device('cpu'))
+    assert torch.backends.cudnn.benchmark is False
+    T.gpu_defaults(torch.device('cuda', 0))
+    assert torch.backends.cudnn.benchmark is True and (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == tf32
+    seen = []
+    def stop(device): seen.append(device); raise KeyboardInterrupt
+    monkeypatch.setattr(T, 'gpu_defaults', stop)
+    with pytest.raises(KeyboardInterrupt): T.start_run(TrainConfig(method='pgd-at', student='wrn-10-1'), out_dir=tmp_path / 'r', device='cpu')
+    assert seen == [torch.device('cpu')]
+
+
+def test_the_training_progress_bar_names_the_device_and_precision(tmp_path, cifar_train, capsys):
+    data = _tiny_data(cifar_train)
+    train(TrainConfig(method='natural', student='wrn-10-1', epochs=1, batch_size=32, val_n=64), out_dir=tmp_path, device='cpu',
+          progress=True, data=data)
+    assert 'natural epoch 0 (cpu, fp32)' in capsys.readouterr().err
