@@ -12,6 +12,12 @@ from adaad.checkpoint import atomic_save
 from adaad.models import create_model
 
 
+def free_port():
+    "A TCP port nobody listens on now (for torchrun's rendezvous)."
+    import socket
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
 def _run(args, capsys):
     with pytest.raises(SystemExit) as e: main(args)
     return e.value.code, capsys.readouterr()
@@ -153,3 +159,21 @@ def test_eval_in_pieces_resumes_and_exports_model_info(tmp_path, data_root, caps
     assert info['unreliable'] and '20 test images' in info['footnote'] and info['adaad']['ckpt_sha256']
     main(args)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first
+
+
+def test_eval_under_torchrun_splits_the_pieces_and_equals_one_process(tmp_path, data_root):
+    "`torchrun --nproc-per-node 2 -m adaad.cli eval ... --n-test` on CPU (gloo): both ranks attack pieces, rank 0 writes one process's result."
+    import os
+    atomic_save(create_model('wrn-10-1').state_dict(), tmp_path / 'w.pt')
+    args = ['eval', '--ckpt', str(tmp_path / 'w.pt'), '--arch', 'wrn-10-1', '--n-test', '40', '--batch-size', '10', '--suite', 'clean,pgd10',
+            '--data-root', str(data_root), '--device', 'cpu', '--no-progress']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = lambda pre, *extra: subprocess.run([sys.executable, *pre, '-m', 'adaad.cli', *args, *extra], capture_output=True, text=True, env=env, timeout=600)
+    two = run(['-m', 'torch.distributed.run', '--nproc-per-node', '2', '--master-port', str(free_port())], '--pieces', str(tmp_path / 'p'), '--out', str(tmp_path / 'two.json'))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run([], '--out', str(tmp_path / 'one.json'))
+    assert one.returncode == 0, one.stderr[-3000:]
+    r1, r2 = (json.loads((tmp_path / f).read_text()) for f in ('one.json', 'two.json'))
+    assert r2['correct'] == r1['correct'] and r2['accuracy'] == r1['accuracy'] and r2['n'] == 40 and r2['config']['processes'] == 2
+    assert len(two.stdout.strip().splitlines()) == 1                      # rank 0 alone prints the result
+    assert sorted(f.name for f in (tmp_path / 'p').glob('*.json')) == ['clean-0-20.json', 'clean-20-40.json', 'pgd10-0-20.json', 'pgd10-20-40.json']
