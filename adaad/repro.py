@@ -8,7 +8,7 @@ __all__ = ['PRESETS', 'PAPER_SCALE', 'PAPER_REFERENCES', 'PACKAGES', 'DRY_RUN', 
            'hardware_info', 'cached_eval', 'eval_suite', 'teacher_file', 'shipped_teacher_file', 'shipped_record',
            'obtain_teacher', 'build_teacher', 'dry_run_config', 'dry_run_teacher', 'selected_checkpoint',
            'logged_curve', 'logged_train_s', 'record_training', 'run_cell', 'check_rows', 'run_table', 'check_seeds',
-           'import_modules', 'run_table_parallel', 'run_eps_sweep']
+           'schedule_cells', 'import_modules', 'run_table_parallel', 'run_eps_sweep']
 
 # %% ../nbs/15_repro.ipynb #488eab9c
 import collections, copy, dataclasses, importlib, inspect, json, math, os, platform, subprocess, time
@@ -622,6 +622,19 @@ def check_seeds(seeds):
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f'seeds must be a non-empty list of distinct ints >= 0, got {seeds!r}')
     return seeds
+
+# %% ../nbs/15_repro.ipynb #749fde2e
+def schedule_cells(cells_with_costs, n_workers):
+    "Per-worker lists of the cells of `(cell, cost)` pairs: costliest first, each onto the least loaded worker."
+    import heapq
+    n, pairs = check_int(n_workers, 'n_workers'), list(cells_with_costs)
+    bad = [c for _, c in pairs if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0]
+    if bad: raise ValueError(f'cells_with_costs: each cost must be a number >= 0, got {bad[:3]}')
+    loads, out = [(0, w) for w in range(n)], [[] for _ in range(n)]
+    for cell, cost in sorted(pairs, key=lambda p: -p[1]):
+        load, w = heapq.heappop(loads)
+        out[w].append(cell); heapq.heappush(loads, (load + cost, w))
+    return out
 
 # %% ../nbs/15_repro.ipynb #b21c0002
 def _worker_main():

@@ -197,3 +197,15 @@ def test_record_training_keeps_the_epochs_of_a_call_that_ended_without_recording
     assert [(r['epochs'], r['status']) for r in rows[-2:]] == [([4, 6], 'done'), ([6, 8], 'unrecorded')]
     other = tmp_path / 'old'; other.mkdir()                       # a run from before the record: reused, it stays []
     assert record_training(other, None, dict(wall_s=0., status='done', epochs=[8, 8])) == [] and not (other / 'trainings.json').exists()
+
+
+def test_schedule_cells_puts_the_costliest_first_onto_the_least_loaded_worker():
+    "Longest processing time first: ties go to the lowest worker, every cell placed once (here every worker ends at 16)."
+    from adaad.repro import schedule_cells
+    cells = [(f'c{i}', c) for i, c in enumerate([7, 7, 6, 6, 5, 5, 4, 4, 4])]
+    plan = schedule_cells(cells, 3)
+    assert plan == [['c0', 'c4', 'c6'], ['c1', 'c5', 'c7'], ['c2', 'c3', 'c8']]
+    assert sorted(sum(plan, [])) == sorted(c for c, _ in cells)
+    assert schedule_cells([], 2) == [[], []] and schedule_cells([('x', 0)], 1) == [['x']]
+    with pytest.raises(ValueError, match='n_workers must be'): schedule_cells(cells, 0)
+    with pytest.raises(ValueError, match='each cost must be a number >= 0'): schedule_cells([('x', float('nan'))], 2)
