@@ -6,12 +6,12 @@
 __all__ = ['CHOICES', 'USER_ERRORS', 'parse_number', 'parse_eps', 'add_config_options', 'config_from_args', 'parser',
            'eval_process', 'rank_shard_size', 'explain', 'main', 'teacherless_methods']
 
-# %% ../nbs/13_cli.ipynb #3808b63b
+# %% ../nbs/13_cli.ipynb #bb523ac1
 import argparse, dataclasses, errno, importlib, json, os, sys, time, traceback, types, typing
 from fractions import Fraction
 from pathlib import Path
 
-# %% ../nbs/13_cli.ipynb #e1db7633
+# %% ../nbs/13_cli.ipynb #0cc84cc2
 def parse_number(s):
     "A number from '8/255', '0.031' or '3'."
     try: return float(Fraction(s)) if '/' in str(s) else (int(s) if str(s).lstrip('-').isdigit() else float(s))
@@ -41,7 +41,7 @@ def _checked(conv, f):
         return v
     return parse
 
-# %% ../nbs/13_cli.ipynb #e37d02d5
+# %% ../nbs/13_cli.ipynb #d99692d1
 CHOICES = dict(val_source=('holdout', 'test'))   # and dataset: adaad.data.DATASETS
 
 def _base(t): return next((a for a in typing.get_args(t) if a is not type(None)), t) if isinstance(t, types.UnionType) else t
@@ -304,7 +304,7 @@ def main(argv=None):
         if debug: traceback.print_exc()
         print(f'adaad {a.cmd}: error: {explain(e)}', file=sys.stderr); sys.exit(2 if isinstance(e, (ValueError, FileNotFoundError)) else 1)
 
-# %% ../nbs/13_cli.ipynb #b64948d8
+# %% ../nbs/13_cli.ipynb #c21c0002
 def _comma(conv, what):
     "An argparse type: a comma-separated list of `conv` values (`what` names them in the error)."
     def parse(s):
