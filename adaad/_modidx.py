@@ -604,6 +604,7 @@ d = { 'settings': { 'branch': 'main',
                              'adaad.train.run_identity': ('train.html#run_identity', 'adaad/train.py'),
                              'adaad.train.split_run_data': ('train.html#split_run_data', 'adaad/train.py'),
                              'adaad.train.start_run': ('train.html#start_run', 'adaad/train.py'),
+                             'adaad.train.sync_batchnorm': ('train.html#sync_batchnorm', 'adaad/train.py'),
                              'adaad.train.train': ('train.html#train', 'adaad/train.py'),
                              'adaad.train.train_epoch': ('train.html#train_epoch', 'adaad/train.py'),
                              'adaad.train.validate': ('train.html#validate', 'adaad/train.py')}}}
