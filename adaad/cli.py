@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CHOICES', 'USER_ERRORS', 'parse_number', 'parse_eps', 'add_config_options', 'config_from_args', 'parser',
-           'eval_process', 'rank_shard_size', 'explain', 'main', 'teacherless_methods']
+           'rank_shard_size', 'explain', 'main', 'teacherless_methods']
 
 # %% ../nbs/13_cli.ipynb #bb523ac1
 import argparse, dataclasses, errno, importlib, json, os, sys, time, traceback, types, typing
@@ -72,7 +72,7 @@ def config_from_args(a):
     if kw['milestones'] is not None: kw['milestones'] = tuple(kw['milestones'])
     return TrainConfig(**kw).validate()
 
-# %% ../nbs/13_cli.ipynb #0304a125
+# %% ../nbs/13_cli.ipynb #fd10b39c
 def _teacher_args(p, what, flag):
     p.add_argument(f'--{flag}', default=None, help=f'{what} checkpoint file')
     p.add_argument(f'--{flag}-arch', default=None, help=f'registry architecture of --{flag}')
@@ -122,8 +122,9 @@ def parser():
     return ap
 
 _N = types.SimpleNamespace(type=int, metadata=dict(check=(lambda v: v >= 1, 'an integer >= 1')))
+_N0 = types.SimpleNamespace(type=int, metadata=dict(check=(lambda v: v >= 0, 'an integer >= 0')))
 
-# %% ../nbs/13_cli.ipynb #42bccda8
+# %% ../nbs/13_cli.ipynb #793fe62c
 def _spec(ap, a, flag):
     "(path, arch, robustbench) of --FLAG / --FLAG-arch / --FLAG-robustbench, checked; None without --FLAG."
     d = flag.replace('-', '_')
@@ -181,7 +182,8 @@ def _eval(ap, a):
     if (a.arch is None) == (a.robustbench is None): ap.error('eval needs exactly one of --arch or --robustbench')
     suite = _suite(ap, a)
     _check_outputs(a)
-    rank, world, device = eval_process(a.device)
+    from adaad.train import process_device
+    rank, world, device = process_device(a.device)
     model = load_teacher(a.ckpt, arch=a.arch, robustbench=a.robustbench, dataset=a.dataset, device=device)
     data = first_n(load_cifar(a.dataset, 'test', root=a.data_root, device=device), a.n)
     r = evaluate(model, data, suite=suite, batch_size=a.batch_size, device=device, progress=not a.no_progress and rank == 0, eps=a.eps,
@@ -192,16 +194,6 @@ def _eval(ap, a):
     if world > 1:
         import torch.distributed as dist
         dist.barrier(); dist.destroy_process_group()
-
-def eval_process(device=None):
-    """(rank, world size, device) of this `adaad eval` process: under torchrun the process group initialised (nccl on CUDA,
-    gloo on CPU) and, where `device` is None or 'cuda', each process on GPU LOCAL_RANK."""
-    import torch
-    from adaad.train import dist_info
-    rank, world, local = dist_info()
-    if world > 1 and torch.cuda.is_available() and (device is None or str(device) == 'cuda'):
-        device = f'cuda:{local}'; torch.cuda.set_device(local)
-    return rank, world, device
 
 def rank_shard_size(n, batch_size, shard_size, world):
     "`shard_size`, or under `world` > 1 processes without one, the whole batches that give each process an equal share of `n` images."
@@ -336,7 +328,13 @@ def _repro_commands(sub):
     t.add_argument('--curves', default=None, help='prefix of the training-curve figure (default: <out>/training_curves)')
     t.add_argument('--time-limit', type=float, default=None, help='seconds; cells not started by then wait for the next call (default: none)')
     t.add_argument('--data-root', default=None, help='(default: $ADAAD_DATA, else ./data)')
-    t.add_argument('--device', default=None, help='(default: cuda if available)')
+    t.add_argument('--device', default=None, help='(default: cuda if available; workers on GPU w mod the GPU count)')
+    t.add_argument('--cell', default=None, metavar='LABEL/ROW/SEED', help='train and evaluate only this cell, into the folders the table reads (under torchrun: by every process); the table reuses it (default: every cell)')
+    t.add_argument('--executor', default=None, choices=['slurm', 'local'], help='submit the cells as submitit jobs: slurm (sbatch, one job per cell) or local (this machine, one job per worker) (default: worker processes)')
+    t.add_argument('--slurm-partition', default=None, help='with --executor slurm: the partition (default: the cluster\'s)')
+    t.add_argument('--slurm-time', type=_checked(int, _N), default=1440, help='with --executor slurm: minutes per job; a job out of time is requeued and resumes (default: %(default)s)')
+    t.add_argument('--gpus-per-job', type=_checked(int, _N0), default=1, help='with --executor: GPUs of each job (default: %(default)s)')
+    t.add_argument('--cpus-per-job', type=_checked(int, _N), default=None, help='with --executor slurm: CPU cores of each job (default: the cluster\'s)')
     c = sub.add_parser('compare', help='exploratory paired comparisons of stored table rows, in one results folder or against another')
     c.add_argument('folder', help='results folder of row a (its results.json and evals/)')
     c.add_argument('pairs', nargs='+', metavar='A:B', help='rows to compare: method names of the table, row a minus row b')
@@ -350,18 +348,34 @@ def _repro_commands(sub):
 def _table(ap, a):
     "`adaad table`."
     from adaad.core import check_device
-    from adaad.repro import run_table_parallel, unknown_preset
+    from adaad.repro import run_table_cell, run_table_parallel, unknown_preset
     from adaad.report import plot_training_curves
     if msg := unknown_preset(a.preset, '--preset'): ap.error(msg)
+    _check_executor(ap, a)
     check_device(a.device, '--device')
-    res = run_table_parallel(a.preset, workers=a.workers, imports=a.imports, log=lambda line: print(line, flush=True), methods=a.methods,
-                             seeds=a.seeds, students=a.students, suite=a.suite, dry_run=a.dry_run, out_dir=a.out, runs_dir=a.runs,
-                             time_limit=a.time_limit, data_root=a.data_root, device=a.device)
+    log = lambda line: print(line, flush=True)
+    kw = dict(imports=a.imports, methods=a.methods, seeds=a.seeds, students=a.students, suite=a.suite, dry_run=a.dry_run, out_dir=a.out,
+              runs_dir=a.runs, time_limit=a.time_limit, data_root=a.data_root, device=a.device)
+    if a.cell:
+        c = run_table_cell(a.preset, a.cell, log=log if int(os.environ.get('RANK', 0)) == 0 else None, **kw)
+        if int(os.environ.get('RANK', 0)) == 0: print(f"{a.cell}: {c['status']} in {c['run']}")
+        return
+    opts = dict(gpus_per_job=a.gpus_per_job, cpus_per_job=a.cpus_per_job, timeout_min=a.slurm_time, partition=a.slurm_partition)
+    res = run_table_parallel(a.preset, workers=a.workers, log=log, executor=a.executor,
+                             executor_options=opts if a.executor == 'slurm' else dict(gpus_per_job=a.gpus_per_job, timeout_min=a.slurm_time), **kw)
     out = Path(res['parameters']['out_dir'])
     if res['status'] != 'done':
         print(f"paused: {res.get('cells_done', 0)} of {res.get('cells', 'the')} cells done; run the same command again to continue"); return
     plot_training_curves(res, a.curves or str(out / 'training_curves'))
     print((out / 'table.md').read_text()); print(f"done: {len(res['rows'])} rows in {out}")
+
+def _check_executor(ap, a):
+    "Refuse the cluster options without the executor that reads them."
+    given = [f for f, v, d in (('--slurm-partition', a.slurm_partition, None), ('--slurm-time', a.slurm_time, 1440),
+                               ('--cpus-per-job', a.cpus_per_job, None)) if v != d]
+    if given and a.executor != 'slurm': ap.error(f"{', '.join(given)} need --executor slurm")
+    if a.gpus_per_job != 1 and a.executor is None: ap.error('--gpus-per-job needs --executor slurm or local')
+    if a.cell and a.executor: ap.error('--cell trains one cell in this process (under torchrun, in its processes): drop --executor')
 
 def _compare(ap, a):
     "`adaad compare`."

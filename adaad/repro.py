@@ -7,10 +7,10 @@ __all__ = ['PRESETS', 'PAPER_SCALE', 'PAPER_REFERENCES', 'PACKAGES', 'DRY_RUN', 
            'dataset_of', 'preset_config', 'train_config', 'repo_root', 'default_data_root', 'git_info',
            'package_versions', 'hardware_info', 'cached_eval', 'eval_suite', 'teacher_file', 'shipped_teacher_file',
            'shipped_record', 'obtain_teacher', 'build_teacher', 'dry_run_config', 'dry_run_teacher',
-           'selected_checkpoint', 'logged_curve', 'logged_train_s', 'record_training', 'run_cell', 'check_rows',
-           'run_table', 'check_seeds', 'schedule_cells', 'forward_flops', 'training_flops', 'worker_plan',
+           'selected_checkpoint', 'logged_curve', 'logged_train_s', 'record_training', 'is_rank0', 'run_cell',
+           'check_rows', 'run_table', 'check_seeds', 'schedule_cells', 'forward_flops', 'training_flops', 'worker_plan',
            'worker_devices', 'worker_threads', 'run_cells', 'TableJob', 'table_executor', 'import_modules',
-           'run_table_parallel', 'run_eps_sweep']
+           'run_table_parallel', 'run_table_cell', 'run_eps_sweep']
 
 # %% ../nbs/15_repro.ipynb #488eab9c
 import collections, copy, dataclasses, importlib, inspect, json, math, os, platform, subprocess, time
@@ -294,7 +294,7 @@ def cached_eval(model, test, ckpt, path, suite, overrides, batch_size=200, devic
     r = evaluate(model, test, suite=list(suite), batch_size=batch_size, device=device, progress=progress, seed=seed, eps=eps,
                  shard_size=shard_size, pieces_dir=pieces, **overrides)
     wall = time.time() - t0
-    atomic_write(path, json.dumps(dict(key=key, wall_s=wall, result=r.to_dict())) + '\n')
+    if is_rank0(): atomic_write(path, json.dumps(dict(key=key, wall_s=wall, result=r.to_dict())) + '\n')
     return r, dict(cached=False, wall_s=wall, key=key)
 
 # %% ../nbs/15_repro.ipynb #c44fb5f9
@@ -456,8 +456,18 @@ def record_training(run_dir, epochs_before, tr):
     if trained:
         new.append(dict(git_info(), epochs=[start, end], wall_s=round(tr['wall_s'], 1), status=tr['status'],
                         finished=time.strftime('%Y-%m-%dT%H:%M:%S%z')))
-    if new: write_json(f, rows := rows + new)
+    if new and is_rank0(): write_json(f, rows := rows + new)
     return rows
+
+def _barrier():
+    "Wait for every process of an initialised process group (torchrun); nothing otherwise."
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized(): dist.barrier()
+
+def is_rank0():
+    "Whether this process writes the shared files: rank 0 under torchrun, or the only process."
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 def run_cell(tc, run_dir, eval_path, cfg, data, device=None, teacher=None, standard_teacher=None, test=None, ev=None,
              time_limit=None, progress=False):
@@ -466,6 +476,7 @@ def run_cell(tc, run_dir, eval_path, cfg, data, device=None, teacher=None, stand
     m, before = build_method(tc), len(logged_curve(run_dir))
     tr = train(tc, teacher=teacher if m.uses_teacher else None, out_dir=run_dir, device=device, time_limit=time_limit,
                progress=progress, data=data, standard_teacher=standard_teacher if m.needs_standard_teacher else None)
+    _barrier()   # under torchrun: rank 0's checkpoints are written before any process reads them
     cell = dict(run=str(run_dir), status=tr['status'], train_wall_s=tr['wall_s'], train_s_logged=logged_train_s(run_dir),
                 trainings=record_training(run_dir, before, tr), best=tr['best'], config=config_dict(tc), curve=logged_curve(run_dir))
     if tr['status'] != 'done': return cell
@@ -638,7 +649,7 @@ def schedule_cells(cells_with_costs, n_workers):
         out[w].append(cell); heapq.heappush(loads, (load + cost, w))
     return out
 
-# %% ../nbs/15_repro.ipynb #43516465
+# %% ../nbs/15_repro.ipynb #b21c0002
 def forward_flops(model):
     "FLOPs of one 32x32 image's forward pass through `model` (torch's FlopCounterMode: 2 per multiply-accumulate); a meta-device model costs nothing."
     from torch.utils.flop_counter import FlopCounterMode
@@ -799,6 +810,37 @@ def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, executor
         status = _submit_jobs(executor, setup, order, deadline, log)
     if any(s != 'done' for s in status.values()): return dict(res, cells_done=sum(s == 'done' for s in status.values()), cells=len(cells))
     return run_table(preset, **dict(kw, out_dir=out, runs_dir=runs, time_limit=None), log=log)
+
+def run_table_cell(preset='smoke', cell='RN-18/adaad/0', imports=(), log=None, **kw):
+    """Train and evaluate one cell, 'LABEL/ROW/SEED', of the table of `run_table(preset, **kw)` into the folders that table
+    reads, so that `run_table` (or `adaad table`) reuses it; under torchrun every process trains it together
+    (DistributedDataParallel) and evaluates its share. The cell's dict (`run_cell`'s, without the model)."""
+    import inspect
+    from .train import process_device
+    unknown = sorted(set(kw) - set(inspect.signature(run_table).parameters))
+    if unknown: raise TypeError(f'run_table_cell takes run_table\'s keywords; unknown: {unknown}')
+    import_modules(imports)
+    plan = {k: kw.get(k) for k in ('teacher', 'students', 'methods', 'epochs', 'n_test', 'suite', 'seeds', 'attack_overrides', 'train_n', 'variants')}
+    cfg, out, runs, seeds = _table_plan(preset, kw.get('out_dir'), kw.get('runs_dir'), kw.get('dry_run', False), **plan)
+    label, arch, row, seed = _table_cell_of(cfg, seeds, cell)
+    _, _, device = process_device(kw.get('device'))
+    ctx = dict(_context(cfg, out, runs, device, kw.get('data_root'), kw.get('time_limit'), kw.get('progress', False)), log=log or (lambda line: None))
+    tmodel, smodel, ti, si = _teachers(ctx)
+    if tmodel is None: return dict(run=None, status='paused', teacher=ti)
+    tc, name = _cell_config(ctx, label, arch, row, seed)
+    ctx['log'](f"{label} {row} seed {seed}: training {arch} into {ctx['runs'] / name}")
+    c = _table_cell(ctx, tc, name, tmodel, smodel, _eval_settings(ctx))
+    if c['status'] == 'done': _log_eval(ctx['log'], f'{label} {row} seed {seed}', c['result'], c['cache'])
+    return {k: v for k, v in c.items() if k not in ('model', 'result', 'cache')}
+
+def _table_cell_of(cfg, seeds, cell):
+    "(label, arch, row, seed) of cell 'LABEL/ROW/SEED' of preset dict `cfg`; a clear error naming the accepted values."
+    parts = str(cell).split('/')
+    if len(parts) != 3 or not parts[2].isdigit(): raise ValueError(f"cell must be LABEL/ROW/SEED such as RN-18/adaad/0, got {cell!r}")
+    label, row, seed = parts[0], parts[1], int(parts[2])
+    check_choice('cell student label', label, tuple(cfg['students'])); check_choice('cell row', row, tuple(cfg['methods']))
+    check_choice('cell seed', seed, tuple(seeds))
+    return label, cfg['students'][label], row, seed
 
 def _worker_env(threads=1):
     "The environment of a worker process: `threads` threads, and every folder the caller imports from (its `sys.path`) on PYTHONPATH."

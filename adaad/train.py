@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['IDENTITY_SKIP', 'CHECKPOINTS', 'TrainConfig', 'build_method', 'resolve', 'resolve_run', 'config_dict', 'lr_at',
            'eps_at', 'method_at', 'split_run_data', 'run_data', 'run_identity', 'check_identity',
-           'check_finite_weights', 'NonFiniteWatch', 'validate', 'dist_info', 'sync_batchnorm', 'Run', 'read_log',
-           'start_run', 'train_epoch', 'average_epoch', 'end_epoch', 'finish_run', 'train']
+           'check_finite_weights', 'NonFiniteWatch', 'validate', 'dist_info', 'process_device', 'sync_batchnorm', 'Run',
+           'read_log', 'start_run', 'train_epoch', 'average_epoch', 'end_epoch', 'finish_run', 'train']
 
 # %% ../nbs/12_train.ipynb #fc1ed4e7
 import dataclasses, json, math, os, time, typing, types, warnings
@@ -26,7 +26,7 @@ from .fast import prepare_teacher
 from .diagnostics import diagnose
 from . import methods as M
 
-# %% ../nbs/12_train.ipynb #1343537c
+# %% ../nbs/12_train.ipynb #1dca38ea
 def _f(default, help, check=None):
     "A TrainConfig field with its `help` text and an optional `check` = (predicate, what it must be)."
     kw = dict(default_factory=dict) if isinstance(default, dict) else dict(default=default)
@@ -277,7 +277,7 @@ def validate(model, val, eps=8/255, steps=10, batch_size=500):
     model.train(was)
     return 100. * clean / len(val), 100. * rob / len(val)
 
-# %% ../nbs/12_train.ipynb #3f379bdb
+# %% ../nbs/12_train.ipynb #5df064f9
 def dist_info():
     "(rank, world size, local rank), initialising the process group under torchrun."
     world = int(os.environ.get('WORLD_SIZE', 1))
@@ -285,6 +285,14 @@ def dist_info():
         dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
     if world > 1: return dist.get_rank(), world, int(os.environ.get('LOCAL_RANK', 0))
     return 0, 1, 0
+
+def process_device(device=None):
+    """(rank, world size, device) of this process: under torchrun the process group initialised (`dist_info`) and, where
+    `device` is None or 'cuda' on a GPU machine, the GPU of its LOCAL_RANK."""
+    rank, world, local = dist_info()
+    if world > 1 and torch.cuda.is_available() and (device is None or str(device) == 'cuda'):
+        device = f'cuda:{local}'; torch.cuda.set_device(local)
+    return rank, world, device
 
 def sync_batchnorm(model, cfg, world):
     "`model` with its BatchNorms made SyncBatchNorm (the same parameters and statistics) where `cfg.sync_bn` and `world` > 1; else `model`."
@@ -334,7 +342,7 @@ class Run:
         "Release the run folder's lock (the end of the process releases it too)."
         if self.lock is not None: self.lock.release()
 
-# %% ../nbs/12_train.ipynb #6a09cf06
+# %% ../nbs/12_train.ipynb #da213f5c
 def _log(path, row):
     "Append `row` to the log `path` as one JSON line, flushed to disk."
     with open(path, 'a') as f: f.write(json.dumps(row) + '\n'); f.flush(); os.fsync(f.fileno())

@@ -177,3 +177,20 @@ def test_eval_under_torchrun_splits_the_pieces_and_equals_one_process(tmp_path, 
     assert r2['correct'] == r1['correct'] and r2['accuracy'] == r1['accuracy'] and r2['n'] == 40 and r2['config']['processes'] == 2
     assert len(two.stdout.strip().splitlines()) == 1                      # rank 0 alone prints the result
     assert sorted(f.name for f in (tmp_path / 'p').glob('*.json')) == ['clean-0-20.json', 'clean-20-40.json', 'pgd10-0-20.json', 'pgd10-20-40.json']
+
+
+@pytest.mark.parametrize('args, msg', [
+    (['--slurm-partition', 'gpu'], '--slurm-partition need --executor slurm'),
+    (['--executor', 'local', '--slurm-time', '60'], '--slurm-time need --executor slurm'),
+    (['--gpus-per-job', '2'], '--gpus-per-job needs --executor slurm or local'),
+    (['--cell', 'RN-18/adaad/0', '--executor', 'slurm'], '--cell trains one cell in this process'),
+    (['--executor', 'pbs'], "invalid choice: 'pbs'")])
+def test_table_cluster_options_are_refused_without_their_executor(args, msg, capsys):
+    code, out = _run(['table', '--preset', 'smoke', *args], capsys)
+    assert code == 2 and msg in out.err
+
+
+def test_table_cluster_options_parse():
+    a = parser().parse_args(['table', '--executor', 'slurm', '--slurm-partition', 'gpu', '--slurm-time', '60', '--gpus-per-job', '2',
+                             '--cpus-per-job', '16', '--cell', 'RN-18/adaad/1'])
+    assert (a.executor, a.slurm_partition, a.slurm_time, a.gpus_per_job, a.cpus_per_job, a.cell) == ('slurm', 'gpu', 60, 2, 16, 'RN-18/adaad/1')

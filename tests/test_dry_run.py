@@ -218,3 +218,29 @@ def test_dry_run_cuts_every_multi_step_attack_of_the_suite(tmp_path):
     d, k = dry_run_config(cfg, tmp_path), DRY_RUN['attack_steps']
     assert d['attack_overrides'] == {'pgd10': dict(steps=k), 'cw2': dict(steps=k), 'user-pgd2': dict(steps=k), 'square': dict(n_queries=k)}
     assert d['aa']['n_iter'] == k
+
+
+@pytest.mark.timeout(1800)
+def test_a_cell_trained_under_torchrun_is_reused_by_the_table(data_root, tmp_path):
+    """`torchrun --nproc-per-node 2 -m adaad.cli table --cell RN-18/pgd-at/0` (2 gloo ranks) trains one cell of the smoke
+    preset's dry run into the table's folders; the table then reuses that training and its evaluation, and trains the other."""
+    import socket
+    from adaad.repro import run_table
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    common = ['--preset', 'smoke', '--dry-run', '--methods', 'pgd-at,natural', '--students', 'RN-18=wrn-10-1', '--suite', 'clean,pgd10',
+              '--out', str(tmp_path / 'res'), '--runs', str(tmp_path / 'runs'), '--data-root', str(data_root)]
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node', '2', '--master-port', str(port), '-m', 'adaad.cli',
+                        'table', '--cell', 'RN-18/pgd-at/0', *common], capture_output=True, text=True, env=_user_env(), timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'RN-18/pgd-at/0: done' in r.stdout and not (tmp_path / 'runs' / 'RN-18-wrn-10-1-natural-s0').exists()
+    run = tmp_path / 'runs' / 'RN-18-wrn-10-1-pgd-at-s0'
+    assert len(json.loads((run / 'trainings.json').read_text())) == 1      # rank 0 alone recorded the training
+    res = run_table('smoke', dry_run=True, methods=['pgd-at', 'natural'], students={'RN-18': 'wrn-10-1'}, suite=['clean', 'pgd10'],
+                    out_dir=str(tmp_path / 'res'), runs_dir=str(tmp_path / 'runs'), data_root=str(data_root))
+    rows = {row['method']: row for row in res['rows']}
+    assert rows['pgd-at']['train']['train_wall_s'] == 0. and rows['pgd-at']['eval_cached']             # reused, not retrained
+    assert rows['natural']['train']['train_wall_s'] > 0. and not rows['natural']['eval_cached']
+    with pytest.raises(ValueError, match="cell row must be one of 'pgd-at', 'natural'"):
+        from adaad.repro import run_table_cell
+        run_table_cell('smoke', 'RN-18/adaad/0', dry_run=True, methods=['pgd-at', 'natural'], data_root=str(data_root),
+                       out_dir=str(tmp_path / 'res'), runs_dir=str(tmp_path / 'runs'))
