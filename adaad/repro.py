@@ -698,7 +698,7 @@ def worker_threads(workers, cores=None):
 
 def run_cells(job, report):
     "Train and evaluate the table cells of `job` (a worker's share) in this process; `report` gets a dict per finished cell."
-    torch.set_num_threads(job['threads'])
+    torch.set_num_threads(job['threads'] or worker_threads(1))   # None (a cluster's job): the cores the job was given
     import_modules(job['imports'])
     ctx = dict(_context(job['cfg'], job['out'], job['runs'], job['device'], job['data_root'], None, False), log=lambda line: None)
     teachers, ev, deadline = _teachers(ctx)[:2], _eval_settings(ctx), job['deadline']
@@ -806,7 +806,10 @@ def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, executor
     log = log or (lambda line: None)
     if executor is None: status = _run_workers(setup, order, deadline, worker_devices(ctx['device'], workers), log)
     else:
-        if isinstance(executor, str): executor = table_executor(executor, out / 'jobs', **(executor_options or {}))
+        if isinstance(executor, str):
+            opts = executor_options or {}
+            if executor == 'slurm': setup.update(threads=None, device=kw.get('device') or ('cuda' if opts.get('gpus_per_job', 1) else 'cpu'))
+            executor = table_executor(executor, out / 'jobs', **opts)
         status = _submit_jobs(executor, setup, order, deadline, log)
     if any(s != 'done' for s in status.values()): return dict(res, cells_done=sum(s == 'done' for s in status.values()), cells=len(cells))
     return run_table(preset, **dict(kw, out_dir=out, runs_dir=runs, time_limit=None), log=log)

@@ -244,3 +244,42 @@ def test_a_cell_trained_under_torchrun_is_reused_by_the_table(data_root, tmp_pat
         from adaad.repro import run_table_cell
         run_table_cell('smoke', 'RN-18/adaad/0', dry_run=True, methods=['pgd-at', 'natural'], data_root=str(data_root),
                        out_dir=str(tmp_path / 'res'), runs_dir=str(tmp_path / 'runs'))
+
+
+SBATCH = '''#!/bin/bash
+# sbatch's stand-in: runs the submission script on this machine, in the background, as job $id
+script="${@: -1}"; id=$(( (RANDOM << 8) + RANDOM % 256 + 1000 ))
+SLURM_JOB_ID=$id SLURM_NTASKS=1 SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0 SLURM_JOB_NUM_NODES=1 SLURM_JOB_NODELIST=localhost \\
+  SLURM_NTASKS_PER_NODE=1 nohup bash "$script" >/dev/null 2>&1 &
+echo "Submitted batch job $id"
+'''
+SRUN = '''#!/bin/bash
+# srun's stand-in: its --output and --error (%j the job, %t the task), then the command
+while [[ "$1" == --* ]]; do
+  case "$1" in --output) out="${2//%j/$SLURM_JOB_ID}"; out="${out//%t/0}"; shift 2;; --error) err="${2//%j/$SLURM_JOB_ID}"; err="${err//%t/0}"; shift 2;; *) shift;; esac
+done
+exec "$@" >>"$out" 2>>"$err"
+'''
+
+
+@pytest.mark.timeout(1800)
+def test_a_table_through_slurm_submits_one_job_per_cell_and_assembles_it(data_root, tmp_path):
+    """`adaad table --executor slurm` with stand-ins for sbatch, srun and sacct that run each job on this machine: one job per
+    cell and one for the teacher's evaluation, each script asking for the partition, the time and the requeue signal; the
+    table is then assembled from the jobs' trainings and evaluations."""
+    pytest.importorskip('submitit')
+    bin_ = tmp_path / 'bin'; bin_.mkdir()
+    for name, text in (('sbatch', SBATCH), ('srun', SRUN), ('sacct', '#!/bin/sh\nexit 0\n')):
+        (bin_ / name).write_text(text); (bin_ / name).chmod(0o755)
+    out = tmp_path / 'res'
+    cmd = [sys.executable, '-m', 'adaad.cli', 'table', '--preset', 'smoke', '--dry-run', '--methods', 'pgd-at,natural', '--students', 'RN-18=wrn-10-1',
+           '--suite', 'clean,pgd10', '--executor', 'slurm', '--slurm-partition', 'cpu-q', '--slurm-time', '90', '--gpus-per-job', '0',
+           '--out', str(out), '--runs', str(tmp_path / 'runs'), '--data-root', str(data_root)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(_user_env(), PATH=f"{bin_}:{os.environ['PATH']}"), timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:] + ''.join(p.read_text()[-2000:] for p in (out / 'jobs').glob('*.err'))
+    assert '3 jobs submitted (slurm)' in r.stdout and 'done: 3 rows' in r.stdout
+    scripts = [p.read_text() for p in (out / 'jobs').glob('*_submission.sh')]
+    assert len(scripts) == 3 and all('#SBATCH --partition=cpu-q' in s and '#SBATCH --time=90' in s and '#SBATCH --signal=USR2@' in s for s in scripts)
+    res = json.loads((out / 'results.json').read_text())
+    assert [row['method'] for row in res['rows']] == ['teacher', 'pgd-at', 'natural'] and all(row['eval_cached'] for row in res['rows'])
+    assert all(row['train']['train_wall_s'] == 0. for row in res['rows'][1:])    # trained by the jobs, reused here
