@@ -315,9 +315,9 @@ def _students(s):
 
 def _repro_commands(sub):
     "The `table` and `compare` subcommands on subparsers `sub`."
-    t = sub.add_parser('table', help="a preset's table, its cells trained by parallel one-thread worker processes")
+    t = sub.add_parser('table', help="a preset's table, its cells trained by parallel worker processes (one per GPU, or one-thread CPU workers) or cluster jobs")
     t.add_argument('--preset', default='quick', help='(default: %(default)s; the presets of adaad.repro.PRESETS)')
-    t.add_argument('--workers', type=_checked(int, _N), default=2, help='one-thread worker processes (default: %(default)s)')
+    t.add_argument('--workers', type=_checked(int, _N), default=2, help='worker processes: on GPU w mod the GPU count, or with cores // workers CPU threads each (default: %(default)s)')
     t.add_argument('--methods', type=_comma(str, 'method names'), default=None, help="comma-separated rows: the preset's or registered methods (default: the preset's)")
     t.add_argument('--seeds', type=_comma(int, 'integers such as 0,1,2'), default=None, help="comma-separated seeds (default: the preset's)")
     t.add_argument('--students', type=_students, default=None, help="comma-separated LABEL=ARCH (default: the preset's)")
