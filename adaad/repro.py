@@ -714,7 +714,8 @@ def run_cells(job, report):
 def _worker_main():
     "A worker process of `run_table_parallel`: its job (pickled by the caller) from stdin, a JSON line per finished cell to stdout."
     import pickle, sys
-    run_cells(pickle.load(sys.stdin.buffer), lambda d: print(json.dumps(d), flush=True))
+    job = pickle.load(sys.stdin.buffer)
+    run_cells(job, lambda d: print(json.dumps(d), flush=True))
 
 class TableJob:
     "A submitit job of a table: its cells (`run_cells`) in the job's process; requeued, resuming each cell, when preempted or out of time."
