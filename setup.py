@@ -15,6 +15,6 @@ setup(
     author=c['author'], author_email=c['author_email'], license='Apache-2.0', url=c['git_url'],
     keywords=c['keywords'], python_requires='>=' + c['min_python'],
     packages=find_packages(include=[c['lib_path'], c['lib_path'] + '.*']), include_package_data=True,
-    install_requires=split('requirements'), extras_require={'dev': split('dev_requirements')},
+    install_requires=split('requirements'), extras_require={'dev': split('dev_requirements'), 'cluster': split('cluster_requirements')},
     entry_points={'console_scripts': scripts, 'nbdev': [f"{c['lib_path']}={c['lib_path']}._modidx:d"]},
     zip_safe=False)

@@ -4,13 +4,15 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'PAPER_SCALE', 'PAPER_REFERENCES', 'LAUNCH', 'PACKAGES', 'TEACHER_CHECK', 'TEACHERS_RECORD', 'DRY_RUN',
-           'TRAININGS', 'AMP_LIMIT', 'unknown_preset', 'dataset_of', 'preset_config', 'train_config', 'repo_root',
-           'default_data_root', 'git_info', 'package_versions', 'hardware_info', 'describe_device', 'precision_of',
-           'cached_eval', 'eval_suite', 'teacher_file', 'shipped_teacher_file', 'shipped_record', 'obtain_teacher',
-           'teacher_record', 'teacher_expectation', 'check_teacher', 'trust_teacher_file', 'check_file_teacher',
-           'build_teacher', 'dry_run_config', 'dry_run_teacher', 'selected_checkpoint', 'logged_curve',
-           'logged_train_s', 'record_training', 'run_cell', 'scale_changes', 'check_rows', 'run_table', 'amp_guard',
-           'check_seeds', 'schedule_cells', 'import_modules', 'run_table_parallel', 'run_eps_sweep']
+           'TRAININGS', 'AMP_LIMIT', 'EXECUTORS', 'unknown_preset', 'dataset_of', 'preset_config', 'train_config',
+           'repo_root', 'default_data_root', 'git_info', 'package_versions', 'hardware_info', 'describe_device',
+           'precision_of', 'cached_eval', 'eval_suite', 'teacher_file', 'shipped_teacher_file', 'shipped_record',
+           'obtain_teacher', 'teacher_record', 'teacher_expectation', 'check_teacher', 'trust_teacher_file',
+           'check_file_teacher', 'build_teacher', 'dry_run_config', 'dry_run_teacher', 'selected_checkpoint',
+           'logged_curve', 'logged_train_s', 'record_training', 'is_rank0', 'run_cell', 'scale_changes', 'check_rows',
+           'run_table', 'amp_guard', 'check_seeds', 'schedule_cells', 'forward_flops', 'training_flops', 'worker_plan',
+           'worker_devices', 'worker_threads', 'run_cells', 'TableJob', 'table_executor', 'import_modules',
+           'run_table_parallel', 'run_table_cell', 'run_eps_sweep']
 
 # %% ../nbs/15_repro.ipynb #488eab9c
 import collections, copy, dataclasses, importlib, inspect, json, math, os, platform, subprocess, time
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .core import atomic_write, check_choice, check_device, check_int, file_sha256, plain, tensor_sha256, write_json
-from .data import load_cifar, first_n, to_float
+from .data import DATASETS, load_cifar, first_n, to_float
 from .attacks import ATTACKS, autoattack_reduced
 from .evaluate import evaluate, wilson_ci, EvalResult
 from .checkpoint import atomic_save, load_checkpoint, load_teacher
@@ -317,7 +319,7 @@ def cached_eval(model, test, ckpt, path, suite, overrides, batch_size=200, devic
     r = evaluate(model, test, suite=list(suite), batch_size=batch_size, device=device, progress=progress, seed=seed, eps=eps,
                  shard_size=shard_size, pieces_dir=pieces, **overrides)
     wall = time.time() - t0
-    atomic_write(path, json.dumps(dict(key=key, wall_s=wall, result=r.to_dict())) + '\n')
+    if is_rank0(): atomic_write(path, json.dumps(dict(key=key, wall_s=wall, result=r.to_dict())) + '\n')
     return r, dict(cached=False, wall_s=wall, key=key)
 
 # %% ../nbs/15_repro.ipynb #c44fb5f9
@@ -571,8 +573,18 @@ def record_training(run_dir, epochs_before, tr):
         new.append(dict(git_info(), epochs=[start, end], wall_s=round(tr['wall_s'], 1), status=tr['status'],
                         finished=time.strftime('%Y-%m-%dT%H:%M:%S%z'), threads=torch.get_num_threads(),
                         cpu_capability=torch.backends.cpu.get_cpu_capability()))
-    if new: write_json(f, rows := rows + new)
+    if new and is_rank0(): write_json(f, rows := rows + new)
     return rows
+
+def _barrier():
+    "Wait for every process of an initialised process group (torchrun); nothing otherwise."
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized(): dist.barrier()
+
+def is_rank0():
+    "Whether this process writes the shared files: rank 0 under torchrun, or the only process."
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 def run_cell(tc, run_dir, eval_path, cfg, data, device=None, teacher=None, standard_teacher=None, test=None, ev=None,
              time_limit=None, progress=False):
@@ -581,6 +593,7 @@ def run_cell(tc, run_dir, eval_path, cfg, data, device=None, teacher=None, stand
     m, before = build_method(tc), len(logged_curve(run_dir))
     tr = train(tc, teacher=teacher if m.uses_teacher else None, out_dir=run_dir, device=device, time_limit=time_limit,
                progress=progress, data=data, standard_teacher=standard_teacher if m.needs_standard_teacher else None)
+    _barrier()   # under torchrun: rank 0's checkpoints are written before any process reads them
     cell = dict(run=str(run_dir), status=tr['status'], train_wall_s=tr['wall_s'], train_s_logged=logged_train_s(run_dir),
                 trainings=record_training(run_dir, before, tr), best=tr['best'], config=config_dict(tc), curve=logged_curve(run_dir))
     if tr['status'] != 'done': return cell
@@ -807,19 +820,126 @@ def schedule_cells(cells_with_costs, n_workers):
     return out
 
 # %% ../nbs/15_repro.ipynb #b21c0002
-def _worker_main():
-    "A worker process of `run_table_parallel`: its job (pickled by the caller) from stdin, a JSON line per finished cell to stdout."
-    import pickle, sys
-    job = pickle.load(sys.stdin.buffer)
-    torch.set_num_threads(1)
+def forward_flops(model):
+    "FLOPs of one 32x32 image's forward pass through `model` (torch's FlopCounterMode: 2 per multiply-accumulate); a meta-device model costs nothing."
+    from torch.utils.flop_counter import FlopCounterMode
+    p, was = next(model.parameters()), model.training
+    with torch.no_grad(), FlopCounterMode(display=False) as fc: model.eval()(torch.zeros(1, 3, 32, 32, device=p.device, dtype=p.dtype))
+    model.train(was)
+    return fc.get_total_flops()
+
+def training_flops(tc, images, teacher_flops=0, standard_flops=0):
+    """FLOPs of training TrainConfig `tc` on `images` images an epoch, counted as `bench/project.py` counts AdaAD's step: per
+    inner step a forward and input gradient (2F) of the student, and of the teacher where the method reads one; then a
+    forward and backward (3F) of the student and a forward of each teacher the method reads."""
+    tc, m = resolve(tc), build_method(tc)
+    with torch.device('meta'): fs = forward_flops(create_model(tc.student, DATASETS[tc.dataset][-1]))
+    ft, k = teacher_flops if m.uses_teacher else 0, tc.steps or 0
+    per_image = 2 * k * (fs + ft) + 3 * fs + ft + (standard_flops if m.needs_standard_teacher else 0)
+    return tc.epochs * images * per_image
+
+def _cell_costs(ctx, cells, tmodel, smodel):
+    "The (cell, training FLOPs) pairs of the table cells `cells` of `ctx`."
+    ft, fst = (0 if n is None else forward_flops(n) for n in (tmodel, smodel))
+    def cost(cell):
+        tc = resolve(_cell_config(ctx, *cell)[0])
+        images = tc.train_n or len(ctx['train_full']) - (tc.val_n if tc.val_source == 'holdout' else 0)
+        return training_flops(tc, images, ft, fst)
+    return [(c, cost(c)) for c in cells]
+
+def worker_plan(cells_with_costs, workers, seeds):
+    "Each worker's cells: longest first onto the least loaded (`schedule_cells`), then in seed order, costliest first within a seed."
+    cost = dict(cells_with_costs)
+    return [sorted(w, key=lambda c: (seeds.index(c[3]), -cost[c])) for w in schedule_cells(cells_with_costs, workers)]
+
+def worker_devices(device, workers, gpus=None):
+    """The device of each of `workers` worker processes: with `device` 'cuda' (no index), worker w on GPU w mod `gpus` (default:
+    the GPUs visible here); any other device (the CPU, or one named GPU such as 'cuda:1') for every worker."""
+    device, workers = torch.device(device), check_int(workers, 'workers')
+    if device.type != 'cuda' or device.index is not None: return [str(device)] * workers
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if not gpus: raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible here; use 'cpu'")
+    return [f'cuda:{w % gpus}' for w in range(workers)]
+
+def worker_threads(workers, cores=None):
+    "CPU threads of each of `workers` worker processes: the cores (default: those this process may use) shared equally, at least 1."
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)
+    return max(1, cores // check_int(workers, 'workers'))
+
+def run_cells(job, report):
+    "Train and evaluate the table cells of `job` (a worker's share) in this process; `report` gets a dict per finished cell."
+    torch.set_num_threads(job['threads'] or worker_threads(1))   # None (a cluster's job): the cores the job was given
     import_modules(job['imports'])
     ctx = dict(_context(job['cfg'], job['out'], job['runs'], job['device'], job['data_root'], None, False), log=lambda line: None)
     teachers, ev, deadline = _teachers(ctx)[:2], _eval_settings(ctx), job['deadline']
     ctx['left'] = lambda: None if deadline is None else max(1., deadline - time.time())
+    if job.get('teacher_eval'):   # a cluster's job of its own: the teacher's evaluation, where the assembly will read it
+        t0 = time.time(); cached_eval(teachers[0], ctx['test'], job['teacher_ckpt'], ctx['out'] / 'evals' / 'teacher.json', **ev)
+        report(dict(cell=['teacher'], status='done', seconds=time.time() - t0))
     for cell in job['cells']:
         t0 = time.time()
         status = 'paused' if deadline is not None and t0 >= deadline else _table_cell(ctx, *_cell_config(ctx, *cell), *teachers, ev)['status']
-        print(json.dumps(dict(cell=cell, status=status, seconds=time.time() - t0)), flush=True)
+        report(dict(cell=list(cell), status=status, seconds=time.time() - t0))
+
+def _worker_main():
+    "A worker process of `run_table_parallel`: its job (pickled by the caller) from stdin, a JSON line per finished cell to stdout."
+    import pickle, sys
+    job = pickle.load(sys.stdin.buffer)
+    run_cells(job, lambda d: print(json.dumps(d), flush=True))
+
+class TableJob:
+    "A submitit job of a table: its cells (`run_cells`) in the job's process; requeued, resuming each cell, when preempted or out of time."
+    def __init__(self, job): self.job = job
+    def __call__(self):
+        done = []; run_cells(self.job, done.append); return done
+    def checkpoint(self, *args, **kwargs):
+        "Submitit's hook at preemption or timeout: the same job again, which resumes each cell from its last checkpoint."
+        from submitit.helpers import DelayedSubmission
+        return DelayedSubmission(TableJob(self.job))
+
+EXECUTORS = ('slurm', 'local', 'debug')
+
+def table_executor(kind, folder, gpus_per_job=1, cpus_per_job=None, timeout_min=1440, partition=None, **parameters):
+    """A submitit executor for a table's jobs, writing its logs and scripts under `folder`: 'slurm' (sbatch, one job per cell,
+    `gpus_per_job` GPUs and `cpus_per_job` cores each, `timeout_min` minutes, on `partition`; `parameters` are submitit's
+    other ones, e.g. slurm_account), 'local' (this machine, one job per worker) or 'debug' (in this process, one after another)."""
+    check_choice('executor', kind, EXECUTORS)
+    import submitit
+    gpus, cpus = check_int(gpus_per_job, 'gpus_per_job', 0), None if cpus_per_job is None else check_int(cpus_per_job, 'cpus_per_job')
+    if kind == 'debug': return submitit.DebugExecutor(folder)
+    if kind == 'local':
+        ex = submitit.LocalExecutor(folder); ex.update_parameters(timeout_min=timeout_min, gpus_per_node=gpus, **parameters)
+        return ex
+    ex = submitit.AutoExecutor(folder, cluster='slurm')
+    ex.update_parameters(timeout_min=timeout_min, gpus_per_node=gpus, nodes=1, tasks_per_node=1, name='adaad-table',
+                         **({'cpus_per_task': cpus} if cpus else {}), **({'slurm_partition': partition} if partition else {}), **parameters)
+    return ex
+
+def _executor_kind(ex):
+    "'slurm', 'local' or 'debug': the kind of submitit executor `ex`."
+    name = type(getattr(ex, '_executor', ex)).__name__
+    return 'local' if name == 'LocalExecutor' else 'debug' if name == 'DebugExecutor' else 'slurm'
+
+def _submit_jobs(ex, setup, plan, deadline, log):
+    "Submit the table's jobs to submitit executor `ex` (one per cell, or one per worker of `plan` on a local executor), wait; {cell: status}."
+    from submitit.helpers import as_completed
+    kind, cells = _executor_kind(ex), [c for w in plan for c in w]
+    if kind == 'local': groups = [(w, c) for w, c in enumerate(plan) if c]
+    else: groups = [(None, [c]) for c in cells]
+    jobs, status = [], {}
+    for w, cs in groups:
+        if kind == 'local' and torch.device(setup['device']).type == 'cuda':
+            ex.update_parameters(visible_gpus=[int(worker_devices(setup['device'], w + 1)[w].split(':')[1])], gpus_per_node=1)
+        job = dict(setup, cells=cs, deadline=deadline, device='cuda' if kind == 'local' and str(setup['device']).startswith('cuda') else setup['device'])
+        jobs.append(ex.submit(TableJob(job)))
+    jobs.append(ex.submit(TableJob(dict(setup, cells=[], deadline=deadline, teacher_eval=True))))
+    log(f"{len(jobs)} jobs submitted ({kind}): {', '.join(j.job_id for j in jobs[:3])}{' ...' if len(jobs) > 3 else ''}; logs in {ex.folder}")
+    for j in as_completed(jobs):
+        for d in j.result():
+            if d['cell'] == ['teacher']: continue
+            label, arch, row, seed = c = tuple(d['cell']); status[c] = d['status']
+            log(f"[{len(status)}/{len(cells)}] {label} {row} seed {seed}: {d['status']} ({d['seconds']:.0f} s in job {j.job_id})")
+    return status
 
 def _file_teacher(spec, info):
     "Teacher spec `spec` as the worker processes read it: a trained teacher from its finished checkpoint, others as they are."
@@ -833,9 +953,10 @@ def import_modules(imports, name='imports'):
     for m in mods: importlib.import_module(m)
     return mods
 
-def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, **kw):
-    """`run_table(preset, **kw)` with its cells trained by `workers` one-thread processes, each importing `imports` first;
-    the results dict (status 'paused', without rows or files written, where `time_limit` stopped some cells)."""
+def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, executor=None, executor_options=None, **kw):
+    """`run_table(preset, **kw)` with its cells trained by `workers` processes (or, with `executor`, submitit jobs: see
+    `table_executor`; a kind such as 'slurm' makes one with `executor_options`, its folder `<out>/jobs`), each importing `imports` first; the results dict (status 'paused', without rows or files written,
+    where `time_limit` stopped some cells)."""
     import inspect
     unknown = sorted(set(kw) - set(inspect.signature(run_table).parameters))
     if unknown: raise TypeError(f'run_table_parallel takes run_table\'s keywords; unknown: {unknown}')
@@ -843,46 +964,87 @@ def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, **kw):
     plan = {k: kw.get(k) for k in ('teacher', 'students', 'methods', 'epochs', 'n_test', 'suite', 'seeds', 'attack_overrides', 'train_n', 'variants')}
     cfg, out, runs, seeds = _table_plan(preset, kw.get('out_dir'), kw.get('runs_dir'), kw.get('dry_run', False), **plan)
     ctx = _context(cfg, out, runs, kw.get('device'), kw.get('data_root'), kw.get('time_limit'), kw.get('progress', False))
-    _, _, ti, si = _teachers(ctx)
+    tmodel, smodel, ti, si = _teachers(ctx)
     res = dict(_header(ctx, 'table', seeds=seeds, workers=workers), rows=[], runs={}, teacher=ti, standard_teacher=si, status='paused')
     if ti is None or any(i is not None and i.get('ckpt') is None for i in (ti, si)): return res   # a teacher's training paused
     cells = [(label, arch, row, seed) for seed in seeds for label, arch in cfg['students'].items() for row in cfg['methods']]
     setup = dict(cfg=dict(cfg, teacher=_file_teacher(cfg['teacher'], ti), standard_teacher=_file_teacher(cfg.get('standard_teacher'), si)),
-                 out=str(out), runs=str(runs), device=str(ctx['device']), data_root=ctx['data_root'], imports=imports)
+                 out=str(out), runs=str(runs), device=str(ctx['device']), data_root=ctx['data_root'], imports=imports,
+                 threads=worker_threads(workers), teacher_ckpt=ti['ckpt'])
     out.mkdir(parents=True, exist_ok=True)
     deadline = None if kw.get('time_limit') is None else ctx['t0'] + kw['time_limit']
-    status = _run_workers(setup, cells, deadline, workers, log or (lambda line: None))
+    order = worker_plan(_cell_costs(ctx, cells, tmodel, smodel), workers, seeds)
+    log = log or (lambda line: None)
+    if executor is None: status = _run_workers(setup, order, deadline, worker_devices(ctx['device'], workers), log)
+    else:
+        if isinstance(executor, str):
+            opts = executor_options or {}
+            if executor == 'slurm': setup.update(threads=None, device=kw.get('device') or ('cuda' if opts.get('gpus_per_job', 1) else 'cpu'))
+            executor = table_executor(executor, out / 'jobs', **opts)
+        status = _submit_jobs(executor, setup, order, deadline, log)
     if any(s != 'done' for s in status.values()): return dict(res, cells_done=sum(s == 'done' for s in status.values()), cells=len(cells))
     return run_table(preset, **dict(kw, out_dir=out, runs_dir=runs, time_limit=None), log=log)
 
-def _worker_env():
-    "The environment of a worker process: one thread, and every folder the caller imports from (its `sys.path`) on PYTHONPATH."
+def run_table_cell(preset='smoke', cell='RN-18/adaad/0', imports=(), log=None, **kw):
+    """Train and evaluate one cell, 'LABEL/ROW/SEED', of the table of `run_table(preset, **kw)` into the folders that table
+    reads, so that `run_table` (or `adaad table`) reuses it; under torchrun every process trains it together
+    (DistributedDataParallel) and evaluates its share. The cell's dict (`run_cell`'s, without the model)."""
+    import inspect
+    from .train import process_device
+    unknown = sorted(set(kw) - set(inspect.signature(run_table).parameters))
+    if unknown: raise TypeError(f'run_table_cell takes run_table\'s keywords; unknown: {unknown}')
+    import_modules(imports)
+    plan = {k: kw.get(k) for k in ('teacher', 'students', 'methods', 'epochs', 'n_test', 'suite', 'seeds', 'attack_overrides', 'train_n', 'variants')}
+    cfg, out, runs, seeds = _table_plan(preset, kw.get('out_dir'), kw.get('runs_dir'), kw.get('dry_run', False), **plan)
+    label, arch, row, seed = _table_cell_of(cfg, seeds, cell)
+    _, _, device = process_device(kw.get('device'))
+    ctx = dict(_context(cfg, out, runs, device, kw.get('data_root'), kw.get('time_limit'), kw.get('progress', False)), log=log or (lambda line: None))
+    tmodel, smodel, ti, si = _teachers(ctx)
+    if tmodel is None: return dict(run=None, status='paused', teacher=ti)
+    tc, name = _cell_config(ctx, label, arch, row, seed)
+    ctx['log'](f"{label} {row} seed {seed}: training {arch} into {ctx['runs'] / name}")
+    c = _table_cell(ctx, tc, name, tmodel, smodel, _eval_settings(ctx))
+    if c['status'] == 'done': _log_eval(ctx['log'], f'{label} {row} seed {seed}', c['result'], c['cache'])
+    return {k: v for k, v in c.items() if k not in ('model', 'result', 'cache')}
+
+def _table_cell_of(cfg, seeds, cell):
+    "(label, arch, row, seed) of cell 'LABEL/ROW/SEED' of preset dict `cfg`; a clear error naming the accepted values."
+    parts = str(cell).split('/')
+    if len(parts) != 3 or not parts[2].isdigit(): raise ValueError(f"cell must be LABEL/ROW/SEED such as RN-18/adaad/0, got {cell!r}")
+    label, row, seed = parts[0], parts[1], int(parts[2])
+    check_choice('cell student label', label, tuple(cfg['students'])); check_choice('cell row', row, tuple(cfg['methods']))
+    check_choice('cell seed', seed, tuple(seeds))
+    return label, cfg['students'][label], row, seed
+
+def _worker_env(threads=1):
+    "The environment of a worker process: `threads` threads, and every folder the caller imports from (its `sys.path`) on PYTHONPATH."
     import sys
     path = [p or os.getcwd() for p in sys.path] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
-    return dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(dict.fromkeys(path)))
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(dict.fromkeys(path)))
 
-def _run_workers(setup, cells, deadline, workers, log):
-    "Train and evaluate `cells` in `workers` processes, every `workers`-th cell each; {cell: status}. A failed worker is an error naming its log."
+def _run_workers(setup, plan, deadline, devices, log):
+    "Train and evaluate the cells of `plan` (one list per worker) in one process each, worker w on `devices[w]`; {cell: status}. A failed worker is an error naming its log."
     import pickle, sys, threading
-    procs, status = [], {}
-    for w in range(workers):
+    procs, status, n = [], {}, sum(len(c) for c in plan)
+    for w, cells in enumerate(plan):
+        if not cells: continue
         err = open(Path(setup['out']) / f'worker{w}.log', 'a')
         p = subprocess.Popen([sys.executable, '-c', 'from adaad.repro import _worker_main; _worker_main()'], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=err, env=_worker_env(), text=False)
-        p.stdin.write(pickle.dumps(dict(setup, cells=cells[w::workers], deadline=deadline))); p.stdin.close()
-        procs.append((p, err))
+                             stdout=subprocess.PIPE, stderr=err, env=_worker_env(setup['threads']), text=False)
+        p.stdin.write(pickle.dumps(dict(setup, cells=cells, deadline=deadline, device=devices[w]))); p.stdin.close()
+        procs.append((w, p, err))
     def read(p):
         for line in p.stdout:
             d = json.loads(line); label, arch, row, seed = c = tuple(d['cell'])
             status[c] = d['status']
-            log(f"[{len(status)}/{len(cells)}] {label} {row} seed {seed}: {d['status']} ({d['seconds']:.0f} s in a worker)")
-    readers = [threading.Thread(target=read, args=(p,)) for p, _ in procs]
+            log(f"[{len(status)}/{n}] {label} {row} seed {seed}: {d['status']} ({d['seconds']:.0f} s in a worker)")
+    readers = [threading.Thread(target=read, args=(p,)) for _, p, _ in procs]
     for t in readers: t.start()
     for t in readers: t.join()
-    codes = [p.wait() for p, _ in procs]
-    for _, err in procs: err.close()
-    failed = [f"worker{w}.log ({(Path(setup['out']) / f'worker{w}.log').read_text().strip().splitlines()[-1:]})" for w, c in enumerate(codes) if c]
-    if failed: raise RuntimeError(f"{len(failed)} of {workers} workers failed; their output, last line: {'; '.join(failed)} in {setup['out']}")
+    codes = [(w, p.wait()) for w, p, _ in procs]
+    for _, _, err in procs: err.close()
+    failed = [f"worker{w}.log ({(Path(setup['out']) / f'worker{w}.log').read_text().strip().splitlines()[-1:]})" for w, c in codes if c]
+    if failed: raise RuntimeError(f"{len(failed)} of {len(plan)} workers failed; their output, last line: {'; '.join(failed)} in {setup['out']}")
     return status
 
 # %% ../nbs/15_repro.ipynb #b03baa67

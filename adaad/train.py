@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['IDENTITY_SKIP', 'CHECKPOINTS', 'TrainConfig', 'build_method', 'resolve', 'resolve_run', 'config_dict', 'lr_at',
            'eps_at', 'method_at', 'split_run_data', 'run_data', 'run_identity', 'check_identity',
-           'check_finite_weights', 'NonFiniteWatch', 'validate', 'dist_info', 'Run', 'read_log', 'gpu_defaults',
-           'start_run', 'train_epoch', 'average_epoch', 'end_epoch', 'finish_run', 'train']
+           'check_finite_weights', 'NonFiniteWatch', 'validate', 'dist_info', 'process_device', 'sync_batchnorm', 'Run',
+           'read_log', 'gpu_defaults', 'start_run', 'train_epoch', 'average_epoch', 'end_epoch', 'finish_run', 'train']
 
 # %% ../nbs/12_train.ipynb #fc1ed4e7
 import dataclasses, json, math, os, time, typing, types, warnings
@@ -71,6 +71,7 @@ class TrainConfig:
     channels_last: bool = _f(False, 'channels_last memory format for student and teacher')
     fold_teacher: bool = _f(True, "fold the frozen teacher's BatchNorms into its convolutions (exact up to rounding)")
     compile: bool = _f(False, 'torch.compile the student and the teacher')
+    sync_bn: bool = _f(False, "under torchrun, the student's BatchNorm statistics over the whole batch of all processes (SyncBatchNorm), not each process's share")
     save_every: int = _f(0, 'also checkpoint every N steps inside an epoch (0: at epoch ends only)', _int0)
     swa: bool | None = _f(None, "average the weights of the epochs from swa_start on (SWA); the average is what is validated and kept (None: the method's default, on for SAAD and PeerAiD)")
     swa_start: int | None = _f(None, "first 0-based epoch in the weight average (None: the method's share of the run, swa_fraction)", _int0)
@@ -285,6 +286,18 @@ def dist_info():
     if world > 1: return dist.get_rank(), world, int(os.environ.get('LOCAL_RANK', 0))
     return 0, 1, 0
 
+def process_device(device=None):
+    """(rank, world size, device) of this process: under torchrun the process group initialised (`dist_info`) and, where
+    `device` is None or 'cuda' on a GPU machine, the GPU of its LOCAL_RANK."""
+    rank, world, local = dist_info()
+    if world > 1 and torch.cuda.is_available() and (device is None or str(device) == 'cuda'):
+        device = f'cuda:{local}'; torch.cuda.set_device(local)
+    return rank, world, device
+
+def sync_batchnorm(model, cfg, world):
+    "`model` with its BatchNorms made SyncBatchNorm (the same parameters and statistics) where `cfg.sync_bn` and `world` > 1; else `model`."
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if cfg.sync_bn and world > 1 else model
+
 # %% ../nbs/12_train.ipynb #b4b1ae14
 @dataclass
 class Run:
@@ -387,6 +400,8 @@ def start_run(cfg, teacher=None, out_dir='runs/run', device=None, time_limit=Non
     rank, world, local = dist_info()
     device = check_device(device) if device is not None else (torch.device('cuda', local) if torch.cuda.is_available() else torch.device('cpu'))
     gpu_defaults(device)
+    if cfg.sync_bn and world > 1 and device.type != 'cuda':
+        raise ValueError(f"sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on {device.type!r}); drop it (--no-sync-bn)")
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(out, 'training run') if rank == 0 else None
     try: return _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, local, time_limit, progress, data, lock)
@@ -400,9 +415,9 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
     check_identity(out, run_identity(cfg, teacher, standard_teacher, (train_set, val), resolved=True), write=rank == 0)
     teacher, teacher_st = (_prepare(n, cfg, device, val, train_set.num_classes) for n in (teacher, standard_teacher))
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.student, train_set.num_classes).to(device)
+    model = sync_batchnorm(create_model(cfg.student, train_set.num_classes).to(device), cfg, world)
     if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
-    peers = {k: create_model(a, train_set.num_classes).to(device) for k, a in method.peer_archs(cfg.student).items()}
+    peers = {k: sync_batchnorm(create_model(a, train_set.num_classes).to(device), cfg, world) for k, a in method.peer_archs(cfg.student).items()}
     if cfg.channels_last: peers = {k: p.to(memory_format=torch.channels_last) for k, p in peers.items()}
     groups = [{'params': n.parameters()} for n in (model, *peers.values())] if peers else model.parameters()
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

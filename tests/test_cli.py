@@ -12,6 +12,12 @@ from adaad.checkpoint import atomic_save
 from adaad.models import create_model
 
 
+def free_port():
+    "A TCP port nobody listens on now (for torchrun's rendezvous)."
+    import socket
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
 def _run(args, capsys):
     with pytest.raises(SystemExit) as e: main(args)
     return e.value.code, capsys.readouterr()
@@ -168,3 +174,38 @@ def test_eval_without_device_runs_on_cuda_where_visible_else_the_cpu_and_says_wh
     a = types.SimpleNamespace(device='cuda', out=None, model_info=None, pieces=None)
     with pytest.raises(ValueError, match=r"no CUDA GPU is visible to PyTorch here \(PyTorch .*(CPU-only|built for CUDA)"):
         _check_outputs(a)
+
+
+def test_eval_under_torchrun_splits_the_pieces_and_equals_one_process(tmp_path, data_root):
+    "`torchrun --nproc-per-node 2 -m adaad.cli eval ... --n-test` on CPU (gloo): both ranks attack pieces, rank 0 writes one process's result."
+    import os
+    atomic_save(create_model('wrn-10-1').state_dict(), tmp_path / 'w.pt')
+    args = ['eval', '--ckpt', str(tmp_path / 'w.pt'), '--arch', 'wrn-10-1', '--n-test', '40', '--batch-size', '10', '--suite', 'clean,pgd10',
+            '--data-root', str(data_root), '--device', 'cpu', '--no-progress']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = lambda pre, *extra: subprocess.run([sys.executable, *pre, '-m', 'adaad.cli', *args, *extra], capture_output=True, text=True, env=env, timeout=600)
+    two = run(['-m', 'torch.distributed.run', '--nproc-per-node', '2', '--master-port', str(free_port())], '--pieces', str(tmp_path / 'p'), '--out', str(tmp_path / 'two.json'))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run([], '--out', str(tmp_path / 'one.json'))
+    assert one.returncode == 0, one.stderr[-3000:]
+    r1, r2 = (json.loads((tmp_path / f).read_text()) for f in ('one.json', 'two.json'))
+    assert r2['correct'] == r1['correct'] and r2['accuracy'] == r1['accuracy'] and r2['n'] == 40 and r2['config']['processes'] == 2
+    assert len(two.stdout.strip().splitlines()) == 1                      # rank 0 alone prints the result
+    assert sorted(f.name for f in (tmp_path / 'p').glob('*.json')) == ['clean-0-20.json', 'clean-20-40.json', 'pgd10-0-20.json', 'pgd10-20-40.json']
+
+
+@pytest.mark.parametrize('args, msg', [
+    (['--slurm-partition', 'gpu'], '--slurm-partition need --executor slurm'),
+    (['--executor', 'local', '--slurm-time', '60'], '--slurm-time need --executor slurm'),
+    (['--gpus-per-job', '2'], '--gpus-per-job needs --executor slurm or local'),
+    (['--cell', 'RN-18/adaad/0', '--executor', 'slurm'], '--cell trains one cell in this process'),
+    (['--executor', 'pbs'], "invalid choice: 'pbs'")])
+def test_table_cluster_options_are_refused_without_their_executor(args, msg, capsys):
+    code, out = _run(['table', '--preset', 'smoke', *args], capsys)
+    assert code == 2 and msg in out.err
+
+
+def test_table_cluster_options_parse():
+    a = parser().parse_args(['table', '--executor', 'slurm', '--slurm-partition', 'gpu', '--slurm-time', '60', '--gpus-per-job', '2',
+                             '--cpus-per-job', '16', '--cell', 'RN-18/adaad/1'])
+    assert (a.executor, a.slurm_partition, a.slurm_time, a.gpus_per_job, a.cpus_per_job, a.cell) == ('slurm', 'gpu', 60, 2, 16, 'RN-18/adaad/1')

@@ -218,3 +218,68 @@ def test_dry_run_cuts_every_multi_step_attack_of_the_suite(tmp_path):
     d, k = dry_run_config(cfg, tmp_path), DRY_RUN['attack_steps']
     assert d['attack_overrides'] == {'pgd10': dict(steps=k), 'cw2': dict(steps=k), 'user-pgd2': dict(steps=k), 'square': dict(n_queries=k)}
     assert d['aa']['n_iter'] == k
+
+
+@pytest.mark.timeout(1800)
+def test_a_cell_trained_under_torchrun_is_reused_by_the_table(data_root, tmp_path):
+    """`torchrun --nproc-per-node 2 -m adaad.cli table --cell RN-18/pgd-at/0` (2 gloo ranks) trains one cell of the smoke
+    preset's dry run into the table's folders; the table then reuses that training and its evaluation, and trains the other."""
+    import socket
+    from adaad.repro import run_table
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    common = ['--preset', 'smoke', '--dry-run', '--methods', 'pgd-at,natural', '--students', 'RN-18=wrn-10-1', '--suite', 'clean,pgd10',
+              '--out', str(tmp_path / 'res'), '--runs', str(tmp_path / 'runs'), '--data-root', str(data_root)]
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node', '2', '--master-port', str(port), '-m', 'adaad.cli',
+                        'table', '--cell', 'RN-18/pgd-at/0', *common], capture_output=True, text=True, env=_user_env(), timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'RN-18/pgd-at/0: done' in r.stdout and not (tmp_path / 'runs' / 'RN-18-wrn-10-1-natural-s0').exists()
+    run = tmp_path / 'runs' / 'RN-18-wrn-10-1-pgd-at-s0'
+    assert len(json.loads((run / 'trainings.json').read_text())) == 1      # rank 0 alone recorded the training
+    res = run_table('smoke', dry_run=True, methods=['pgd-at', 'natural'], students={'RN-18': 'wrn-10-1'}, suite=['clean', 'pgd10'],
+                    out_dir=str(tmp_path / 'res'), runs_dir=str(tmp_path / 'runs'), data_root=str(data_root))
+    rows = {row['method']: row for row in res['rows']}
+    assert rows['pgd-at']['train']['train_wall_s'] == 0. and rows['pgd-at']['eval_cached']             # reused, not retrained
+    assert rows['natural']['train']['train_wall_s'] > 0. and not rows['natural']['eval_cached']
+    with pytest.raises(ValueError, match="cell row must be one of 'pgd-at', 'natural'"):
+        from adaad.repro import run_table_cell
+        run_table_cell('smoke', 'RN-18/adaad/0', dry_run=True, methods=['pgd-at', 'natural'], data_root=str(data_root),
+                       out_dir=str(tmp_path / 'res'), runs_dir=str(tmp_path / 'runs'))
+
+
+SBATCH = '''#!/bin/bash
+# sbatch's stand-in: runs the submission script on this machine, in the background, as job $id
+script="${@: -1}"; id=$(( (RANDOM << 8) + RANDOM % 256 + 1000 ))
+SLURM_JOB_ID=$id SLURM_NTASKS=1 SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0 SLURM_JOB_NUM_NODES=1 SLURM_JOB_NODELIST=localhost \\
+  SLURM_NTASKS_PER_NODE=1 nohup bash "$script" >/dev/null 2>&1 &
+echo "Submitted batch job $id"
+'''
+SRUN = '''#!/bin/bash
+# srun's stand-in: its --output and --error (%j the job, %t the task), then the command
+while [[ "$1" == --* ]]; do
+  case "$1" in --output) out="${2//%j/$SLURM_JOB_ID}"; out="${out//%t/0}"; shift 2;; --error) err="${2//%j/$SLURM_JOB_ID}"; err="${err//%t/0}"; shift 2;; *) shift;; esac
+done
+exec "$@" >>"$out" 2>>"$err"
+'''
+
+
+@pytest.mark.timeout(1800)
+def test_a_table_through_slurm_submits_one_job_per_cell_and_assembles_it(data_root, tmp_path):
+    """`adaad table --executor slurm` with stand-ins for sbatch, srun and sacct that run each job on this machine: one job per
+    cell and one for the teacher's evaluation, each script asking for the partition, the time and the requeue signal; the
+    table is then assembled from the jobs' trainings and evaluations."""
+    pytest.importorskip('submitit')
+    bin_ = tmp_path / 'bin'; bin_.mkdir()
+    for name, text in (('sbatch', SBATCH), ('srun', SRUN), ('sacct', '#!/bin/sh\nexit 0\n')):
+        (bin_ / name).write_text(text); (bin_ / name).chmod(0o755)
+    out = tmp_path / 'res'
+    cmd = [sys.executable, '-m', 'adaad.cli', 'table', '--preset', 'smoke', '--dry-run', '--methods', 'pgd-at,natural', '--students', 'RN-18=wrn-10-1',
+           '--suite', 'clean,pgd10', '--executor', 'slurm', '--slurm-partition', 'cpu-q', '--slurm-time', '90', '--gpus-per-job', '0',
+           '--out', str(out), '--runs', str(tmp_path / 'runs'), '--data-root', str(data_root)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(_user_env(), PATH=f"{bin_}:{os.environ['PATH']}"), timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:] + ''.join(p.read_text()[-2000:] for p in (out / 'jobs').glob('*.err'))
+    assert '3 jobs submitted (slurm)' in r.stdout and 'done: 3 rows' in r.stdout
+    scripts = [p.read_text() for p in (out / 'jobs').glob('*_submission.sh')]
+    assert len(scripts) == 3 and all('#SBATCH --partition=cpu-q' in s and '#SBATCH --time=90' in s and '#SBATCH --signal=USR2@' in s for s in scripts)
+    res = json.loads((out / 'results.json').read_text())
+    assert [row['method'] for row in res['rows']] == ['teacher', 'pgd-at', 'natural'] and all(row['eval_cached'] for row in res['rows'])
+    assert all(row['train']['train_wall_s'] == 0. for row in res['rows'][1:])    # trained by the jobs, reused here

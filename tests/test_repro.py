@@ -1,5 +1,6 @@
 "The reproduction notebooks, executed under papermill with a tiny preset: outputs parse, a second run reuses the first."
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,61 @@ def test_schedule_cells_puts_the_costliest_first_onto_the_least_loaded_worker():
     assert schedule_cells([], 2) == [[], []] and schedule_cells([('x', 0)], 1) == [['x']]
     with pytest.raises(ValueError, match='n_workers must be'): schedule_cells(cells, 0)
     with pytest.raises(ValueError, match='each cost must be a number >= 0'): schedule_cells([('x', float('nan'))], 2)
+
+
+def test_workers_get_their_own_gpu_and_a_share_of_the_cores():
+    from adaad.repro import worker_devices, worker_threads
+    assert worker_devices('cuda', 8, gpus=8) == [f'cuda:{w}' for w in range(8)]
+    assert worker_devices('cuda', 5, gpus=2) == ['cuda:0', 'cuda:1', 'cuda:0', 'cuda:1', 'cuda:0']
+    assert worker_devices('cpu', 2) == ['cpu', 'cpu'] and worker_devices('cuda:1', 2, gpus=4) == ['cuda:1', 'cuda:1']
+    with pytest.raises(ValueError, match='no CUDA GPU is visible'): worker_devices('cuda', 2, gpus=0)
+    assert (worker_threads(8, cores=16), worker_threads(2, cores=2), worker_threads(4, cores=2)) == (2, 1, 1)
+
+
+def test_the_heavy_cells_are_spread_over_the_workers_longest_first():
+    "Training FLOPs put AdaAD and AdaIAD (teacher queried at every inner step) on different workers, ahead of the cheap rows, where round-robin dealing put both on one."
+    from adaad.repro import training_flops, worker_plan, preset_config, train_config
+    cfg = preset_config('smoke', methods=['natural', 'adaad', 'pgd-at', 'adaiad'], seeds=[0, 1])   # dealt round-robin: both heavy rows on worker 1
+    cells = [('RN-18', 'wrn-10-1', m, s) for s in (0, 1) for m in cfg['methods']]
+    costs = [(c, training_flops(train_config(cfg, c[2], c[1], seed=c[3]), 1000, teacher_flops=5e7)) for c in cells]
+    f = {c[2]: v for c, v in costs}
+    assert f['adaad'] > f['pgd-at'] > f['natural'] > 0
+    plan = worker_plan(costs, 2, [0, 1])
+    assert sorted(map(len, plan)) == [4, 4] and all({c[2] for c in w if c[3] == 0} & {'adaad', 'adaiad'} for w in plan)
+    for w in plan: assert [c[3] for c in w] == sorted(c[3] for c in w) and w[0][2] in ('adaad', 'adaiad')   # seed by seed, heaviest first
+
+
+def test_the_slurm_script_asks_for_a_gpu_the_time_the_partition_and_a_requeue_signal(tmp_path, monkeypatch):
+    "What sbatch would receive for each cell's job: written by submitit without a cluster (an `srun` stand-in on PATH)."
+    pytest.importorskip('submitit')
+    from adaad.repro import table_executor
+    (tmp_path / 'bin').mkdir(); (tmp_path / 'bin' / 'srun').write_text('#!/bin/sh\nexit 0\n'); (tmp_path / 'bin' / 'srun').chmod(0o755)
+    monkeypatch.setenv('PATH', f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    ex = table_executor('slurm', tmp_path / 'jobs', gpus_per_job=1, cpus_per_job=8, timeout_min=1440, partition='gpu-long')
+    text = ex._executor._make_submission_file_text('python -u -m submitit.core._submit jobs', 'uid')
+    for line in ('--gpus-per-node=1', '--time=1440', '--partition=gpu-long', '--cpus-per-task=8', '--signal=USR2@'):
+        assert f'#SBATCH {line}' in text, line
+    with pytest.raises(ValueError, match="executor must be one of"): table_executor('pbs', tmp_path)
+
+
+def test_a_table_job_requeues_itself_to_resume():
+    pytest.importorskip('submitit')
+    from submitit.helpers import DelayedSubmission
+    from adaad.repro import TableJob
+    again = TableJob(dict(cells=[('RN-18', 'wrn-10-1', 'adaad', 0)])).checkpoint()
+    assert isinstance(again, DelayedSubmission) and isinstance(again.function, TableJob) and again.function.job['cells'][0][2] == 'adaad'
+
+
+@pytest.mark.timeout(1800)
+def test_a_dry_run_through_submitit_equals_the_process_pool(tmp_path, data_root):
+    "The smoke preset's dry run, its cells as submitit jobs (debug executor, in this process), gives the pool's rows."
+    pytest.importorskip('submitit')
+    from adaad.repro import run_table_parallel
+    kw = dict(dry_run=True, data_root=str(data_root), methods=['pgd-at', 'adaad'], students={'RN-18': 'wrn-10-1'}, suite=['clean', 'pgd10'])
+    pool = run_table_parallel('smoke', workers=2, out_dir=str(tmp_path / 'a'), runs_dir=str(tmp_path / 'ra'), **kw)
+    lines = []
+    jobs = run_table_parallel('smoke', executor='debug', out_dir=str(tmp_path / 'b'), runs_dir=str(tmp_path / 'rb'), log=lines.append, **kw)
+    assert pool['status'] == jobs['status'] == 'done' and any('3 jobs submitted (debug)' in l for l in lines)
+    assert [(r['method'], {k: c['acc'] for k, c in r['cells'].items()}) for r in pool['rows']] == \
+           [(r['method'], {k: c['acc'] for k, c in r['cells'].items()}) for r in jobs['rows']]
+    assert all(r['eval_cached'] for r in jobs['rows']) and all(r['train']['train_wall_s'] == 0. for r in jobs['rows'][1:])

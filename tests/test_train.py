@@ -300,3 +300,30 @@ def test_the_training_progress_bar_names_the_device_and_precision(tmp_path, cifa
     train(TrainConfig(method='natural', student='wrn-10-1', epochs=1, batch_size=32, val_n=64), out_dir=tmp_path, device='cpu',
           progress=True, data=data)
     assert 'natural epoch 0 (cpu, fp32)' in capsys.readouterr().err
+
+
+def _sync_bn_worker(rank, world, port, out):
+    "One rank: `sync_bn` converts the BatchNorms (on the same parameters); a training on the CPU with it is refused."
+    from adaad.train import sync_batchnorm
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group('gloo'); torch.set_num_threads(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    w = net[1].weight
+    same = sync_batchnorm(net, TrainConfig(), world)[1]                       # off by default
+    synced = sync_batchnorm(net, TrainConfig(sync_bn=True), world)
+    MODELS['_nobn'], refused = (lambda num_classes, **kw: _NoBN(num_classes)), None
+    try: train(TrainConfig(method='natural', student='_nobn', sync_bn=True, epochs=1), out_dir=f'{out}/run{rank}', device='cpu', progress=False, data=_marked_data())
+    except ValueError as e: refused = str(e)
+    json.dump(dict(types=[type(same).__name__, type(synced[1]).__name__], shares=synced[1].weight is w, refused=refused),
+              open(f'{out}/{rank}.json', 'w'))
+    torch.distributed.destroy_process_group()
+
+
+def test_sync_bn_converts_the_batchnorms_under_a_gloo_process_group(tmp_path):
+    "TrainConfig(sync_bn=True) under 2 gloo ranks: SyncBatchNorm on the same parameters; torch's SyncBatchNorm runs on GPUs only, so train refuses it on the CPU."
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    mp.spawn(_sync_bn_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r = [json.loads((tmp_path / f'{k}.json').read_text()) for k in (0, 1)]
+    assert r[0]['types'] == ['BatchNorm2d', 'SyncBatchNorm'] and r[0]['shares']
+    assert r[1]['types'] == r[0]['types'] and all('sync_bn needs CUDA devices' in x['refused'] for x in r)   # on the CPU: refused, by name
+    assert TrainConfig(sync_bn=True).validate().sync_bn and not TrainConfig().sync_bn
