@@ -7,8 +7,8 @@ __all__ = ['PRESETS', 'PAPER_SCALE', 'PAPER_REFERENCES', 'PACKAGES', 'DRY_RUN', 
            'preset_config', 'train_config', 'repo_root', 'default_data_root', 'git_info', 'package_versions',
            'hardware_info', 'cached_eval', 'eval_suite', 'teacher_file', 'shipped_teacher_file', 'shipped_record',
            'obtain_teacher', 'build_teacher', 'dry_run_config', 'dry_run_teacher', 'selected_checkpoint',
-           'logged_curve', 'logged_train_s', 'record_training', 'run_cell', 'check_rows', 'run_table', 'check_seeds',
-           'import_modules', 'run_table_parallel', 'run_eps_sweep']
+           'logged_curve', 'logged_train_s', 'record_training', 'run_cell', 'check_results_folder', 'check_rows',
+           'run_table', 'check_seeds', 'import_modules', 'run_table_parallel', 'run_eps_sweep']
 
 # %% ../nbs/15_repro.ipynb #488eab9c
 import collections, copy, dataclasses, importlib, inspect, json, math, os, platform, subprocess, time
@@ -542,10 +542,23 @@ def _table_plan(preset, out_dir, runs_dir, dry_run, methods=None, suite=None, se
                         seeds=list(seeds) if seeds is not None else None, train=dict(epochs=epochs, train_n=train_n), **changes)
     check_rows(cfg)
     tag = f"{cfg['name']}-dry-run" if dry_run else cfg['name']
-    out = Path(out_dir or repo_root() / ('runs/results' if dry_run else 'results') / tag)
-    runs = Path(runs_dir or repo_root() / 'runs' / 'repro' / tag)
+    out = check_results_folder(Path(out_dir or Path('runs/results') / tag), cfg['name'], dry_run)
+    runs = Path(runs_dir or Path('runs/repro') / tag)
     if dry_run: cfg = dry_run_config(cfg, runs / 'dry-run-teachers')
     return cfg, out, runs, check_seeds(cfg.get('seeds', (0,)))
+
+def check_results_folder(out, preset, dry_run):
+    "Return `out`; raise ValueError if its results.json is the table of a preset other than `preset`, or a dry run's unless `dry_run` (and the reverse)."
+    f = Path(out) / 'results.json'
+    if not f.exists(): return out
+    try: old = json.loads(f.read_text())
+    except (OSError, ValueError) as e: raise ValueError(f'{f} is not a readable results.json ({e}): choose another results folder') from None
+    have = (old.get('preset'), bool(old.get('dry_run'))) if isinstance(old, dict) else (None, False)
+    if have != (preset, dry_run):
+        what = lambda p, d: f"preset {p!r}{' (a dry run)' if d else ''}"
+        raise ValueError(f'{out} holds the table of {what(*have)}; this is {what(preset, dry_run)}: writing it there would replace '
+                         f'that table. Choose another results folder (out_dir, adaad table --out), or delete that one')
+    return out
 
 def check_rows(cfg):
     "Refuse a row of preset dict `cfg` that is neither one of its variants nor a registered method (your own module's: import it first)."
@@ -710,7 +723,7 @@ def run_eps_sweep(preset='smoke', eps_list=(2, 4, 6, 8, 10, 12, 14, 16), steps=1
     cfg = preset_config(preset, teacher=teacher, n_test=n_test, attack_overrides=attack_overrides, train=dict(epochs=epochs, train_n=train_n))
     check_choice('student', student, tuple(cfg['students']))
     arch = cfg['students'][student]
-    ctx = _context(cfg, out_dir or repo_root() / 'results' / f"{cfg['name']}-eps-sweep", runs_dir or repo_root() / 'runs' / 'repro' / cfg['name'],
+    ctx = _context(cfg, out_dir or Path('runs/results') / f"{cfg['name']}-eps-sweep", runs_dir or Path('runs/repro') / cfg['name'],
                    device, data_root, time_limit, progress)
     res = dict(_header(ctx, 'eps-sweep', seed=seed), student=student, arch=arch, method=method, steps=steps, eval_eps=8 / 255, points=[])
     tmodel, _, res['teacher'], _ = _teachers(dict(ctx, cfg=dict(cfg, standard_teacher=None)))
