@@ -542,8 +542,8 @@ def _table_plan(preset, out_dir, runs_dir, dry_run, methods=None, suite=None, se
                         seeds=list(seeds) if seeds is not None else None, train=dict(epochs=epochs, train_n=train_n), **changes)
     check_rows(cfg)
     tag = f"{cfg['name']}-dry-run" if dry_run else cfg['name']
-    out = check_results_folder(Path(out_dir or Path('runs/results') / tag), cfg['name'], dry_run)
-    runs = Path(runs_dir or Path('runs/repro') / tag)
+    out = check_results_folder(Path(out_dir or Path.cwd() / 'runs' / 'results' / tag), cfg['name'], dry_run)
+    runs = Path(runs_dir or Path.cwd() / 'runs' / 'repro' / tag)
     if dry_run: cfg = dry_run_config(cfg, runs / 'dry-run-teachers')
     return cfg, out, runs, check_seeds(cfg.get('seeds', (0,)))
 
@@ -723,7 +723,7 @@ def run_eps_sweep(preset='smoke', eps_list=(2, 4, 6, 8, 10, 12, 14, 16), steps=1
     cfg = preset_config(preset, teacher=teacher, n_test=n_test, attack_overrides=attack_overrides, train=dict(epochs=epochs, train_n=train_n))
     check_choice('student', student, tuple(cfg['students']))
     arch = cfg['students'][student]
-    ctx = _context(cfg, out_dir or Path('runs/results') / f"{cfg['name']}-eps-sweep", runs_dir or Path('runs/repro') / cfg['name'],
+    ctx = _context(cfg, out_dir or Path.cwd() / 'runs' / 'results' / f"{cfg['name']}-eps-sweep", runs_dir or Path.cwd() / 'runs' / 'repro' / cfg['name'],
                    device, data_root, time_limit, progress)
     res = dict(_header(ctx, 'eps-sweep', seed=seed), student=student, arch=arch, method=method, steps=steps, eval_eps=8 / 255, points=[])
     tmodel, _, res['teacher'], _ = _teachers(dict(ctx, cfg=dict(cfg, standard_teacher=None)))

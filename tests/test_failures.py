@@ -403,10 +403,11 @@ def test_table_refuses_the_committed_results_folder(tmp_path, capsys, monkeypatc
 def test_table_folders_default_to_runs_in_the_working_folder_and_the_same_table_resumes(tmp_path, monkeypatch):
     from adaad.repro import _table_plan
     monkeypatch.chdir(tmp_path)
-    assert _table_plan('smoke', None, None, False)[1:3] == (Path('runs/results/smoke'), Path('runs/repro/smoke'))
-    _table_folder(tmp_path / 'runs' / 'results' / 'smoke', preset='smoke')
-    assert _table_plan('smoke', None, None, False)[1] == Path('runs/results/smoke')   # the same table into its folder
-    assert _table_plan('quick', None, None, True)[1:3] == (Path('runs/results/quick-dry-run'), Path('runs/repro/quick-dry-run'))
+    here = Path.cwd() / 'runs'
+    assert _table_plan('smoke', None, None, False)[1:3] == (here / 'results' / 'smoke', here / 'repro' / 'smoke')
+    _table_folder(here / 'results' / 'smoke', preset='smoke')
+    assert _table_plan('smoke', None, None, False)[1] == here / 'results' / 'smoke'   # the same table into its folder
+    assert _table_plan('quick', None, None, True)[1:3] == (here / 'results' / 'quick-dry-run', here / 'repro' / 'quick-dry-run')
 
 
 # ---- Ctrl-C, failing imports, full disks: one message ---------------------------------------------------------------
