@@ -168,7 +168,8 @@ def _train(ap, a):
     try: r = train(cfg, teacher=teacher, out_dir=out, device=a.device, time_limit=a.time_limit,
                    progress=not a.no_progress, standard_teacher=standard)
     except OSError as e:   # a write that names no file (a log line on a full disk): name the run folder
-        if e.filename is None and e.errno is not None: raise OSError(e.errno, e.strerror or str(e), f'{out} (the run folder)') from e
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), f'{out} (the run folder)') from e
         raise
     if int(os.environ.get('RANK', 0)) == 0:
         from adaad.repro import record_training
@@ -200,7 +201,7 @@ def _suite(ap, a):
     return suite
 
 def _check_outputs(a):
-    "Check the device and that every output of `adaad eval` can be written and replaces no input, before the evaluation."
+    "Check the device, and that every output of `adaad eval` can be written and replaces no input, before the work."
     from adaad.core import check_device, check_outputs, check_writable
     check_device(a.device, '--device')
     check_outputs([('--out', a.out), ('--model-info', a.model_info)], [('--ckpt', a.ckpt)])
@@ -271,8 +272,9 @@ def _last_line(e):
     return f'{type(e).__name__}: {lines[-1]}' if lines else type(e).__name__
 
 def _import_all(argv, debug=False):
-    """Import every `--import MODULE` of the command line (before or after the command), the working folder searched last;
-    their names. A module that fails to import (any exception) is named with the error's last line; `debug` adds the traceback."""
+    """Import every `--import MODULE` of the command line (before or after the command), the working folder searched
+    last; their names. A module that fails to import (any exception) is named with the error's last line; `debug` adds
+    the traceback."""
     pre = argparse.ArgumentParser(add_help=False); pre.add_argument('--import', dest='imports', action='append', default=[])
     mods = pre.parse_known_args(argv)[0].imports
     if mods and str(Path.cwd()) not in sys.path and '' not in sys.path: sys.path.append(str(Path.cwd()))
@@ -280,13 +282,14 @@ def _import_all(argv, debug=False):
         try: importlib.import_module(mod)
         except Exception as e:
             if debug: traceback.print_exc()
-            print(f"adaad: error: --import {mod}: {_last_line(e)}{'' if debug else ' (run with --debug for the traceback)'}", file=sys.stderr)
+            hint = '' if debug else ' (run with --debug for the traceback)'
+            print(f'adaad: error: --import {mod}: {_last_line(e)}{hint}', file=sys.stderr)
             sys.exit(2)
     return mods
 
 def _option_names(msg, argv, aliases=()):
-    """Error message `msg` with each `TrainConfig` field set on the command line `argv` named as its option (train_n: --train-n;
-    `aliases`: more (field, option) pairs, such as adaad teacher's ('student', '--arch'))."""
+    """Error message `msg` with each `TrainConfig` field set on the command line `argv` named as its option
+    (train_n: --train-n; `aliases`: more (field, option) pairs, such as adaad teacher's ('student', '--arch'))."""
     from adaad.train import TrainConfig
     names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != 'method_kwargs'] + ['time_limit']
     for n, flag in [(n, '--' + n.replace('_', '-')) for n in names] + list(aliases):
@@ -295,10 +298,11 @@ def _option_names(msg, argv, aliases=()):
     return msg
 
 def _interrupted(a, argv):
-    "What a command stopped by Ctrl-C kept, and the command (`argv` as given, in this working folder) that goes on from there."
+    "What a command stopped by Ctrl-C kept, and the command (`argv` as given, in this working folder) that goes on."
     again = f'cd {shlex.quote(os.getcwd())} && adaad {shlex.join(argv)}'
     if a.cmd == 'eval' and not a.pieces:
-        return f'interrupted before the result; nothing was kept (--pieces FOLDER keeps finished pieces). Start it again:\n  {again}'
+        return ('interrupted before the result; nothing was kept (--pieces FOLDER keeps finished pieces). '
+                f'Start it again:\n  {again}')
     if a.cmd == 'compare': return f'interrupted; nothing was written. Run it again:\n  {again}'
     kept = (f'its finished pieces are kept in {a.pieces}' if a.cmd == 'eval' else
             'its finished cells are kept in its runs and results folders' if a.cmd == 'table' else
@@ -317,7 +321,8 @@ def main(argv=None):
         print(f'adaad {a.cmd}: {_interrupted(a, given)}', file=sys.stderr); sys.exit(130)
     except USER_ERRORS as e:
         if debug: traceback.print_exc()
-        msg = _option_names(explain(e), argv, [('student', '--arch')] if a.cmd == 'teacher' else ()) if a.cmd in ('train', 'teacher') else explain(e)
+        msg = explain(e)
+        if a.cmd in ('train', 'teacher'): msg = _option_names(msg, argv, [('student', '--arch')] * (a.cmd == 'teacher'))
         print(f'adaad {a.cmd}: error: {msg}', file=sys.stderr); sys.exit(2 if isinstance(e, (ValueError, FileNotFoundError)) else 1)
 
 # %% ../nbs/13_cli.ipynb #c21c0002
@@ -381,22 +386,26 @@ def _table(ap, a):
     print((out / 'table.md').read_text()); print(f"done: {len(res['rows'])} rows in {out}")
 
 def _not_committed(path, flag):
-    "Refuse folder `path` of option `flag` inside the repository's committed `results/`: only `make repro ... COMMIT=1` writes there."
+    "Refuse folder `path` of option `flag` inside the repository's `results/` (`make repro COMMIT=1` writes it)."
     from adaad.repro import repo_root
     committed = repo_root() / 'results'
     if path and Path(path).resolve().is_relative_to(committed.resolve()):
-        raise ValueError(f'{flag} {path} lies in {committed}, the committed results: adaad table writes elsewhere (default: '
-                         f'runs/results/<preset>); committed results are remade by make repro PRESET=<preset> COMMIT=1')
+        raise ValueError(f'{flag} {path} lies in {committed}, the committed results: adaad table writes elsewhere '
+                         '(default: runs/results/<preset>); committed results are remade by '
+                         'make repro PRESET=<preset> COMMIT=1')
 
 def _read_table(folder, name):
-    "The results dict of results folder (or file) `folder` given as `name`; an error naming the file if it is not a table's results.json."
+    "(file, results dict) of results folder (or file) `folder` given as `name`; an error naming a bad file."
     p = Path(folder); f = p / 'results.json' if p.is_dir() else p
-    if not f.is_file(): raise FileNotFoundError(errno.ENOENT, f'{name}: no results.json (a results folder of adaad table) at', str(f))
+    not_ours = 'not a results.json written by adaad table'
+    if not f.is_file():
+        raise FileNotFoundError(errno.ENOENT, f'{name}: no results.json (a results folder of adaad table) at', str(f))
     try: res = json.loads(f.read_text())
-    except ValueError as e: raise ValueError(f'{name}: {f} is not JSON ({e}): not a results.json written by adaad table') from None
+    except ValueError as e: raise ValueError(f'{name}: {f} is not JSON ({e}): {not_ours}') from None
     rows = res.get('rows') if isinstance(res, dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and {'student', 'method'} <= set(r) for r in rows):
-        raise ValueError(f"{name}: {f} has no list of table rows ('rows', each with 'student' and 'method'): not a results.json written by adaad table")
+        raise ValueError(f"{name}: {f} has no list of table rows ('rows', each with 'student' and 'method'): "
+                         f'{not_ours}')
     return f, res
 
 def _compare(ap, a):
@@ -407,8 +416,9 @@ def _compare(ap, a):
     for name, folder in (('FOLDER', a.folder), ('--against', a.against)):
         if folder is None: continue
         f, res = _read_table(folder, name)
-        read += [(name, f)] + [(f'the evaluation file of row {r["student"]}/{r["method"]} in {name}', eval_path(f.parent, r))
-                               for r in res['rows'] if r.get('eval') or r.get('arch')]
+        read.append((name, f))
+        read += [(f"the evaluation file of row {r['student']}/{r['method']} in {name}", eval_path(f.parent, r))
+                 for r in res['rows'] if r.get('eval') or r.get('arch')]
     check_outputs([('--out', a.out or pairs_file(a.folder, a.against))], read)
     path = check_writable(a.out or pairs_file(a.folder, a.against), '--out')
     d = compare_pairs(a.folder, a.pairs, against=a.against, student=a.student, attacks=a.attacks, seeds=a.seeds, interactions=a.interactions)

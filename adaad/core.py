@@ -98,10 +98,12 @@ def _umask():
     except (OSError, ValueError, IndexError): pass
     m = os.umask(0o022); os.umask(m); return m
 
+_TORCH_WRITE_ERRORS = ('PytorchStreamWriter', 'file write failed', 'inline_container')   # torch.save's, on a full disk
+
 def _write_error(e, path):
     "The OSError, naming `path`, for an error raised while writing it (a torch.save that ran out of disk included); None for others."
     if isinstance(e, OSError) and e.filename is None: return OSError(e.errno, e.strerror or str(e), str(path))
-    if isinstance(e, RuntimeError) and any(k in str(e) for k in ('PytorchStreamWriter', 'file write failed', 'inline_container.cc')):
+    if isinstance(e, RuntimeError) and any(k in str(e) for k in _TORCH_WRITE_ERRORS):
         return OSError(errno.EIO, f'writing failed, the disk may be full ({str(e).splitlines()[0][:200]})', str(path))
     return None
 
@@ -189,12 +191,14 @@ def same_file(a, b):
     except OSError: return Path(a).resolve() == Path(b).resolve()
 
 def check_outputs(outputs, inputs=()):
-    "Raise ValueError naming both if an output of `outputs` ((name, path) pairs) is the same file as an input or an earlier output."
+    "Raise ValueError naming both if an output (of (name, path) pairs) is the file of an input or an earlier output."
     seen = [(n, p) for n, p in inputs if p is not None]
     for name, path in outputs:
         if path is None: continue
         hit = next(((n, p) for n, p in seen if same_file(path, p)), None)
-        if hit: raise ValueError(f'{name} {path} is the same file as {hit[0]} {hit[1]}: writing it would replace that file; write elsewhere')
+        if hit:
+            raise ValueError(f'{name} {path} is the same file as {hit[0]} {hit[1]}: writing it would replace '
+                             'that file; write elsewhere')
         seen.append((name, path))
 
 def check_device(device, name='device'):

@@ -548,16 +548,18 @@ def _table_plan(preset, out_dir, runs_dir, dry_run, methods=None, suite=None, se
     return cfg, out, runs, check_seeds(cfg.get('seeds', (0,)))
 
 def check_results_folder(out, preset, dry_run):
-    "Return `out`; raise ValueError if its results.json is the table of a preset other than `preset`, or a dry run's unless `dry_run` (and the reverse)."
+    "Return `out`; raise ValueError if its results.json is another preset's table, or a dry run's unless `dry_run`."
     f = Path(out) / 'results.json'
     if not f.exists(): return out
     try: old = json.loads(f.read_text())
-    except (OSError, ValueError) as e: raise ValueError(f'{f} is not a readable results.json ({e}): choose another results folder') from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{f} is not a readable results.json ({e}): choose another results folder') from None
     have = (old.get('preset'), bool(old.get('dry_run'))) if isinstance(old, dict) else (None, False)
     if have != (preset, dry_run):
         what = lambda p, d: f"preset {p!r}{' (a dry run)' if d else ''}"
-        raise ValueError(f'{out} holds the table of {what(*have)}; this is {what(preset, dry_run)}: writing it there would replace '
-                         f'that table. Choose another results folder (out_dir, adaad table --out), or delete that one')
+        raise ValueError(f'{out} holds the table of {what(*have)}; this is {what(preset, dry_run)}: writing it there '
+                         'would replace that table. Choose another results folder (out_dir, adaad table --out), '
+                         'or delete that one')
     return out
 
 def check_rows(cfg):
@@ -723,8 +725,9 @@ def run_eps_sweep(preset='smoke', eps_list=(2, 4, 6, 8, 10, 12, 14, 16), steps=1
     cfg = preset_config(preset, teacher=teacher, n_test=n_test, attack_overrides=attack_overrides, train=dict(epochs=epochs, train_n=train_n))
     check_choice('student', student, tuple(cfg['students']))
     arch = cfg['students'][student]
-    ctx = _context(cfg, out_dir or Path.cwd() / 'runs' / 'results' / f"{cfg['name']}-eps-sweep", runs_dir or Path.cwd() / 'runs' / 'repro' / cfg['name'],
-                   device, data_root, time_limit, progress)
+    here = Path.cwd() / 'runs'
+    out, runs = out_dir or here / 'results' / f"{cfg['name']}-eps-sweep", runs_dir or here / 'repro' / cfg['name']
+    ctx = _context(cfg, out, runs, device, data_root, time_limit, progress)
     res = dict(_header(ctx, 'eps-sweep', seed=seed), student=student, arch=arch, method=method, steps=steps, eval_eps=8 / 255, points=[])
     tmodel, _, res['teacher'], _ = _teachers(dict(ctx, cfg=dict(cfg, standard_teacher=None)))
     if tmodel is None: res['status'] = 'paused'

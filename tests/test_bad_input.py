@@ -272,8 +272,10 @@ def test_cli_errors_from_the_library_name_the_parameter(tmp_path, capsys):
     (['--eps-start', '0.1', '--eps-ramp-epochs', '2'], '--eps-start (0.1) must be <= eps ('),
     (['--swa', '--swa-start', '5', '--epochs', '3'], '--swa-start must be < --epochs (3)')])
 def test_cli_config_errors_name_the_option_given(tmp_path, capsys, data_root, args, msg):
-    "A value the training configuration refuses (alone, or with another) is named by the option it was given as, not the field."
-    code, err = _cli(['teacher', '--method', 'pgd-at', '--out', str(tmp_path / 'r'), '--data-root', str(data_root), '--device', 'cpu'] + args, capsys)
+    "A value the training configuration refuses (alone, or with another) is named by its option, not by the field."
+    base = ['teacher', '--method', 'pgd-at', '--out', str(tmp_path / 'r'), '--data-root', str(data_root),
+            '--device', 'cpu']
+    code, err = _cli(base + args, capsys)
     assert code == 2 and msg in err and 'train_n' not in err and 'Traceback' not in err, err
 
 
