@@ -354,6 +354,8 @@ def _repro_commands(sub):
     t.add_argument('--dry-run', action='store_true', help="every code path of the preset at toy size, numbers meaningless (into runs/results/<preset>-dry-run)")
     t.add_argument('--out', default=None, help='results folder (default: runs/results/<preset>, in the working folder)')
     t.add_argument('--runs', default=None, help='runs folder (default: runs/repro/<preset>, in the working folder)')
+    t.add_argument('--commit', action='store_true',
+                   help="write into the repository's committed results/ on purpose (refused there without it)")
     t.add_argument('--curves', default=None, help='prefix of the training-curve figure (default: <out>/training_curves)')
     t.add_argument('--time-limit', type=float, default=None, help='seconds; cells not started by then wait for the next call (default: none)')
     t.add_argument('--data-root', default=None, help='(default: $ADAAD_DATA, else ./data)')
@@ -374,7 +376,9 @@ def _table(ap, a):
     from adaad.repro import run_table_parallel, unknown_preset
     from adaad.report import plot_training_curves
     if msg := unknown_preset(a.preset, '--preset'): ap.error(msg)
-    for flag, path in (('--out', a.out), ('--runs', a.runs)): _not_committed(path, flag)
+    if a.commit and a.dry_run: ap.error('--dry-run numbers mean nothing and are never committed: drop --commit')
+    if not a.commit:
+        for flag, path in (('--out', a.out), ('--runs', a.runs)): _not_committed(path, flag)
     check_device(a.device, '--device')
     res = run_table_parallel(a.preset, workers=a.workers, imports=a.imports, log=lambda line: print(line, flush=True), methods=a.methods,
                              seeds=a.seeds, students=a.students, suite=a.suite, dry_run=a.dry_run, out_dir=a.out, runs_dir=a.runs,
@@ -386,13 +390,12 @@ def _table(ap, a):
     print((out / 'table.md').read_text()); print(f"done: {len(res['rows'])} rows in {out}")
 
 def _not_committed(path, flag):
-    "Refuse folder `path` of option `flag` inside the repository's `results/` (`make repro COMMIT=1` writes it)."
+    "Refuse folder `path` of option `flag` inside the repository's committed `results/` (written with --commit only)."
     from adaad.repro import repo_root
     committed = repo_root() / 'results'
     if path and Path(path).resolve().is_relative_to(committed.resolve()):
-        raise ValueError(f'{flag} {path} lies in {committed}, the committed results: adaad table writes elsewhere '
-                         '(default: runs/results/<preset>); committed results are remade by '
-                         'make repro PRESET=<preset> COMMIT=1')
+        raise ValueError(f'{flag} {path} lies in {committed}, the committed results: give --commit to write there on '
+                         'purpose, or choose another folder (default: runs/results/<preset>)')
 
 def _read_table(folder, name):
     "(file, results dict) of results folder (or file) `folder` given as `name`; an error naming a bad file."

@@ -395,14 +395,19 @@ def test_table_refuses_a_results_folder_of_another_table(tmp_path, capsys, prese
     assert sorted(p.name for p in f.iterdir()) == ['results.json'] and not (tmp_path / 'runs').exists()
 
 
-def test_table_refuses_the_committed_results_folder(tmp_path, capsys, monkeypatch):
+def test_table_refuses_the_committed_results_folder_without_commit(tmp_path, capsys, monkeypatch):
+    "Only `--commit` (never with `--dry-run`) writes into the repository's results/; the other checks still apply then."
     import adaad.repro
     monkeypatch.setattr(adaad.repro, 'repo_root', lambda: tmp_path)
-    f = _table_folder(tmp_path / 'results' / 'smoke', preset='smoke')
-    code, _, err = _cli(['table', '--preset', 'smoke', '--out', str(f), '--runs', str(tmp_path / 'runs')], capsys)
-    assert code == 2 and f"--out {f} lies in {tmp_path / 'results'}, the committed results" in err, err
-    assert 'make repro PRESET=<preset> COMMIT=1' in err
-    assert sorted(p.name for p in f.iterdir()) == ['results.json']
+    f = _table_folder(tmp_path / 'results' / 'smoke', preset='quick')
+    args = ['table', '--preset', 'smoke', '--out', str(f), '--runs', str(tmp_path / 'runs')]
+    code, _, err = _cli(args, capsys)
+    assert code == 2 and f"--out {f} lies in {tmp_path / 'results'}, the committed results: give --commit" in err, err
+    code, _, err = _cli(args + ['--commit', '--dry-run'], capsys)
+    assert code == 2 and 'drop --commit' in err, err
+    code, _, err = _cli(args + ['--commit'], capsys)
+    assert code == 2 and f"{f} holds the table of preset 'quick'; this is preset 'smoke'" in err, err
+    assert sorted(p.name for p in f.iterdir()) == ['results.json'] and not (tmp_path / 'runs').exists()
 
 
 def test_table_folders_default_to_runs_in_the_working_folder_and_the_same_table_resumes(tmp_path, monkeypatch):
