@@ -70,13 +70,14 @@ ifneq ($(and $(COMMIT),$(DRY_RUN)),)
 $(error DRY_RUN=1 checks that a preset runs, its numbers mean nothing and are never committed: drop COMMIT=1)
 endif
 REPRO_OUT = $(if $(DRY_RUN),runs/results/$(PRESET)-dry-run,$(if $(COMMIT),results/$(PRESET),runs/results/$(PRESET)))
+REPRO_RUNS = runs/repro/$(PRESET)$(if $(DRY_RUN),-dry-run)
 REPRO_CURVES = $(if $(COMMIT),$(if $(filter smoke,$(PRESET)),$(CURDIR)/$(REPRO_OUT)/training_curves,$(CURDIR)/figures/training_curves_$(PRESET)),$(CURDIR)/$(REPRO_OUT)/training_curves)
 CHECK_PRESET = $(BIN)/python -c "import sys; from adaad.repro import unknown_preset; sys.exit(unknown_preset(sys.argv[1], 'PRESET'))" "$(PRESET)"
 repro: install data
 	@$(CHECK_PRESET)
 	mkdir -p $(REPRO_OUT)
 	$(if $(IMPORT),PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}") $(BIN)/papermill nbs/repro_table.ipynb $(REPRO_OUT)/repro_table.ipynb --cwd nbs -k python3 --log-output --no-progress-bar \
-		-p preset $(PRESET) -p scratch False -p test_cut False -p progress True -p out_dir $(CURDIR)/$(REPRO_OUT) -p curves $(REPRO_CURVES) -p dry_run $(if $(DRY_RUN),True,False) $(if $(IMPORT),-p imports $(IMPORT)) $(if $(DEVICE),-p device $(DEVICE)) \
+		-p preset $(PRESET) -p scratch False -p test_cut False -p progress True -p out_dir $(CURDIR)/$(REPRO_OUT) -p runs_dir $(CURDIR)/$(REPRO_RUNS) -p curves $(REPRO_CURVES) -p dry_run $(if $(DRY_RUN),True,False) $(if $(IMPORT),-p imports $(IMPORT)) $(if $(DEVICE),-p device $(DEVICE)) \
 		-p committed $(if $(or $(COMMIT),$(DRY_RUN)),None,$(CURDIR)/results/$(PRESET)) -y '{"methods": null, "students": null, "train_n": null, "n_test": null}' $(REPRO_ARGS)
 
 # Remake a preset's shipped teacher (teachers/<name>.pt and its record teachers/<name>.json) from the training its preset
@@ -96,7 +97,7 @@ EPS_FIGURE ?= $(if $(COMMIT),$(if $(filter smoke,$(PRESET)),$(CURDIR)/results/sm
 repro-eps: install data
 	mkdir -p $(EPS_OUT)
 	$(BIN)/papermill nbs/repro_eps_sweep.ipynb $(EPS_OUT)/repro_eps_sweep.ipynb --cwd nbs -k python3 \
-		-p preset $(PRESET) -p scratch False -p out_dir $(CURDIR)/$(EPS_OUT) \
+		-p preset $(PRESET) -p scratch False -p out_dir $(CURDIR)/$(EPS_OUT) -p runs_dir $(CURDIR)/runs/repro/$(PRESET) \
 		-y '{"eps_list": $(EPS_LIST), "steps": $(EPS_STEPS), "figure": "$(EPS_FIGURE)", "train_n": null, "n_test": null}' $(REPRO_ARGS)
 
 # The documentation site: every notebook as an HTML page (math as MathML), index.html from nbs/index.ipynb, into _docs/.

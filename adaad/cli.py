@@ -7,7 +7,7 @@ __all__ = ['CHOICES', 'USER_ERRORS', 'parse_number', 'parse_eps', 'add_config_op
            'rank_shard_size', 'explain', 'main', 'teacherless_methods']
 
 # %% ../nbs/13_cli.ipynb #bb523ac1
-import argparse, dataclasses, errno, importlib, json, os, sys, time, traceback, types, typing
+import argparse, dataclasses, errno, importlib, json, os, re, shlex, sys, time, traceback, types, typing
 from fractions import Fraction
 from pathlib import Path
 
@@ -174,11 +174,15 @@ def _train(ap, a):
     _unused(ap, a, m)
     if m.uses_teacher and specs[0] is None: ap.error(f'--method {a.method} needs --teacher (a checkpoint) and --teacher-arch or --teacher-robustbench')
     check_device(a.device, '--device')
-    out = check_writable(a.out or f'runs/{a.method}-{cfg.student}', '--out', folder=True)
+    a.run_dir = out = check_writable(a.out or f'runs/{a.method}-{cfg.student}', '--out', folder=True)
     teacher, standard = (_load(s, a.dataset) for s in specs)
     _check_teachers(specs, (teacher, standard), a, cfg, out)
-    r = train(cfg, teacher=teacher, out_dir=out, device=a.device, time_limit=a.time_limit,
-              progress=not a.no_progress, standard_teacher=standard)
+    try: r = train(cfg, teacher=teacher, out_dir=out, device=a.device, time_limit=a.time_limit,
+                   progress=not a.no_progress, standard_teacher=standard)
+    except OSError as e:   # a write that names no file (a log line on a full disk): name the run folder
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), f'{out} (the run folder)') from e
+        raise
     if int(os.environ.get('RANK', 0)) == 0:
         from adaad.repro import record_training
         record_training(out, None, r)         # which code trained which epochs, beside the run (trainings.json)
@@ -221,8 +225,9 @@ def _suite(ap, a):
     return suite
 
 def _check_outputs(a):
-    "Check the device and that every output of `adaad eval` can be written, before the evaluation."
-    from adaad.core import check_device, check_writable, default_device
+    "Check the device, and that every output of `adaad eval` can be written and replaces no input, before the work."
+    from adaad.core import check_device, check_outputs, check_writable, default_device
+    check_outputs([('--out', a.out), ('--model-info', a.model_info)], [('--ckpt', a.ckpt)])
     a.device = check_device(a.device, '--device') or default_device()
     print(f'adaad eval: on {a.device}', file=sys.stderr, flush=True)
     for flag, path in (('--out', a.out), ('--model-info', a.model_info)):
@@ -286,26 +291,64 @@ def explain(e):
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
 
-def _import_all(argv):
-    "Import every `--import MODULE` of the command line (before or after the command), the working folder searched last; their names."
+def _last_line(e):
+    "Exception `e` as its type and the last line of its message."
+    lines = str(e).strip().splitlines()
+    return f'{type(e).__name__}: {lines[-1]}' if lines else type(e).__name__
+
+def _import_all(argv, debug=False):
+    """Import every `--import MODULE` of the command line (before or after the command), the working folder searched
+    last; their names. A module that fails to import (any exception) is named with the error's last line; `debug` adds
+    the traceback."""
     pre = argparse.ArgumentParser(add_help=False); pre.add_argument('--import', dest='imports', action='append', default=[])
     mods = pre.parse_known_args(argv)[0].imports
     if mods and str(Path.cwd()) not in sys.path and '' not in sys.path: sys.path.append(str(Path.cwd()))
     for mod in mods:
         try: importlib.import_module(mod)
-        except ImportError as e: print(f'adaad: error: --import {mod}: {e}', file=sys.stderr); sys.exit(2)
+        except Exception as e:
+            if debug: traceback.print_exc()
+            hint = '' if debug else ' (run with --debug for the traceback)'
+            print(f'adaad: error: --import {mod}: {_last_line(e)}{hint}', file=sys.stderr)
+            sys.exit(2)
     return mods
+
+def _option_names(msg, argv, aliases=()):
+    """Error message `msg` with each `TrainConfig` field set on the command line `argv` named as its option
+    (train_n: --train-n; `aliases`: more (field, option) pairs, such as adaad teacher's ('student', '--arch'))."""
+    from adaad.train import TrainConfig
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != 'method_kwargs'] + ['time_limit']
+    for n, flag in [(n, '--' + n.replace('_', '-')) for n in names] + list(aliases):
+        if any(x in (flag, '--no-' + flag[2:]) or x.startswith(flag + '=') for x in argv):
+            msg = re.sub(rf'(?<![\w./-]){n}(?= \(| must|:)', flag, msg)
+    return msg
+
+def _interrupted(a, argv):
+    "What a command stopped by Ctrl-C kept, and the command (`argv` as given, in this working folder) that goes on."
+    again = f'cd {shlex.quote(os.getcwd())} && adaad {shlex.join(argv)}'
+    if a.cmd == 'eval' and not a.pieces:
+        return ('interrupted before the result; nothing was kept (--pieces FOLDER keeps finished pieces). '
+                f'Start it again:\n  {again}')
+    if a.cmd == 'compare': return f'interrupted; nothing was written. Run it again:\n  {again}'
+    kept = (f'its finished pieces are kept in {a.pieces}' if a.cmd == 'eval' else
+            'its finished cells are kept in its runs and results folders' if a.cmd == 'table' else
+            f"its last checkpoint (last.pt) is kept in {getattr(a, 'run_dir', None) or a.out or 'its run folder'}")
+    return f'paused: {kept}; this command resumes it from there:\n  {again}'
 
 def main(argv=None):
     "Entry point of the `adaad` command."
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = '--debug' in argv; argv = [x for x in argv if x != '--debug']
-    imports = _import_all(argv)
+    given, debug = list(argv), '--debug' in argv; argv = [x for x in argv if x != '--debug']
+    imports = _import_all(argv, debug)
     ap = parser(); a = ap.parse_args(argv); a.imports = imports
     try: dict(eval=_eval, table=_table, compare=_compare).get(a.cmd, _train)(ap, a)
+    except KeyboardInterrupt:
+        if debug: traceback.print_exc()
+        print(f'adaad {a.cmd}: {_interrupted(a, given)}', file=sys.stderr); sys.exit(130)
     except USER_ERRORS as e:
         if debug: traceback.print_exc()
-        print(f'adaad {a.cmd}: error: {explain(e)}', file=sys.stderr); sys.exit(2 if isinstance(e, (ValueError, FileNotFoundError)) else 1)
+        msg = explain(e)
+        if a.cmd in ('train', 'teacher'): msg = _option_names(msg, argv, [('student', '--arch')] * (a.cmd == 'teacher'))
+        print(f'adaad {a.cmd}: error: {msg}', file=sys.stderr); sys.exit(2 if isinstance(e, (ValueError, FileNotFoundError)) else 1)
 
 # %% ../nbs/13_cli.ipynb #c21c0002
 def _comma(conv, what):
@@ -334,8 +377,10 @@ def _repro_commands(sub):
     t.add_argument('--students', type=_students, default=None, help="comma-separated LABEL=ARCH (default: the preset's)")
     t.add_argument('--suite', type=_comma(str, 'attack names'), default=None, help="comma-separated attacks (default: the preset's)")
     t.add_argument('--dry-run', action='store_true', help="every code path of the preset at toy size, numbers meaningless (into runs/results/<preset>-dry-run)")
-    t.add_argument('--out', default=None, help='results folder (default: runs/results/<preset>)')
-    t.add_argument('--runs', default=None, help='runs folder (default: runs/repro/<preset>)')
+    t.add_argument('--out', default=None, help='results folder (default: runs/results/<preset>, in the working folder)')
+    t.add_argument('--runs', default=None, help='runs folder (default: runs/repro/<preset>, in the working folder)')
+    t.add_argument('--commit', action='store_true',
+                   help="write into the repository's committed results/ on purpose (refused there without it)")
     t.add_argument('--curves', default=None, help='prefix of the training-curve figure (default: <out>/training_curves)')
     t.add_argument('--time-limit', type=float, default=None, help='seconds; cells not started by then wait for the next call (default: none)')
     t.add_argument('--data-root', default=None, help='(default: $ADAAD_DATA, else ./data)')
@@ -363,6 +408,9 @@ def _table(ap, a):
     from adaad.report import plot_training_curves
     if msg := unknown_preset(a.preset, '--preset'): ap.error(msg)
     _check_executor(ap, a)
+    if a.commit and a.dry_run: ap.error('--dry-run numbers mean nothing and are never committed: drop --commit')
+    if not a.commit:
+        for flag, path in (('--out', a.out), ('--runs', a.runs)): _not_committed(path, flag)
     check_device(a.device, '--device')
     log = lambda line: print(line, flush=True)
     kw = dict(imports=a.imports, methods=a.methods, seeds=a.seeds, students=a.students, suite=a.suite, dry_run=a.dry_run, out_dir=a.out,
@@ -388,10 +436,40 @@ def _check_executor(ap, a):
     if a.gpus_per_job != 1 and a.executor is None: ap.error('--gpus-per-job needs --executor slurm or local')
     if a.cell and a.executor: ap.error('--cell trains one cell in this process (under torchrun, in its processes): drop --executor')
 
+def _not_committed(path, flag):
+    "Refuse folder `path` of option `flag` inside the repository's committed `results/` (written with --commit only)."
+    from adaad.repro import repo_root
+    committed = repo_root() / 'results'
+    if path and Path(path).resolve().is_relative_to(committed.resolve()):
+        raise ValueError(f'{flag} {path} lies in {committed}, the committed results: give --commit to write there on '
+                         'purpose, or choose another folder (default: runs/results/<preset>)')
+
+def _read_table(folder, name):
+    "(file, results dict) of results folder (or file) `folder` given as `name`; an error naming a bad file."
+    p = Path(folder); f = p / 'results.json' if p.is_dir() else p
+    not_ours = 'not a results.json written by adaad table'
+    if not f.is_file():
+        raise FileNotFoundError(errno.ENOENT, f'{name}: no results.json (a results folder of adaad table) at', str(f))
+    try: res = json.loads(f.read_text())
+    except ValueError as e: raise ValueError(f'{name}: {f} is not JSON ({e}): {not_ours}') from None
+    rows = res.get('rows') if isinstance(res, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {'student', 'method'} <= set(r) for r in rows):
+        raise ValueError(f"{name}: {f} has no list of table rows ('rows', each with 'student' and 'method'): "
+                         f'{not_ours}')
+    return f, res
+
 def _compare(ap, a):
     "`adaad compare`."
-    from adaad.core import check_writable, write_json
-    from adaad.report import compare_pairs, pairs_file, pairs_summary
+    from adaad.core import check_outputs, check_writable, write_json
+    from adaad.report import compare_pairs, eval_path, pairs_file, pairs_summary
+    read = []
+    for name, folder in (('FOLDER', a.folder), ('--against', a.against)):
+        if folder is None: continue
+        f, res = _read_table(folder, name)
+        read.append((name, f))
+        read += [(f"the evaluation file of row {r['student']}/{r['method']} in {name}", eval_path(f.parent, r))
+                 for r in res['rows'] if r.get('eval') or r.get('arch')]
+    check_outputs([('--out', a.out or pairs_file(a.folder, a.against))], read)
     path = check_writable(a.out or pairs_file(a.folder, a.against), '--out')
     d = compare_pairs(a.folder, a.pairs, against=a.against, student=a.student, attacks=a.attacks, seeds=a.seeds, interactions=a.interactions)
     print(pairs_summary(d)); write_json(path, d); print(f'written: {path}')

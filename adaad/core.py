@@ -5,8 +5,9 @@
 # %% auto #0
 __all__ = ['UNIT', 'REDUCTIONS', 'LOCK_NAME', 'is_real', 'is_int', 'int_range', 'check_int', 'is_unit', 'check_unit',
            'check_positive', 'check_choice', 'as_float', 'reduce_batch', 'kl', 'atomic_write', 'clean_temporaries',
-           'write_json', 'FolderBusy', 'FolderLock', 'check_writable', 'check_device', 'default_device',
-           'first_nonfinite', 'file_sha256', 'tensor_sha256', 'content_digest', 'plain', 'renamed_argument']
+           'write_json', 'FolderBusy', 'FolderLock', 'check_writable', 'same_file', 'check_outputs', 'check_device',
+           'default_device', 'first_nonfinite', 'file_sha256', 'tensor_sha256', 'content_digest', 'plain',
+           'renamed_argument']
 
 # %% ../nbs/00_core.ipynb #1b4042a9
 import errno, hashlib, json, math, numbers, os, socket, tempfile, time, warnings
@@ -98,10 +99,12 @@ def _umask():
     except (OSError, ValueError, IndexError): pass
     m = os.umask(0o022); os.umask(m); return m
 
+_TORCH_WRITE_ERRORS = ('PytorchStreamWriter', 'file write failed', 'inline_container')   # torch.save's, on a full disk
+
 def _write_error(e, path):
     "The OSError, naming `path`, for an error raised while writing it (a torch.save that ran out of disk included); None for others."
     if isinstance(e, OSError) and e.filename is None: return OSError(e.errno, e.strerror or str(e), str(path))
-    if isinstance(e, RuntimeError) and ('PytorchStreamWriter' in str(e) or 'file write failed' in str(e)):
+    if isinstance(e, RuntimeError) and any(k in str(e) for k in _TORCH_WRITE_ERRORS):
         return OSError(errno.EIO, f'writing failed, the disk may be full ({str(e).splitlines()[0][:200]})', str(path))
     return None
 
@@ -188,6 +191,22 @@ def _cuda_build():
     if torch.version.cuda is None: return f'PyTorch {torch.__version__} is a CPU-only build: install a CUDA build'
     return (f'PyTorch {torch.__version__} is built for CUDA {torch.version.cuda}: it needs an NVIDIA GPU and a driver that supports '
             f'CUDA {torch.version.cuda}; nvidia-smi shows the driver and the CUDA version it supports')
+
+def same_file(a, b):
+    "True if paths `a` and `b` name one file (through links and relative parts), whether or not it exists yet."
+    try: return Path(a).samefile(b)
+    except OSError: return Path(a).resolve() == Path(b).resolve()
+
+def check_outputs(outputs, inputs=()):
+    "Raise ValueError naming both if an output (of (name, path) pairs) is the file of an input or an earlier output."
+    seen = [(n, p) for n, p in inputs if p is not None]
+    for name, path in outputs:
+        if path is None: continue
+        hit = next(((n, p) for n, p in seen if same_file(path, p)), None)
+        if hit:
+            raise ValueError(f'{name} {path} is the same file as {hit[0]} {hit[1]}: writing it would replace '
+                             'that file; write elsewhere')
+        seen.append((name, path))
 
 def check_device(device, name='device'):
     "`device` as a `torch.device` (None stays None); raise ValueError naming `name` if it is malformed or absent here."

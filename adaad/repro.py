@@ -9,10 +9,10 @@ __all__ = ['PRESETS', 'PAPER_SCALE', 'PAPER_REFERENCES', 'LAUNCH', 'PACKAGES', '
            'precision_of', 'cached_eval', 'eval_suite', 'teacher_file', 'shipped_teacher_file', 'shipped_record',
            'obtain_teacher', 'teacher_record', 'teacher_expectation', 'check_teacher', 'trust_teacher_file',
            'check_file_teacher', 'build_teacher', 'dry_run_config', 'dry_run_teacher', 'selected_checkpoint',
-           'logged_curve', 'logged_train_s', 'record_training', 'is_rank0', 'run_cell', 'scale_changes', 'check_rows',
-           'run_table', 'amp_guard', 'check_seeds', 'schedule_cells', 'forward_flops', 'training_flops', 'worker_plan',
-           'worker_devices', 'worker_threads', 'run_cells', 'TableJob', 'table_executor', 'import_modules',
-           'run_table_parallel', 'run_table_cell', 'run_eps_sweep']
+           'logged_curve', 'logged_train_s', 'record_training', 'is_rank0', 'run_cell', 'scale_changes',
+           'check_results_folder', 'check_rows', 'run_table', 'amp_guard', 'check_seeds', 'schedule_cells',
+           'forward_flops', 'training_flops', 'worker_plan', 'worker_devices', 'worker_threads', 'run_cells',
+           'TableJob', 'table_executor', 'import_modules', 'run_table_parallel', 'run_table_cell', 'run_eps_sweep']
 
 # %% ../nbs/15_repro.ipynb #488eab9c
 import collections, copy, dataclasses, importlib, inspect, json, math, os, platform, subprocess, time
@@ -708,10 +708,25 @@ def _table_plan(preset, out_dir, runs_dir, dry_run, methods=None, suite=None, se
                         seeds=list(seeds) if seeds is not None else None, train=dict(epochs=epochs, train_n=train_n, amp=amp), **changes)
     check_rows(cfg)
     tag = f"{cfg['name']}-dry-run" if dry_run else cfg['name']
-    out = Path(out_dir or repo_root() / ('runs/results' if dry_run else 'results') / tag)
-    runs = Path(runs_dir or repo_root() / 'runs' / 'repro' / tag)
+    out = check_results_folder(Path(out_dir or Path.cwd() / 'runs' / 'results' / tag), cfg['name'], dry_run)
+    runs = Path(runs_dir or Path.cwd() / 'runs' / 'repro' / tag)
     if dry_run: cfg = dry_run_config(cfg, runs / 'dry-run-teachers')
     return cfg, out, runs, check_seeds(cfg.get('seeds', (0,)))
+
+def check_results_folder(out, preset, dry_run):
+    "Return `out`; raise ValueError if its results.json is another preset's table, or a dry run's unless `dry_run`."
+    f = Path(out) / 'results.json'
+    if not f.exists(): return out
+    try: old = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{f} is not a readable results.json ({e}): choose another results folder') from None
+    have = (old.get('preset'), bool(old.get('dry_run'))) if isinstance(old, dict) else (None, False)
+    if have != (preset, dry_run):
+        what = lambda p, d: f"preset {p!r}{' (a dry run)' if d else ''}"
+        raise ValueError(f'{out} holds the table of {what(*have)}; this is {what(preset, dry_run)}: writing it there '
+                         'would replace that table. Choose another results folder (out_dir, adaad table --out), '
+                         'or delete that one')
+    return out
 
 def check_rows(cfg):
     "Refuse a row of preset dict `cfg` that is neither one of its variants nor a registered method (your own module's: import it first)."
@@ -1055,8 +1070,9 @@ def run_eps_sweep(preset='smoke', eps_list=(2, 4, 6, 8, 10, 12, 14, 16), steps=1
     cfg = preset_config(preset, teacher=teacher, n_test=n_test, attack_overrides=attack_overrides, train=dict(epochs=epochs, train_n=train_n))
     check_choice('student', student, tuple(cfg['students']))
     arch = cfg['students'][student]
-    ctx = _context(cfg, out_dir or repo_root() / 'results' / f"{cfg['name']}-eps-sweep", runs_dir or repo_root() / 'runs' / 'repro' / cfg['name'],
-                   device, data_root, time_limit, progress)
+    here = Path.cwd() / 'runs'
+    out, runs = out_dir or here / 'results' / f"{cfg['name']}-eps-sweep", runs_dir or here / 'repro' / cfg['name']
+    ctx = _context(cfg, out, runs, device, data_root, time_limit, progress)
     res = dict(_header(ctx, 'eps-sweep', seed=seed), student=student, arch=arch, method=method, steps=steps, eval_eps=8 / 255, points=[])
     tmodel, _, res['teacher'], _ = _teachers(dict(ctx, cfg=dict(cfg, standard_teacher=None)))
     if tmodel is None: res['status'] = 'paused'

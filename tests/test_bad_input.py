@@ -259,11 +259,24 @@ def test_cli_errors_from_the_library_name_the_parameter(tmp_path, capsys):
     code, err = _cli(['eval', '--ckpt', str(tmp_path / 'missing.pt'), '--arch', 'wrn-10-1'], capsys)
     assert code == 2 and 'checkpoint not found' in err, err
     for args, msg in [(['--save-every', '-1'], '--save-every: must be an integer >= 0'), (['--lr', '-0.1'], '--lr: must be a number > 0'),
-                      (['--time-limit', '0'], 'time_limit must be a number of seconds > 0'),
+                      (['--time-limit', '0'], '--time-limit must be a number of seconds > 0'),
                       (['--student', 'resnet19'], "student: unknown model name 'resnet19'")]:
         code, err = _cli(['teacher', '--method', 'pgd-at', '--out', str(tmp_path / 'r'), '--data-root', str(tmp_path)] + args
                          if args[0] != '--student' else ['train', '--method', 'natural', '--data-root', str(tmp_path)] + args, capsys)
         assert code == 2 and msg in err, (args, err)
+
+
+@pytest.mark.parametrize('args, msg', [
+    (['--train-n', '5'], '--train-n must be an integer in [10, 49000]'),
+    (['--arch', 'resnet19'], "--arch: unknown model name 'resnet19'"),
+    (['--eps-start', '0.1', '--eps-ramp-epochs', '2'], '--eps-start (0.1) must be <= eps ('),
+    (['--swa', '--swa-start', '5', '--epochs', '3'], '--swa-start must be < --epochs (3)')])
+def test_cli_config_errors_name_the_option_given(tmp_path, capsys, data_root, args, msg):
+    "A value the training configuration refuses (alone, or with another) is named by its option, not by the field."
+    base = ['teacher', '--method', 'pgd-at', '--out', str(tmp_path / 'r'), '--data-root', str(data_root),
+            '--device', 'cpu']
+    code, err = _cli(base + args, capsys)
+    assert code == 2 and msg in err and 'train_n' not in err and 'Traceback' not in err, err
 
 
 def test_preset_teacher_file_of_another_architecture_names_the_file(tmp_path):

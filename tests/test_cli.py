@@ -168,10 +168,10 @@ def test_eval_without_device_runs_on_cuda_where_visible_else_the_cpu_and_says_wh
     assert 'cuda if a CUDA GPU is visible, else cpu' in next(a.help for a in _sub('eval')._actions if a.dest == 'device')
     for visible, dev in ((True, 'cuda'), (False, 'cpu')):
         monkeypatch.setattr(torch.cuda, 'is_available', lambda: visible)
-        a = types.SimpleNamespace(device=None, out=None, model_info=None, pieces=None)
+        a = types.SimpleNamespace(device=None, out=None, model_info=None, pieces=None, ckpt=None)
         _check_outputs(a)
         assert a.device == torch.device(dev) and f'adaad eval: on {dev}' in capsys.readouterr().err
-    a = types.SimpleNamespace(device='cuda', out=None, model_info=None, pieces=None)
+    a = types.SimpleNamespace(device="cuda", out=None, model_info=None, pieces=None, ckpt=None)
     with pytest.raises(ValueError, match=r"no CUDA GPU is visible to PyTorch here \(PyTorch .*(CPU-only|built for CUDA)"):
         _check_outputs(a)
 

@@ -1,6 +1,7 @@
 """What happens around a failure: one writer per run folder, a failed start that leaves the folder reusable, logs and
-evaluation pieces that survive damage, outputs checked before the work, values a method gives no meaning refused,
-non-finite networks refused, one-line command-line errors, and file modes that follow the umask.
+evaluation pieces that survive damage, outputs checked before the work, outputs that would replace an input or another
+table refused, values a method gives no meaning refused, non-finite networks refused, one-line command-line errors (Ctrl-C,
+failing imports and full disks included), and file modes that follow the umask.
 
 Run as a script (`python tests/test_failures.py OUT`) this file is the worker of the two-process test: a tiny PGD-AT
 run whose first training step waits until the file OUT/go exists."""
@@ -345,6 +346,157 @@ def test_a_single_attack_name_is_a_suite(tmp_path, capsys, data_root, ckpt):
     assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {'clean', 'worst', 'flags'}
     code, _, err = _cli(['eval', '--ckpt', ckpt, '--arch', 'wrn-10-1', '--suite', 'clean,pgd7'], capsys)
     assert code == 2 and "--suite: suite lists unknown attack 'pgd7'" in err, err
+
+
+# ---- no output replaces an input or another table ------------------------------------------------------------------
+@pytest.mark.parametrize('flag', ['--out', '--model-info'])
+def test_an_eval_output_that_is_its_checkpoint_is_refused_naming_both(tmp_path, capsys, no_evaluation, ckpt, flag):
+    before = Path(ckpt).read_bytes()
+    same = str(Path(ckpt).parent / '.' / Path(ckpt).name)
+    args = ['eval', '--ckpt', ckpt, '--arch', 'wrn-10-1', '--suite', 'clean,aa', flag, same, '--device', 'cpu']
+    code, _, err = _cli(args, capsys)
+    assert code == 2 and f'{flag} {same} is the same file as --ckpt {ckpt}' in err and 'Traceback' not in err, err
+    assert Path(ckpt).read_bytes() == before
+
+
+def _table_folder(folder, preset='quick', dry_run=False, rows=()):
+    "A results folder holding a results.json of `preset` (with `rows`), as adaad table writes it."
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'results.json').write_text(json.dumps(dict(preset=preset, dry_run=dry_run, rows=list(rows))))
+    return folder
+
+
+def test_compare_refuses_to_write_over_a_file_it_reads(tmp_path, capsys):
+    row = dict(student='RN-18', arch='resnet18', method='adaad', seed=0, eval='evals/a.json')
+    f = _table_folder(tmp_path / 'F', rows=[row])
+    before = (f / 'results.json').read_text()
+    for out, what in [(f / 'results.json', 'FOLDER'), (f / 'evals' / 'a.json', 'the evaluation file of row RN-18/adaad in FOLDER')]:
+        code, _, err = _cli(['compare', str(f), 'adaad:pgd-at', '--out', str(out)], capsys)
+        assert code == 2 and f'--out {out} is the same file as {what}' in err and 'Traceback' not in err, err
+    assert (f / 'results.json').read_text() == before
+
+
+@pytest.mark.parametrize('text, msg', [('{"rows": [', 'is not JSON'), ('{"preset": "quick"}', "has no list of table rows ('rows'"),
+                                       ('[1, 2]', "has no list of table rows")])
+def test_compare_names_a_malformed_results_file(tmp_path, capsys, text, msg):
+    (tmp_path / 'F').mkdir(); (tmp_path / 'F' / 'results.json').write_text(text)
+    code, _, err = _cli(['compare', str(tmp_path / 'F'), 'adaad:pgd-at'], capsys)
+    assert code == 2 and f"FOLDER: {tmp_path / 'F' / 'results.json'} " in err and msg in err, err
+    assert 'Traceback' not in err
+
+
+@pytest.mark.parametrize('preset, dry_run', [('quick', False), ('smoke', True)])
+def test_table_refuses_a_results_folder_of_another_table(tmp_path, capsys, preset, dry_run):
+    f = _table_folder(tmp_path / 'res', preset=preset, dry_run=dry_run)
+    code, _, err = _cli(['table', '--preset', 'quick', '--dry-run', '--out', str(f), '--runs', str(tmp_path / 'runs')],
+                        capsys)
+    held = f"preset {preset!r}{' (a dry run)' if dry_run else ''}"
+    assert code == 2 and f"{f} holds the table of {held}; this is preset 'quick' (a dry run)" in err, err
+    assert sorted(p.name for p in f.iterdir()) == ['results.json'] and not (tmp_path / 'runs').exists()
+
+
+def test_table_refuses_the_committed_results_folder_without_commit(tmp_path, capsys, monkeypatch):
+    "Only `--commit` (never with `--dry-run`) writes into the repository's results/; the other checks still apply then."
+    import adaad.repro
+    monkeypatch.setattr(adaad.repro, 'repo_root', lambda: tmp_path)
+    f = _table_folder(tmp_path / 'results' / 'smoke', preset='quick')
+    args = ['table', '--preset', 'smoke', '--out', str(f), '--runs', str(tmp_path / 'runs')]
+    code, _, err = _cli(args, capsys)
+    assert code == 2 and f"--out {f} lies in {tmp_path / 'results'}, the committed results: give --commit" in err, err
+    code, _, err = _cli(args + ['--commit', '--dry-run'], capsys)
+    assert code == 2 and 'drop --commit' in err, err
+    code, _, err = _cli(args + ['--commit'], capsys)
+    assert code == 2 and f"{f} holds the table of preset 'quick'; this is preset 'smoke'" in err, err
+    assert sorted(p.name for p in f.iterdir()) == ['results.json'] and not (tmp_path / 'runs').exists()
+
+
+def test_table_folders_default_to_runs_in_the_working_folder_and_the_same_table_resumes(tmp_path, monkeypatch):
+    from adaad.repro import _table_plan
+    monkeypatch.chdir(tmp_path)
+    here = Path.cwd() / 'runs'
+    assert _table_plan('smoke', None, None, False)[1:3] == (here / 'results' / 'smoke', here / 'repro' / 'smoke')
+    _table_folder(here / 'results' / 'smoke', preset='smoke')
+    assert _table_plan('smoke', None, None, False)[1] == here / 'results' / 'smoke'   # the same table into its folder
+    dry = _table_plan('quick', None, None, True)[1:3]
+    assert dry == (here / 'results' / 'quick-dry-run', here / 'repro' / 'quick-dry-run')
+
+
+# ---- Ctrl-C, failing imports, full disks: one message ---------------------------------------------------------------
+def _interrupt(args, started, cwd):
+    "Run `adaad ARGS` in a fresh process, send it SIGINT once `started()` holds: (exit code, stdout, stderr)."
+    import signal
+    path = os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)   # a shell's background job ignores SIGINT
+    p = subprocess.Popen([sys.executable, '-m', 'adaad.cli', *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=path),
+                         preexec_fn=default_sigint)
+    t0 = time.time()
+    while not started() and p.poll() is None and time.time() - t0 < 300: time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    return p.returncode, out, err
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT to a child process')
+def test_ctrl_c_during_training_pauses_and_names_the_command_that_resumes(tmp_path, data_root):
+    run = tmp_path / 'run'
+    args = ['teacher', '--method', 'natural', '--arch', 'wrn-10-1', '--epochs', '50', '--train-n', '100', '--val-n',
+            '10', '--batch-size', '10', '--data-root', str(data_root), '--device', 'cpu', '--no-progress',
+            '--out', str(run)]
+    code, out, err = _interrupt(args, lambda: (run / 'metrics.jsonl').exists(), tmp_path)
+    assert code == 130 and 'Traceback' not in err + out, err
+    assert f'paused: its last checkpoint (last.pt) is kept in {run}' in err and (run / 'last.pt').exists(), err
+    again = err.strip().splitlines()[-1].strip()
+    assert again.startswith(f'cd {tmp_path} && adaad ') and again.split('&& adaad ')[1].split() == args, again
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT to a child process')
+def test_ctrl_c_during_an_evaluation_pauses_and_names_the_command_that_resumes(tmp_path, data_root, ckpt):
+    pieces = tmp_path / 'pieces'
+    args = ['eval', '--ckpt', ckpt, '--arch', 'wrn-10-1', '--suite', 'clean,pgd10', '--n', '1000', '--batch-size', '10',
+            '--shard-size', '10', '--pieces', str(pieces), '--data-root', str(data_root), '--device', 'cpu',
+            '--no-progress']
+    code, out, err = _interrupt(args, lambda: any(pieces.glob('pgd10-*.json')), tmp_path)
+    assert code == 130 and 'Traceback' not in err + out, err
+    assert f'paused: its finished pieces are kept in {pieces}; this command resumes it' in err, err
+    assert f"cd {tmp_path} && adaad {' '.join(args)}" in err, err
+
+
+@pytest.mark.parametrize('kind, source, last', [
+    ('raises', 'raise RuntimeError("first line\\nthe last line")', 'RuntimeError: the last line'),
+    ('syntax', 'def broken(:\n', 'SyntaxError: '),
+    ('taken', 'from adaad.methods import Method, register\n@register\nclass Mine(Method): name = "adaad"\n',
+     "ValueError: method name 'adaad' is already registered by adaad.methods.")])
+def test_a_failing_import_names_the_module_and_the_error(tmp_path, capsys, monkeypatch, kind, source, last):
+    mod = f'user_mod_{kind}'
+    (tmp_path / f'{mod}.py').write_text(source); monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = _cli(['--import', mod, 'train', '--method', 'natural'], capsys)
+    assert code == 2 and f'--import {mod}: {last}' in err and '--debug' in err and 'Traceback' not in err, err
+    code, _, err = _cli(['train', '--import', mod, '--debug'], capsys)
+    assert code == 2 and 'Traceback' in err and f'--import {mod}: {last}' in err, err
+
+
+def _tiny_teacher(data_root, out):
+    "The arguments of a one-epoch natural training of a tiny network into `out`."
+    return ['teacher', '--method', 'natural', '--arch', 'wrn-10-1', '--epochs', '1', '--train-n', '20', '--val-n', '10',
+            '--batch-size', '10', '--data-root', str(data_root), '--device', 'cpu', '--no-progress', '--out', str(out)]
+
+
+def test_a_full_disk_named_by_torch_only_is_named_as_such(tmp_path, capsys, data_root, monkeypatch):
+    "torch's own message for a save that ran out of space ('unexpected pos') says the disk may be full, naming the file."
+    def full(obj, f, *a, **k): raise RuntimeError('[enforce fail at inline_container.cc:603] . unexpected pos 8832 vs 8720')
+    monkeypatch.setattr(torch, 'save', full)
+    code, _, err = _cli(_tiny_teacher(data_root, tmp_path / 'r'), capsys)
+    assert code == 1 and 'the disk may be full' in err and str(tmp_path / 'r') in err and 'Traceback' not in err, err
+
+
+def test_a_full_disk_while_logging_names_the_run_folder(tmp_path, capsys, data_root, monkeypatch):
+    import adaad.train
+    def full(path, row): raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(adaad.train, '_log', full)
+    code, _, err = _cli(_tiny_teacher(data_root, tmp_path / 'r'), capsys)
+    assert code == 1 and f"No space left on device: {tmp_path / 'r'} (the run folder); free some disk space" in err, err
+    assert 'Traceback' not in err
 
 
 # ---- file modes ---------------------------------------------------------------------------------------------------
