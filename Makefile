@@ -60,12 +60,19 @@ test-slow: install data
 # the modules are looked for on PYTHONPATH and in this folder. `DEVICE=cuda` (or cpu, cuda:1) picks the device; left
 # empty, CUDA where visible, else the CPU (every progress line names it). The command for each preset:
 # adaad.repro.LAUNCH. The same table by parallel one-thread workers: `adaad table --preset P --workers N` (notebook 13).
+# `PRECISION=fp32` or `PRECISION=bf16` overrides the preset's precision (bf16 is refused where it weakens PGD-10 on the
+# teacher); `adaad table --precision` does the same.
 PRESET ?= quick
 DEVICE ?=
+PRECISION ?=
 REPRO_ARGS ?=
 IMPORT ?=
 COMMIT ?=
 DRY_RUN ?=
+ifneq ($(filter-out fp32 bf16,$(PRECISION)),)
+$(error PRECISION must be fp32 or bf16 (or empty: the preset's), got '$(PRECISION)')
+endif
+REPRO_AMP = $(if $(filter bf16,$(PRECISION)),-p amp True,$(if $(filter fp32,$(PRECISION)),-p amp False))
 ifneq ($(and $(COMMIT),$(DRY_RUN)),)
 $(error DRY_RUN=1 checks that a preset runs, its numbers mean nothing and are never committed: drop COMMIT=1)
 endif
@@ -77,7 +84,7 @@ repro: install data
 	@$(CHECK_PRESET)
 	mkdir -p $(REPRO_OUT)
 	$(if $(IMPORT),PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}") $(BIN)/papermill nbs/repro_table.ipynb $(REPRO_OUT)/repro_table.ipynb --cwd nbs -k python3 --log-output --no-progress-bar \
-		-p preset $(PRESET) -p scratch False -p test_cut False -p progress True -p out_dir $(CURDIR)/$(REPRO_OUT) -p runs_dir $(CURDIR)/$(REPRO_RUNS) -p curves $(REPRO_CURVES) -p dry_run $(if $(DRY_RUN),True,False) $(if $(IMPORT),-p imports $(IMPORT)) $(if $(DEVICE),-p device $(DEVICE)) \
+		-p preset $(PRESET) -p scratch False -p test_cut False -p progress True -p out_dir $(CURDIR)/$(REPRO_OUT) -p runs_dir $(CURDIR)/$(REPRO_RUNS) -p curves $(REPRO_CURVES) -p dry_run $(if $(DRY_RUN),True,False) $(if $(IMPORT),-p imports $(IMPORT)) $(if $(DEVICE),-p device $(DEVICE)) $(REPRO_AMP) \
 		-p committed $(if $(or $(COMMIT),$(DRY_RUN)),None,$(CURDIR)/results/$(PRESET)) -y '{"methods": null, "students": null, "train_n": null, "n_test": null}' $(REPRO_ARGS)
 
 # Remake a preset's shipped teacher (teachers/<name>.pt and its record teachers/<name>.json) from the training its preset

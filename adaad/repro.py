@@ -968,6 +968,9 @@ def import_modules(imports, name='imports'):
     for m in mods: importlib.import_module(m)
     return mods
 
+_PLAN_KEYS = ('teacher', 'students', 'methods', 'epochs', 'n_test', 'suite', 'seeds', 'attack_overrides', 'train_n', 'variants',
+              'amp')   # run_table's keywords that change the plan of the table
+
 def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, executor=None, executor_options=None, **kw):
     """`run_table(preset, **kw)` with its cells trained by `workers` processes (or, with `executor`, submitit jobs: see
     `table_executor`; a kind such as 'slurm' makes one with `executor_options`, its folder `<out>/jobs`), each importing `imports` first; the results dict (status 'paused', without rows or files written,
@@ -976,12 +979,13 @@ def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, executor
     unknown = sorted(set(kw) - set(inspect.signature(run_table).parameters))
     if unknown: raise TypeError(f'run_table_parallel takes run_table\'s keywords; unknown: {unknown}')
     workers, imports = check_int(workers, 'workers'), import_modules(imports)
-    plan = {k: kw.get(k) for k in ('teacher', 'students', 'methods', 'epochs', 'n_test', 'suite', 'seeds', 'attack_overrides', 'train_n', 'variants')}
+    plan = {k: kw.get(k) for k in _PLAN_KEYS}
     cfg, out, runs, seeds = _table_plan(preset, kw.get('out_dir'), kw.get('runs_dir'), kw.get('dry_run', False), **plan)
     ctx = _context(cfg, out, runs, kw.get('device'), kw.get('data_root'), kw.get('time_limit'), kw.get('progress', False))
     tmodel, smodel, ti, si = _teachers(ctx)
     res = dict(_header(ctx, 'table', seeds=seeds, workers=workers), rows=[], runs={}, teacher=ti, standard_teacher=si, status='paused')
     if ti is None or any(i is not None and i.get('ckpt') is None for i in (ti, si)): return res   # a teacher's training paused
+    if kw.get('amp') and tmodel is not None: res['amp_check'] = amp_guard(tmodel, dict(ctx, log=log or (lambda line: None)))
     cells = [(label, arch, row, seed) for seed in seeds for label, arch in cfg['students'].items() for row in cfg['methods']]
     setup = dict(cfg=dict(cfg, teacher=_file_teacher(cfg['teacher'], ti), standard_teacher=_file_teacher(cfg.get('standard_teacher'), si)),
                  out=str(out), runs=str(runs), device=str(ctx['device']), data_root=ctx['data_root'], imports=imports,
@@ -1009,7 +1013,7 @@ def run_table_cell(preset='smoke', cell='RN-18/adaad/0', imports=(), log=None, *
     unknown = sorted(set(kw) - set(inspect.signature(run_table).parameters))
     if unknown: raise TypeError(f'run_table_cell takes run_table\'s keywords; unknown: {unknown}')
     import_modules(imports)
-    plan = {k: kw.get(k) for k in ('teacher', 'students', 'methods', 'epochs', 'n_test', 'suite', 'seeds', 'attack_overrides', 'train_n', 'variants')}
+    plan = {k: kw.get(k) for k in _PLAN_KEYS}
     cfg, out, runs, seeds = _table_plan(preset, kw.get('out_dir'), kw.get('runs_dir'), kw.get('dry_run', False), **plan)
     label, arch, row, seed = _table_cell_of(cfg, seeds, cell)
     _, _, device = process_device(kw.get('device'))

@@ -40,3 +40,25 @@ def test_a_fresh_run_of_committed_seeds_is_placed_in_their_spread():
     assert 'CPU kind AVX2' in text and 'precision fp32' in text
     assert 'The two sides ran under the same recorded conditions' in text
     assert run_conditions(load_results(a))['training threads'] == 'not recorded'
+
+
+def test_one_option_chooses_the_precision_of_make_repro_and_adaad_table():
+    "PRECISION=fp32|bf16 reaches the notebook as amp False/True, anything else is refused; `adaad table --precision` likewise."
+    import subprocess
+    from adaad.cli import PRECISIONS, parser
+    run = lambda *a: subprocess.run(['make', '-n', 'repro', *a], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert '-p amp True' in run('PRECISION=bf16').stdout and '-p amp False' in run('PRECISION=fp32').stdout
+    assert '-p amp' not in run().stdout
+    bad = run('PRECISION=fp16')
+    assert bad.returncode != 0 and "PRECISION must be fp32 or bf16" in bad.stderr
+    assert [PRECISIONS[parser().parse_args(['table', '--precision', p]).precision] for p in ('preset', 'fp32', 'bf16')] == [None, False, True]
+
+
+def test_the_parallel_table_trains_its_cells_in_the_precision_asked(tmp_path, data_root):
+    "run_table_parallel(amp=False) on a preset that asks for 'auto': every worker-trained row records fp32."
+    from adaad.repro import run_table_parallel
+    res = run_table_parallel('quick', workers=1, dry_run=True, amp=False, methods=['pgd-at'], data_root=str(data_root),
+                             out_dir=str(tmp_path / 'out'), runs_dir=str(tmp_path / 'runs'))
+    rows = [r for r in res['rows'] if r['method'] != 'teacher']
+    assert res['status'] == 'done' and rows and all(r['train']['config']['amp'] is False for r in rows)
+    assert all(r['train']['train_wall_s'] == 0. for r in rows)          # trained by the worker, not again by the assembly
