@@ -195,9 +195,10 @@ def set_rng_state(s):
     random.setstate(s['python'])
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
-def save_state(path, model, opt, epoch, step, best, config, method_state=None, swa=None, peers=None):
-    "Write a resumable checkpoint of `model` (unwrapped), `opt`, progress, RNG states, the `config` dict, the method's state, the weight average (`swa`) and the networks trained beside the student (`peers`), if any (atomic, checksummed)."
+def save_state(path, model, opt, epoch, step, best, config, method_state=None, swa=None, peers=None, losses=None):
+    "Write a resumable checkpoint of `model` (unwrapped), `opt`, progress, RNG states, the `config` dict, the method's state, the weight average (`swa`), the networks trained beside the student (`peers`) and the losses of the epoch's batches so far (`losses`), if any (atomic, checksummed)."
     extra = {} if method_state is None else dict(method_state=method_state)
+    if losses is not None: extra['losses'] = losses
     if swa is not None: extra['swa'] = swa.state_dict()
     if peers: extra['peers'] = {k: net.state_dict() for k, net in peers.items()}
     return atomic_save(dict(state_dict=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, step=step,

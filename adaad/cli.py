@@ -87,6 +87,7 @@ def _run_args(p):
 def parser():
     "The `adaad` argument parser."
     from adaad.data import DATASETS
+    from adaad.core import EPS
     ap = argparse.ArgumentParser(prog='adaad', description='Adversarial robustness distillation (AdaAD and baselines).')
     ap.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
                     help='import a module first (one that registers your own method, attack or architecture); repeatable, here or after the command')
@@ -107,7 +108,7 @@ def parser():
     e.add_argument('--suite', default='quick', help="attack suite: 'quick' (clean, PGD-10), 'paper' (clean, FGSM, PGD-10, CW2, AA) or a comma list of attacks, e.g. clean,aa (default: %(default)s)")
     e.add_argument('--n-test', '--n', dest='n', type=_checked(int, _N), default=1000,
                    help='first N test images; --n-test under torchrun, whose own options --n would abbreviate (default: %(default)s)')
-    e.add_argument('--eps', type=parse_eps, default=8 / 255, help='attack budget (default: 8/255)')
+    e.add_argument('--eps', type=parse_eps, default=EPS, help='attack budget (default: 8/255)')
     e.add_argument('--batch-size', type=_checked(int, _N), default=200, help='(default: %(default)s)')
     e.add_argument('--out', default=None, help='write the result as JSON here (default: print only)')
     e.add_argument('--shard-size', type=_checked(int, _N), default=None, help='images per piece, a multiple of --batch-size (default: all in one)')
@@ -271,7 +272,7 @@ def _write_model_info(a, r):
     version = aa[0]['kwargs'].get('version') if aa else None
     res = dict(preset='adaad eval', scale=f'an evaluation of {Path(a.ckpt).name} by adaad eval', dataset=a.dataset, config=dict(aa=None if version == 'standard' else (aa[0]['kwargs'] if aa else None)),
                git=None, data=dict(exact_note=f'{a.dataset} test set, first {r.n} images'))
-    info = model_info(res, row); info['adaad'].update(ckpt_sha256=file_sha256(a.ckpt), eps=a.eps, suite=a.suite)
+    info = model_info(res, row, eps=a.eps); info['adaad'].update(ckpt_sha256=file_sha256(a.ckpt), eps=a.eps, suite=a.suite)
     write_json(a.model_info, info)
 
 _HINTS = {errno.ENOSPC: 'free some disk space, or write elsewhere', errno.EDQUOT: 'free some of your quota, or write elsewhere',

@@ -49,6 +49,23 @@ def read_batch(path):
     return {(k.decode('latin1') if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 # %% ../nbs/01_data.ipynb #6924edfd
+def _described(t):
+    "How a value shows in a message: a tensor's dtype and shape, else its type."
+    return f'{t.dtype} tensor of shape {tuple(t.shape)}' if isinstance(t, torch.Tensor) else type(t).__name__
+
+def _check_split(x, y, num_classes):
+    "Raise unless `x` is uint8 [N,3,32,32], `y` int64 [N] with labels in [0, `num_classes`), and N >= 1."
+    check_int(num_classes, 'num_classes', 2)
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
+        raise TypeError(f'x must be a uint8 tensor of shape (N, 3, 32, 32), got a {_described(x)}')
+    if x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32): raise ValueError(f'x must have shape (N, 3, 32, 32), got {tuple(x.shape)}')
+    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64: raise TypeError(f'y must be an int64 tensor of shape (N,), got a {_described(y)}')
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f'y must have shape (N,) = ({len(x)},), one label per image of x, got {tuple(y.shape)}')
+    if not len(x): raise ValueError('a split must hold at least one example, got 0')
+    lo, hi = (v.item() for v in torch.aminmax(y))
+    if lo < 0 or hi >= num_classes: raise ValueError(f'y must hold class indices in [0, {num_classes}), got values in [{lo}, {hi}]')
+
 @dataclass
 class CifarSplit:
     "A whole CIFAR split on one device: `x` uint8 [N,3,32,32], `y` int64 [N]."
@@ -58,6 +75,7 @@ class CifarSplit:
     name: str = 'cifar10'
     split: str = 'test'
     source: dict = field(default_factory=dict)
+    def __post_init__(self): _check_split(self.x, self.y, self.num_classes)
     def __len__(self): return len(self.y)
     def __repr__(self): return f'CifarSplit({self.name}/{self.split}, n={len(self)}, device={self.x.device})'
     def to(self, device):

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
-from .core import FolderLock, atomic_write, check_device, check_int, content_digest, first_nonfinite, plain, tensor_sha256
+from .core import (FolderLock, atomic_write, check_device, check_int, content_digest, first_nonfinite, plain, read_sealed,
+                        tensor_sha256, write_sealed)
 from .stats import per_class
 from .data import to_float
-from .attacks import ATTACKS, EPS, AttackSpec, check_eps, check_images, check_labels, frozen_eval
+from .attacks import ATTACKS, AttackSpec, check_eps, check_images, check_labels, frozen_eval
 
 # %% ../nbs/05_evaluate.ipynb #5a82c037
 SUITES = {'paper': ('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), 'quick': ('clean', 'pgd10')}
@@ -195,13 +196,13 @@ class EvalResult:
                    list(d['flags']), dict(d['seconds']), dict(d['config']), dict(d.get('diagnostics', {})), dict(d.get('per_class', {})))
 
     def to_json(self, path):
-        "Write `to_dict()` as JSON to `path`, atomically."
-        return atomic_write(path, json.dumps(self.to_dict(), indent=1) + '\n')
+        "Write `to_dict()` as JSON carrying the SHA-256 of its content to `path`, atomically."
+        return write_sealed(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path):
-        "Read a result written by `to_json`."
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        "Read a result written by `to_json`, refusing (naming `path`) one whose content does not match its digest."
+        return cls.from_dict(read_sealed(path, 'evaluation result'))
 
     def to_csv(self, path):
         "Write one row per attack (and 'worst'): accuracy, 95% CI, correct count, n, seconds; atomically."
@@ -250,9 +251,10 @@ def _run_batched(spec, model, x, y, batch_size, device, seed, progress):
         if spec.fn is not None:
             kw = dict(spec.kwargs, **({'seed': seed + i} if _takes(spec.fn, 'seed') else {}))
             if curves:
-                xb, losses = spec.fn(model, xb, yb, return_losses=True, **kw)
+                xa, losses = spec.fn(model, xb, yb, return_losses=True, **kw)
                 part = losses.mean(0) * len(yb); curve = part if curve is None else curve + part
-            else: xb = spec.fn(model, xb, yb, **kw)
+            else: xa = spec.fn(model, xb, yb, **kw)
+            xb = spec.check_output(xb, xa)
         with torch.no_grad(): out.append(model(xb).argmax(1).cpu() == yb.cpu())
     return torch.cat(out), ({} if curve is None else dict(loss=(curve / len(x)).tolist()))
 
@@ -260,7 +262,7 @@ def _run_whole(spec, model, x, y, batch_size, device, seed, progress):
     "(per-example correctness, diagnostics) under an attack that runs once over all points; diagnostics hold pyautoattack's warnings."
     with tqdm(total=len(x), desc=spec.name, disable=not progress, leave=False) as bar, captured_log('auto-attack') as msgs:
         kw = dict(spec.kwargs, seed=seed, batch_size=batch_size, device=device)
-        xa = spec.fn(model, x, y, **kw)
+        xa = spec.check_output(x, spec.fn(model, x, y, **kw))
         bar.update(len(x))
     return _correct(model, xa, y, batch_size, device), ({'warnings': list(msgs)} if msgs else {})
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.fx as fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .attacks import ce_loss, check_attack_args, frozen_eval, input_grad, pgd
+from .core import EPS
 
 # %% ../nbs/11_fast.ipynb #a89fe7f6
 def fold_batchnorm(model):
@@ -57,7 +58,7 @@ class Autocast(nn.Module):
         with torch.autocast(x.device.type, dtype=self.dtype): out = self.model(x)
         return out.float()
 
-def amp_check(model, x, y, eps=8/255, steps=10, batch_size=500, dtype=torch.bfloat16, seed=0):
+def amp_check(model, x, y, eps=EPS, steps=10, batch_size=500, dtype=torch.bfloat16, seed=0):
     "PGD-`steps` accuracy (%) of `model` in fp32 and under `dtype` autocast, and the sign agreement of the input gradient."
     y = check_attack_args(x, y, eps=eps, steps=steps)
     amp, acc, agree, counted = Autocast(model, dtype), {'fp32': 0, 'amp': 0}, 0, 0

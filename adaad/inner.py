@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import as_float, check_choice, int_range, is_int, is_real, kl, renamed_argument
+from .core import EPS, as_float, check_choice, int_range, is_int, is_real, kl, renamed_argument
 from .attacks import project_linf, frozen_eval
 
 # %% ../nbs/07_inner.ipynb #b399b102
@@ -31,7 +31,7 @@ def check_budget(eps, step_size, steps):
 @dataclass(frozen=True)
 class Budget:
     "The attack budget of an inner maximisation: radius, step, steps, start and the student's BatchNorm mode."
-    eps: float = 8/255          # radius of the l_inf ball, pixel units
+    eps: float = EPS            # radius of the l_inf ball, pixel units
     step_size: float = 2/255    # sign-step size eta
     steps: int = 10             # number of ascent steps K
     init: str = 'gaussian'      # start x'_0, one of INITS
@@ -53,7 +53,7 @@ def init_point(x, eps, init='gaussian'):
     return x0.clamp(0, 1) if init == 'gaussian_clipped' else x0
 
 # %% ../nbs/07_inner.ipynb #e4249286
-def sign_ascent(objective, x, eps=8/255, step_size=2/255, steps=10, init='gaussian'):
+def sign_ascent(objective, x, eps=EPS, step_size=2/255, steps=10, init='gaussian'):
     "Return $\\tilde x = x'_K$, $x'_{k+1} = \\Pi(x'_k + \\eta\\,\\mathrm{sign}\\,\\nabla_{x'} L(x'_k))$ for `objective` $L$."
     check_budget(eps, step_size, steps)
     x = x.detach()

@@ -73,7 +73,6 @@ class InnerView(Logits):
         return self.own[at]
     def replay(self, passes): raise TypeError('replay runs the loss\'s passes; an inner objective has none')
 
-
 # %% ../nbs/09_methods.ipynb #d0e54259
 BUDGET_KEYS = ('eps', 'step_size', 'steps', 'init', 'attack_bn')   # overrides that go to the inner's Budget
 
@@ -544,7 +543,9 @@ class Combo(Method):
     def for_dataset(self, dataset): return replace(self, inner=self.inner.for_dataset(dataset), outer=self.outer.for_dataset(dataset))
     def run_warnings(self, epochs): return self.outer.run_warnings(epochs)     # the loss is the outer method's
     def peer_archs(self, student): return {**self.inner.peer_archs(student), **self.outer.peer_archs(student)}
-    def hparams(self): return {**self.inner.hparams(), **self.outer.hparams()}
+    def hparams(self):
+        "The outer method's own fields, then the inner's with its budget's start and BatchNorm mode (those the inner runs with)."
+        return {**self.inner.hparams(), **{k: v for k, v in self.outer.hparams().items() if k not in BUDGET_KEYS}}
 
 for _k in _SCHEDULE: setattr(Combo, _k, property(lambda self, _k=_k: getattr(self.outer, _k)))
 
@@ -574,6 +575,9 @@ def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, fai
     """One batch of `method`: inner maximisation, student in train mode, outer loss; returns `(loss, logs)`. `state`: the
     method's `new_state`; `peers`: the networks it trains beside the student (`peer_archs`), by name."""
     m = get_method(method, inner, **overrides)
+    if m.budget is not None and m.budget.steps < 1:
+        raise ValueError(f"method {m.name!r}: steps must be an integer >= 1 for a method with an inner maximisation, got "
+                         f"{m.budget.steps} (with no step it would train on its start point, not on an adversarial one)")
     missing = sorted(set(m.peer_archs('')) - set(peers or {}))
     if missing: raise ValueError(f"method {m.name!r} trains {', '.join(missing)} beside the student; pass peers={{name: network}}")
     check_int(epoch, 'epoch', 0)

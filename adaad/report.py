@@ -7,17 +7,17 @@ __all__ = ['PAPER_COLUMNS', 'PAPER_TABLE', 'PAPER_METHODS', 'PAPER_TEACHER', 'CI
            'COLUMN_NAMES', 'DIAG_COLUMNS', 'METHOD_PAPERS', 'CURVE_PANELS', 'PAIR_ATTACKS', 'eval_path', 'row_result',
            'groups', 'declared_family', 'correct_family', 'verdict', 'add_comparisons', 'add_per_class',
            'markdown_table', 'resolution_sentence', 'latex_table', 'paper_comparison', 'last_diagnostics',
-           'diagnostics_table', 'robustbench_arch', 'model_info', 'write_model_infos', 'write_outputs', 'load_results',
-           'rewrite_tables', 'plot_eps_sweep', 'plot_training_curves', 'prediction_interval', 'place_in_spread',
-           'run_conditions', 'compare_results', 'preset_differences', 'seed_rows', 'compare_pairs', 'pairs_file',
-           'pairs_summary']
+           'diagnostics_table', 'robustbench_arch', 'eps_text', 'model_info', 'write_model_infos', 'write_outputs',
+           'load_results', 'rewrite_tables', 'plot_eps_sweep', 'plot_training_curves', 'prediction_interval',
+           'place_in_spread', 'run_conditions', 'compare_results', 'preset_differences', 'seed_rows', 'compare_pairs',
+           'pairs_file', 'pairs_summary']
 
 # %% ../nbs/14_report.ipynb #0395b413
 import json
 from pathlib import Path
 import numpy as np
 import torch
-from .core import atomic_write, write_json
+from .core import EPS, atomic_write, read_sealed, write_json, write_sealed
 from .evaluate import EvalResult, wilson_ci
 from .stats import SIGNIFICANCE, compare, per_class
 
@@ -55,7 +55,7 @@ def row_result(out, row):
     "The `EvalResult` of `row` (per-image correctness included), read from its evaluation file."
     f = eval_path(out, row)
     if not f.exists(): raise FileNotFoundError(f'the evaluation file {f} of row {row["student"]}/{row["method"]} is missing')
-    return EvalResult.from_dict(json.loads(f.read_text())['result'])
+    return EvalResult.from_dict(read_sealed(f, 'evaluation file')['result'])
 
 def groups(res):
     "{(student, method): [rows, one per seed]} in table order, the teacher left out."
@@ -377,9 +377,15 @@ def robustbench_arch(arch):
     if m := re.fullmatch(r'resnet18-w(\d+)', arch): return f'ResNet-18 (base width {m[1]} instead of 64)'
     return {'resnet18': 'ResNet-18', 'mobilenetv2': 'MobileNetV2'}.get(arch, arch)
 
-def model_info(res, row, written_by=None):
+def eps_text(eps):
+    "A budget as RobustBench writes it: '8/255' for a whole number of 255ths, else the number."
+    k = eps * 255
+    return f'{round(k)}/255' if abs(k - round(k)) < 1e-6 else f'{eps:.6g}'
+
+def model_info(res, row, written_by=None, eps=None):
     """RobustBench-style model info of a table row (its AutoAttack column must exist): the method's paper as name,
-    authors and venue; `written_by` (the commit writing the file) beside the commit of the training, where recorded."""
+    authors and venue; `written_by` (the commit writing the file) beside the commit of the training, where recorded;
+    `eps`: the evaluated budget (None: the default, `EPS`, at which the tables are evaluated)."""
     if 'aa' not in row['cells']: raise ValueError(f"row {row['student']}/{row['method']} has no 'aa' column: model_info needs AutoAttack")
     reduced, n = res['config'].get('aa') is not None, row['n']
     base = res['config'].get('variants', {}).get(row['method'], {}).get('method', row['method'])
@@ -392,7 +398,7 @@ def model_info(res, row, written_by=None):
            [f'trained and evaluated with adaad, preset {res["preset"]} ({res["scale"]})']
     train = row.get('train') or {}
     return dict(link=link, name=name, authors=authors, additional_data=False, number_forward_passes=1, dataset=res.get('dataset', 'cifar10'), venue=venue,
-                architecture=robustbench_arch(row['arch']), eps='8/255', threat_model='Linf',
+                architecture=robustbench_arch(row['arch']), eps=eps_text(EPS if eps is None else eps), threat_model='Linf',
                 clean_acc=f"{row['cells']['clean']['acc']:.2f}", reported=f"{row['cells']['aa']['acc']:.2f}",
                 autoattack_acc=f"{row['cells']['aa']['acc']:.2f}", footnote='; '.join(note), unreliable=bool(reduced or n != 10000),
                 adaad=dict(preset=res['preset'], method=row['method'], seed=row.get('seed'), n_test=n, aa=res['config'].get('aa') or 'standard',
@@ -412,16 +418,16 @@ def write_outputs(res, out, labels=None):
     out = Path(out)
     if labels is not None: add_per_class(res, out, labels)
     if res['status'] == 'done' and groups(res): add_comparisons(res, out)
-    write_json(out / 'results.json', res)
+    write_sealed(out / 'results.json', res)
     atomic_write(out / 'table.md', markdown_table(res))
     atomic_write(out / 'table.tex', latex_table(res))
     atomic_write(out / 'vs_paper.md', paper_comparison(res))
     write_model_infos(res, out, written_by=(res.get('reanalysis') or {}).get('commit') or (res.get('git') or {}).get('commit'))
 
 def load_results(path):
-    "A results dict written by `run_table` (path to results.json or its folder)."
+    "A results dict written by `run_table` (path to results.json or its folder), its digest checked (`read_sealed`)."
     p = Path(path); p = p / 'results.json' if p.is_dir() else p
-    return json.loads(p.read_text())
+    return read_sealed(p, 'results file')
 
 def rewrite_tables(path, labels=None, provenance=None):
     """Rewrite the tables (and comparisons, per-class counts with `labels`) from an existing results.json: no training, no
@@ -438,10 +444,11 @@ def plot_eps_sweep(results, out_prefix=None, show=False):
     "Clean and AA accuracy against the inner eps, with 95% CI bands, from an eps_sweep.json (path or dict); saves .png and .pdf."
     import matplotlib; matplotlib.use('Agg') if not show else None
     import matplotlib.pyplot as plt
-    res = json.loads(Path(results).read_text()) if not isinstance(results, dict) else results
+    res = read_sealed(results, 'eps-sweep file') if not isinstance(results, dict) else results
     pts = sorted(res['points'], key=lambda p: p['eps_255'])
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    aa_label = 'reduced AutoAttack (8/255)' if (res.get('config') or {}).get('aa') else 'AutoAttack (8/255)'
+    at = eps_text(res.get('eval_eps') or EPS)
+    aa_label = f'reduced AutoAttack ({at})' if (res.get('config') or {}).get('aa') else f'AutoAttack ({at})'
     for col, lab, colour in (('clean', 'clean', 'tab:blue'), ('aa', aa_label, 'tab:red')):
         if not pts or col not in pts[0]['cells']: continue
         e = [p['eps_255'] for p in pts]
@@ -495,7 +502,7 @@ def plot_training_curves(res, out_prefix=None, student=None, show=False):
 def _eval_key(out, row):
     "The cache key (test images, suite, ...) of a row's evaluation file, or None."
     f = eval_path(out, row)
-    return json.loads(f.read_text()).get('key') if f.exists() else None
+    return read_sealed(f, 'evaluation file').get('key') if f.exists() else None
 
 def prediction_interval(values, level=0.95):
     "(mean, sd, low, high) of `values` with the `level` prediction interval of one more draw; sd and bounds None below 2."

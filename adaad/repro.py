@@ -19,7 +19,7 @@ import collections, copy, dataclasses, importlib, inspect, json, math, os, platf
 from pathlib import Path
 import torch
 
-from .core import atomic_write, check_choice, check_device, check_int, file_sha256, plain, tensor_sha256, write_json
+from .core import EPS, atomic_write, check_choice, check_device, check_int, file_sha256, plain, read_sealed, tensor_sha256, write_json, write_sealed
 from .data import DATASETS, load_cifar, first_n, to_float
 from .attacks import ATTACKS, autoattack_reduced
 from .evaluate import evaluate, wilson_ci, EvalResult
@@ -312,14 +312,14 @@ def cached_eval(model, test, ckpt, path, suite, overrides, batch_size=200, devic
     if shard_size is not None: key['shard_size'] = shard_size
     path = Path(path)
     if path.exists():
-        d = json.loads(path.read_text())
+        d = read_sealed(path, 'evaluation file')
         if d.get('key') == key: return EvalResult.from_dict(d['result']), dict(cached=True, wall_s=d['wall_s'], key=key)
     t0 = time.time()
     pieces = None if shard_size is None else path.parent / f'{path.stem}.pieces'
     r = evaluate(model, test, suite=list(suite), batch_size=batch_size, device=device, progress=progress, seed=seed, eps=eps,
                  shard_size=shard_size, pieces_dir=pieces, **overrides)
     wall = time.time() - t0
-    if is_rank0(): atomic_write(path, json.dumps(dict(key=key, wall_s=wall, result=r.to_dict())) + '\n')
+    if is_rank0(): write_sealed(path, dict(key=key, wall_s=wall, result=r.to_dict()), indent=None)
     return r, dict(cached=False, wall_s=wall, key=key)
 
 # %% ../nbs/15_repro.ipynb #c44fb5f9
@@ -1077,7 +1077,7 @@ def run_eps_sweep(preset='smoke', eps_list=(2, 4, 6, 8, 10, 12, 14, 16), steps=1
     here = Path.cwd() / 'runs'
     out, runs = out_dir or here / 'results' / f"{cfg['name']}-eps-sweep", runs_dir or here / 'repro' / cfg['name']
     ctx = _context(cfg, out, runs, device, data_root, time_limit, progress)
-    res = dict(_header(ctx, 'eps-sweep', seed=seed), student=student, arch=arch, method=method, steps=steps, eval_eps=8 / 255, points=[])
+    res = dict(_header(ctx, 'eps-sweep', seed=seed), student=student, arch=arch, method=method, steps=steps, eval_eps=EPS, points=[])
     tmodel, _, res['teacher'], _ = _teachers(dict(ctx, cfg=dict(cfg, standard_teacher=None)))
     if tmodel is None: res['status'] = 'paused'
     ev = _eval_settings(ctx, ['clean', 'aa'])
@@ -1093,5 +1093,5 @@ def run_eps_sweep(preset='smoke', eps_list=(2, 4, 6, 8, 10, 12, 14, 16), steps=1
                                   train_s_logged=cell['train_s_logged'], eval_cached=c['cached'], eval_wall_s=c['wall_s'], n=r.n,
                                   cells={k: dict(acc=r.accuracy[k], ci95=list(r.ci95[k]), correct=int(r.correct[k].sum())) for k in r.accuracy}))
     res['wall_s'] = time.time() - ctx['t0']
-    write_json(ctx['out'] / 'eps_sweep.json', res)
+    write_sealed(ctx['out'] / 'eps_sweep.json', res)
     return res

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm.auto import tqdm
 from .core import (FolderLock, atomic_write, check_choice, check_device, clean_temporaries, content_digest, first_nonfinite,
-                        UNIT, check_int, int_range, is_int, is_real, is_unit, plain, tensor_sha256)
+                        EPS, UNIT, check_int, int_range, is_int, is_real, is_unit, plain, tensor_sha256)
 from .data import DATASETS, balanced_indices, balanced_subset, batches, first_n, load_cifar, to_float
 from .models import create_model
 from .checkpoint import atomic_save, load_resume, read_checkpoint, save_rotating, set_rng_state
@@ -55,7 +55,7 @@ class TrainConfig:
     single_decay: bool | None = _f(None, 'ARD/IAD official quirk: every milestone sets lr0*0.1, one decay in effect (None: method default)')
     eps: float | None = _f(None, "inner-maximisation radius (None: the inner method's, 8/255 for most)", _unit)
     step_size: float | None = _f(None, "inner step (None: the inner method's)", _unit)
-    steps: int | None = _f(None, "inner steps (None: the inner method's)", _int0)
+    steps: int | None = _f(None, "inner steps (None: the inner method's)", _int1)
     eps_start: float | None = _f(None, 'eps schedule: the inner radius at epoch 0, growing linearly to eps (None: constant eps)', _unit)
     eps_ramp_epochs: int = _f(0, 'eps schedule: epochs over which the radius grows from eps_start to eps (the step grows with it)', _int0)
     faithful: bool = _f(False, 'replay the official dead forward passes that change BatchNorm statistics')
@@ -126,6 +126,11 @@ def resolve_run(cfg):
     if b is None and cfg.eps_start is not None: raise ValueError(f'method {m.name!r} has no inner maximisation: eps_start must be None')
     cfg.eps, cfg.step_size, cfg.steps = (None, None, None) if b is None else (b.eps, b.step_size, b.steps)
     if cfg.eps_start is not None and cfg.eps_start > cfg.eps: raise ValueError(f'eps_start ({cfg.eps_start}) must be <= eps ({cfg.eps})')
+    if cfg.eps_ramp_epochs > cfg.epochs:
+        raise ValueError(f'eps_ramp_epochs must be at most epochs ({cfg.epochs}), got {cfg.eps_ramp_epochs}: a longer ramp '
+                         f'would end the run before its radius reaches eps')
+    if b is not None and b.steps < 1:
+        raise ValueError(f'steps must be {int_range(1)} for method {m.name!r}, which trains on an inner maximisation; got {b.steps}')
     cfg.method_kwargs, cfg.milestones = m.hparams(), tuple(cfg.milestones or ())
     return cfg, m
 
@@ -265,7 +270,7 @@ def _kept(last_good):
     return f'No checkpoint was written yet, so the folder takes a corrected rerun: {cure}'
 
 # %% ../nbs/12_train.ipynb #7aee7903
-def validate(model, val, eps=8/255, steps=10, batch_size=500):
+def validate(model, val, eps=EPS, steps=10, batch_size=500):
     "(clean %, PGD-`steps` %) of `model` on split `val`."
     model = _unwrap(model)
     was = model.training; model.eval()
@@ -325,6 +330,7 @@ class Run:
     done: bool = False
     lock: FolderLock | None = None
     method_state: dict | None = None   # the tensors of `Method.new_state`, kept across batches and epochs
+    epoch_losses: list = field(default_factory=list)   # the losses of the batches of a resumed epoch before its resume
     swa: AveragedModel | None = None   # the weight average (cfg.swa), with its own BatchNorm statistics
     peers: dict = field(default_factory=dict)       # networks trained beside the student (Method.peer_archs), unwrapped
     peer_nets: dict = field(default_factory=dict)   # the same as the batches see them (DDP-wrapped in a distributed run)
@@ -436,6 +442,7 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
     if st is not None:
         model.load_state_dict(st['state_dict']); opt.load_state_dict(st['optimizer'])
         run.epoch, run.step, run.best = st['epoch'], st['step'], st['best']
+        run.epoch_losses = _resumed_losses(st, out, device)
         set_rng_state(st['rng'])
         for k, v in (st.get('method_state') or {}).items(): run.method_state[k].copy_(v)
         if run.swa is not None: run.swa.load_state_dict(st['swa'])
@@ -452,11 +459,20 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
     return run
 
 # %% ../nbs/12_train.ipynb #45bc7d3d
-def _save_last(run, epoch, step):
-    "Check the loss watch and the weights, then write `last.pt` (keeping the previous one)."
+def _save_last(run, epoch, step, losses):
+    "Check the loss watch and the weights, then write `last.pt` (keeping the previous one) with the epoch's `losses` so far."
     run.watch.check(epoch, run.out / 'last.pt'); check_finite_weights(run.model, f'at epoch {epoch}, batch {step}')
     save_rotating(run.out / 'last.pt', run.model, run.opt, epoch, step, run.best, plain(asdict(run.cfg)), method_state=run.method_state,
-                  swa=run.swa, peers=run.peers)
+                  swa=run.swa, peers=run.peers, losses=torch.stack(losses).cpu() if losses else None)
+
+def _resumed_losses(st, out, device):
+    "The losses of the batches before a mid-epoch checkpoint `st` of run folder `out` (a warning if it predates them)."
+    if not st['step']: return []
+    if 'losses' not in st:
+        warnings.warn(f"{out / 'last.pt'} holds no losses of the {st['step']} batches of epoch {st['epoch']} before it (an older "
+                      f"adaad wrote it): the loss logged for that epoch covers the batches after the resume only")
+        return []
+    return list(st['losses'].to(device).unbind())
 
 def _end_method_epoch(run, epoch):
     "Sum the method's `state_sums` over the processes and let it update its state after epoch `epoch`."
@@ -469,7 +485,8 @@ def train_epoch(run, epoch):
     "Train epoch `epoch` of `run`; its log row, or None when the time limit paused it (after a checkpoint)."
     cfg, start = run.cfg, run.step if epoch == run.epoch else 0
     for g in run.opt.param_groups: g['lr'] = lr_at(epoch, cfg.lr, cfg.milestones, cfg.single_decay)
-    method, te, losses, run.watch = method_at(run.method, cfg, epoch), time.time(), [], NonFiniteWatch(run.device)
+    method, te, run.watch = method_at(run.method, cfg, epoch), time.time(), NonFiniteWatch(run.device)
+    losses = list(run.epoch_losses) if start else []     # a resumed epoch's loss is the mean over all its batches
     run.net.train()
     for p in run.peer_nets.values(): p.train()
     it = batches(run.train_set, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last, rank=run.rank, world=run.world)
@@ -486,7 +503,7 @@ def train_epoch(run, epoch):
         if step % 50 == 0 and run.progress and run.rank == 0:
             run.watch.check(epoch, run.out / 'last.pt'); bar.set_postfix(loss=f'{loss.item():.4f}')
         late = run.deadline is not None and time.time() > run.deadline
-        if run.rank == 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or late): _save_last(run, epoch, step + 1)
+        if run.rank == 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or late): _save_last(run, epoch, step + 1, losses)
         if late: return None
     _end_method_epoch(run, epoch)
     return dict(epoch=epoch, lr=run.opt.param_groups[0]['lr'], eps=eps_at(cfg, epoch),
@@ -511,7 +528,7 @@ def end_epoch(run, epoch, row):
     net = average_epoch(run, epoch)
     if run.rank == 0:
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            row['val_clean'], row['val_pgd'] = validate(net, run.val, steps=cfg.val_steps)
+            row['val_clean'], row['val_pgd'] = validate(net, run.val, eps=EPS if cfg.eps is None else cfg.eps, steps=cfg.val_steps)
             if cfg.diagnostics and run.method.uses_teacher:
                 row.update(diagnose(net, run.teacher, run.val, method_at(run.method, cfg, epoch), seed=cfg.seed + epoch))
             for k, key in (('pgd', 'val_pgd'), ('clean', 'val_clean')):

@@ -191,7 +191,7 @@ def test_train_config_eps(eps):
     ('dataset', 'svhn', r"dataset must be one of 'cifar10', 'cifar100'; got 'svhn'"),
     ('lr', 0., r'lr must be a number > 0, got 0'), ('lr', float('nan'), r'lr must be a number > 0'),
     ('weight_decay', -1e-4, r'weight_decay must be a finite number >= 0'),
-    ('epochs', 0, r'epochs must be an integer >= 1, got 0'), ('steps', -2, r'steps must be an integer >= 0'),
+    ('epochs', 0, r'epochs must be an integer >= 1, got 0'), ('steps', 0, r'steps must be an integer >= 1, got 0'),
     ('batch_size', 2.5, r'batch_size must be an integer >= 1'), ('val_n', 0, r'val_n must be an integer >= 1'),
     ('step_size', 0., r'step_size must be a number in \(0, 1\]'), ('save_every', -1, r'save_every must be an integer >= 0, got -1'),
     ('momentum', -0.5, r'momentum must be a number in \[0, 1\)'), ('milestones', (0, 'x'), r'milestones must be'),
@@ -199,6 +199,64 @@ def test_train_config_eps(eps):
     ('eps_start', 2 / 255, r'eps_start and eps_ramp_epochs go together'), ('inner', 'sgd', r"inner must be one of .*; got 'sgd'")])
 def test_bad_train_config(field, value, msg):
     with pytest.raises(ValueError, match=msg): TrainConfig(**{field: value}).validate()
+
+
+def test_an_inner_maximisation_of_no_step_is_refused_wherever_a_method_trains():
+    "With steps=0 PGD-AT would train on its (noisy) start point, a clean image, and call it adversarial training."
+    from adaad.methods import get_method, training_loss
+    from adaad.train import resolve
+    with pytest.raises(ValueError, match=r"method 'pgd-at': steps must be an integer >= 1 .* got 0"):
+        training_loss(get_method('pgd-at', steps=0), create_model('wrn-10-1'), None, torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r'steps must be an integer >= 1'): resolve(TrainConfig(method='pgd-at', steps=0))
+    assert resolve(TrainConfig(method='natural', steps=None)).steps is None
+
+
+def test_an_eps_ramp_longer_than_the_run_is_refused():
+    from adaad.train import resolve
+    with pytest.raises(ValueError, match=r'eps_ramp_epochs must be at most epochs \(4\), got 5'):
+        resolve(TrainConfig(method='adaad', epochs=4, eps=16 / 255, step_size=4 / 255, eps_start=4 / 255, eps_ramp_epochs=5))
+    assert resolve(TrainConfig(method='adaad', epochs=4, eps=16 / 255, step_size=4 / 255, eps_start=4 / 255, eps_ramp_epochs=4))
+
+
+@pytest.mark.parametrize('kw, err, msg', [
+    (dict(x=torch.zeros(4, 3, 32, 32)), TypeError, r'x must be a uint8 tensor of shape \(N, 3, 32, 32\), got a torch.float32'),
+    (dict(x=torch.zeros(4, 1, 28, 28, dtype=torch.uint8)), ValueError, r'x must have shape \(N, 3, 32, 32\), got \(4, 1, 28, 28\)'),
+    (dict(y=torch.arange(4, dtype=torch.int32)), TypeError, r'y must be an int64 tensor of shape \(N,\), got a torch.int32'),
+    (dict(y=torch.arange(3)), ValueError, r'y must have shape \(N,\) = \(4,\), one label per image of x, got \(3,\)'),
+    (dict(y=torch.tensor([0, 1, -1, 2])), ValueError, r'y must hold class indices in \[0, 10\), got values in \[-1, 2\]'),
+    (dict(y=torch.tensor([0, 1, 10, 2])), ValueError, r'y must hold class indices in \[0, 10\), got values in \[0, 10\]'),
+    (dict(x=torch.zeros(0, 3, 32, 32, dtype=torch.uint8), y=torch.zeros(0, dtype=torch.long)), ValueError, r'at least one example'),
+    (dict(num_classes=1), ValueError, r'num_classes must be an integer >= 2, got 1')])
+def test_a_split_of_bad_shape_dtype_or_labels_is_refused(kw, err, msg):
+    from adaad.data import CifarSplit
+    good = dict(x=torch.zeros(4, 3, 32, 32, dtype=torch.uint8), y=torch.arange(4), num_classes=10)
+    with pytest.raises(err, match=msg): CifarSplit(**{**good, **kw})
+    assert len(CifarSplit(**good).subset([1, 2])) == 2
+
+
+def test_pgd_runs_the_loss_registered_under_its_name_and_refuses_others(monkeypatch):
+    "A loss added to LOSSES is the one PGD climbs: a flat one leaves x where it is, cross-entropy under another name moves it as 'ce'."
+    from adaad.attacks import LOSSES, ce_loss
+    monkeypatch.setitem(LOSSES, 'flat', lambda z, y: 0 * z.sum(1)); monkeypatch.setitem(LOSSES, 'xent', ce_loss)
+    run = lambda loss: pgd(MODEL, X, Y, loss=loss, random_start=False, steps=3)
+    assert torch.equal(run('flat'), X) and torch.equal(run('xent'), run('ce')) and not torch.equal(run('ce'), X)
+    with pytest.raises(ValueError, match=r"loss must be one of \['ce', 'cw', 'flat', 'xent'\], got 'dlr'"): pgd(MODEL, X, Y, loss='dlr')
+    with pytest.raises(ValueError, match=r"kappa applies to a loss that takes it .* loss 'ce' takes none, got kappa=5"):
+        pgd(MODEL, X, Y, loss='ce', kappa=5)
+
+
+def test_the_default_budget_is_one_constant_everywhere():
+    "Every default attack radius is adaad.core.EPS itself (not a literal standing beside it)."
+    import inspect
+    from adaad.attacks import autoattack_reduced
+    from adaad.core import EPS
+    from adaad.fast import amp_check
+    from adaad.inner import Budget, sign_ascent
+    from adaad.train import validate
+    from adaad.cli import parser
+    fns = (fgsm, pgd, autoattack, square, autoattack_reduced, sign_ascent, amp_check, validate)
+    assert all(inspect.signature(f).parameters['eps'].default is EPS for f in fns)
+    assert Budget().eps is EPS and parser().parse_args(['eval', '--ckpt', 'w.pt', '--arch', 'wrn-10-1']).eps is EPS
 
 
 def _split(n, classes=10):

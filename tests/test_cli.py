@@ -53,7 +53,7 @@ def test_eval_help_documents_every_option_with_default():
     (['train', '--eps', '0'], r'--eps: .*must be a number in \(0, 1\]'),
     (['train', '--eps', '9/5'], r'--eps: .*must be a number in \(0, 1\]'),
     (['train', '--eps', 'abc'], '--eps: .*not a number'),
-    (['train', '--steps', '-1'], '--steps: .*must be an integer >= 0'),
+    (['train', '--steps', '0'], '--steps: .*must be an integer >= 1'),
     (['train', '--lr', '0'], '--lr: .*must be a number > 0'),
     (['train', '--method', 'adaad', '--set', 'adv_weight=0.5', '--teacher', 'x.pt', '--teacher-arch', 'wrn-10-1'], 'checkpoint not found'),
     (['train', '--method', 'adaad'], '--method adaad needs --teacher'),

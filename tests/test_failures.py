@@ -510,5 +510,153 @@ def test_written_files_follow_the_umask(tmp_path, mask, mode):
     assert [oct(f.stat().st_mode & 0o777) for f in files] == [oct(mode)] * 2
 
 
+
+# ---- every attack's output is checked before it is scored ---------------------------------------------------------------
+def _blank(model, x, y, eps=8/255): return torch.zeros_like(x)
+def _nan(model, x, y, eps=8/255): return torch.full_like(x, float('nan'))
+def _beyond(model, x, y, eps=8/255): return (x + 2 * eps * torch.randn_like(x).sign()).clamp(0, 1)
+def _l2_far(model, x, y, eps=0.5): return (x + 0.2).clamp(0, 1)
+def _whole_blank(model, x, y, eps=8/255, seed=0, batch_size=500, device=None): return torch.zeros_like(x)
+def _corner(model, x, y, eps=8/255):
+    from adaad.attacks import project_linf
+    return project_linf(x + eps * torch.randn_like(x).sign(), x, eps)
+
+
+@pytest.mark.parametrize('fn, norm, whole, msg', [
+    (_blank, 'linf', False, r"attack 'user-attack' exceeds its declared budget \(linf eps=0.0313725 = 8/255\): example \d+ moved"),
+    (_nan, 'linf', False, r"attack 'user-attack' returned \d+ NaN/inf pixel values"),
+    (_beyond, 'linf', False, r"attack 'user-attack' exceeds its declared budget .* moved 0.0627\d* = 16/255 in linf norm"),
+    (_l2_far, 'l2', False, r"attack 'user-attack' exceeds its declared budget \(l2 eps=0.5 = 127.5/255\)"),
+    (_whole_blank, 'linf', True, r"attack 'user-attack' exceeds its declared budget")])
+def test_a_registered_attack_that_leaves_its_budget_or_returns_nan_is_refused(fn, norm, whole, msg):
+    "A user's attack returning blank or NaN images, or points outside its declared ball, is refused, not scored."
+    from adaad.attacks import ATTACKS, register_attack
+    from adaad.evaluate import evaluate
+    model, x, y = brightest_channel(16)
+    register_attack('user-attack', fn, white_box=False, multi_step=False, norm=norm, budget='eps', whole=whole)
+    try:
+        with pytest.raises(ValueError, match=msg): evaluate(model, x, y, suite=['clean', 'user-attack'], batch_size=8, progress=False)
+    finally: ATTACKS.pop('user-attack')
+
+
+def test_an_attack_within_its_budget_is_scored():
+    from adaad.attacks import ATTACKS, register_attack
+    from adaad.evaluate import evaluate
+    model, x, y = brightest_channel(16)
+    register_attack('user-corner', _corner, white_box=False, multi_step=False, norm='linf', budget='eps')
+    try: r = evaluate(model, x, y, suite=['clean', 'user-corner', 'pgd10'], batch_size=8, progress=False)
+    finally: ATTACKS.pop('user-corner')
+    assert r.accuracy['clean'] == 100 and 0 <= r.accuracy['user-corner'] <= 100
+
+
+# ---- stored results carry a digest, checked by every reader ------------------------------------------------------------
+def _sealed_folder(folder, accs):
+    "A results folder written as the table writes it: sealed `evals/<m>.json` and `results.json` for rows {method: correct}."
+    from adaad.core import write_sealed
+    from adaad.evaluate import EvalResult
+    rows = []
+    for m, c in accs.items():
+        r = EvalResult.from_correct({'clean': c, 'aa': c}, labels=torch.zeros(len(c), dtype=torch.long))
+        write_sealed(folder / 'evals' / f'{m}.json', dict(key=dict(n=len(c)), wall_s=0, result=r.to_dict()), indent=None)
+        rows.append(dict(student='S', arch='x', method=m, seed=0, n=len(c), eval=f'evals/{m}.json', cells={}))
+    write_sealed(folder / 'results.json', dict(rows=rows, git=None, config=dict(suite=['clean', 'aa'])))
+    return folder
+
+
+def test_an_edited_or_truncated_evaluation_file_is_refused_by_name(tmp_path, capsys):
+    from adaad.report import compare_pairs
+    a, b = torch.arange(200) < 120, torch.arange(200) < 100
+    _sealed_folder(tmp_path, dict(x=a, y=b))
+    assert compare_pairs(tmp_path, ['x:y'], student='S', n_boot=100)['pairs']['x:y']['aa']['diff'] == pytest.approx(10)
+    f = tmp_path / 'evals' / 'y.json'
+    good = f.read_text()
+    f.write_text(good.replace('"aa": [true', '"aa": [false', 1))                       # one image's result edited
+    with pytest.raises(ValueError, match=rf'{re.escape(str(f))} does not match its sha256 digest'):
+        compare_pairs(tmp_path, ['x:y'], student='S', n_boot=100)
+    code, _, err = _cli(['compare', str(tmp_path), 'x:y', '--student', 'S'], capsys)
+    assert code == 2 and str(f) in err and 'edited or damaged' in err, err
+    f.write_text(good[:len(good) // 2])                                                 # truncated
+    with pytest.raises(ValueError, match=rf'{re.escape(str(f))} is damaged \(not valid JSON'):
+        compare_pairs(tmp_path, ['x:y'], student='S', n_boot=100)
+
+
+def test_an_edited_results_file_is_refused_and_an_old_one_without_digest_is_read_with_a_warning(tmp_path):
+    from adaad.report import load_results
+    _sealed_folder(tmp_path, dict(x=torch.ones(10, dtype=torch.bool)))
+    f = tmp_path / 'results.json'
+    d = json.loads(f.read_text())
+    f.write_text(json.dumps(dict(d, git='edited')))
+    with pytest.raises(ValueError, match=rf'results file {re.escape(str(f))} does not match its sha256 digest'): load_results(tmp_path)
+    f.write_text(json.dumps({k: v for k, v in d.items() if k != 'sha256'}))
+    with pytest.warns(UserWarning, match=rf'{re.escape(str(f))} carries no sha256 digest'): assert load_results(tmp_path)['git'] is None
+
+
+def test_the_tables_evaluation_cache_refuses_an_edited_file_and_reuses_an_intact_one(tmp_path):
+    from adaad.models import create_model
+    from adaad.repro import cached_eval
+    tr, _ = tiny_data(n=8)
+    torch.manual_seed(0); model = create_model('wrn-10-1').eval()
+    ck = tmp_path / 'w.pt'; ck.write_bytes(b'weights')
+    path = tmp_path / 'evals' / 'm.json'
+    r, c = cached_eval(model, tr, ck, path, ['clean'], {}, batch_size=8, device='cpu')
+    assert not c['cached'] and cached_eval(model, tr, ck, path, ['clean'], {}, batch_size=8, device='cpu')[1]['cached']
+    d = json.loads(path.read_text()); d['result']['accuracy']['clean'] += 50
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=rf'evaluation file {re.escape(str(path))} does not match its sha256 digest'):
+        cached_eval(model, tr, ck, path, ['clean'], {}, batch_size=8, device='cpu')
+
+
+# ---- every record says what ran ---------------------------------------------------------------------------------------
+def test_model_info_records_the_evaluated_eps(tmp_path, capsys, data_root, ckpt, monkeypatch):
+    import adaad.evaluate
+    from adaad.evaluate import EvalResult, resolve_suite
+    seen = {}
+    def fake(model, data, suite, eps=None, **kw):
+        seen['eps'] = eps
+        c = torch.ones(len(data), dtype=torch.bool)
+        return EvalResult.from_correct({'clean': c, 'aa': c}, config=dict(suite=[s.config() for s in resolve_suite(suite, eps=eps)]))
+    monkeypatch.setattr(adaad.evaluate, 'evaluate', fake)
+    from adaad.cli import main
+    main(['eval', '--ckpt', ckpt, '--arch', 'wrn-10-1', '--suite', 'clean,aa', '--eps', '4/255', '--n', '10', '--data-root', str(data_root),
+          '--device', 'cpu', '--no-progress', '--model-info', str(tmp_path / 'mi.json')])
+    info = json.loads((tmp_path / 'mi.json').read_text())
+    assert seen['eps'] == 4 / 255 and info['eps'] == '4/255' and info['adaad']['eps'] == 4 / 255
+
+
+def test_a_combined_run_records_the_start_its_inner_maximisation_ran_from():
+    from adaad.methods import get_method
+    from adaad.train import TrainConfig, build_method, resolve_run
+    cfg, m = resolve_run(TrainConfig(method='pgd-at', inner='adaad', epochs=2))
+    assert m.budget.init == 'gaussian' and cfg.method_kwargs['init'] == 'gaussian'      # pgd-at's own start is gaussian_clipped
+    assert build_method(cfg).budget == m.budget                                           # the run rebuilt from its record
+    assert get_method('pgd-at').hparams()['init'] == 'gaussian_clipped'
+
+
+def test_a_resumed_epoch_logs_the_loss_of_the_uninterrupted_run(tmp_path):
+    "A run paused mid-epoch (time limit, with the checkpoints of save_every) and resumed logs the losses and weights of one never stopped."
+    from adaad.train import read_log, train
+    cfg = tiny_config(epochs=2, save_every=2)
+    whole = train(cfg, out_dir=tmp_path / 'whole', device='cpu', progress=False, data=tiny_data())
+    assert train(cfg, out_dir=tmp_path / 'cut', device='cpu', progress=False, data=tiny_data(), time_limit=1e-9)['status'] == 'paused'
+    st = torch.load(tmp_path / 'cut' / 'last.pt', weights_only=True)
+    assert st['epoch'] == 0 and st['step'] == 1 and len(st['losses']) == 1
+    cut = train(cfg, out_dir=tmp_path / 'cut', device='cpu', progress=False, data=tiny_data())
+    rows = [[r for _, r in read_log(tmp_path / k / 'metrics.jsonl')] for k in ('whole', 'cut')]
+    assert [r['loss'] for r in rows[1]] == [r['loss'] for r in rows[0]] and len(rows[0]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(whole['model'].state_dict().values(), cut['model'].state_dict().values()))
+
+
+def test_validation_attacks_at_the_runs_eps(tmp_path, monkeypatch):
+    import adaad.train
+    seen, validate = [], adaad.train.validate
+    def spy(model, val, eps=None, **kw):
+        seen.append(eps); return validate(model, val, eps=eps, **kw)
+    monkeypatch.setattr(adaad.train, 'validate', spy)
+    adaad.train.train(tiny_config(epochs=1, milestones=(), eps=16/255, step_size=4/255), out_dir=tmp_path / 'a', device='cpu',
+                      progress=False, data=tiny_data())
+    adaad.train.train(tiny_config(method='natural', epochs=1, milestones=(), steps=None), out_dir=tmp_path / 'b', device='cpu',
+                      progress=False, data=tiny_data())
+    assert seen == [16 / 255, 8 / 255]
+
 if __name__ == '__main__':
     _worker(sys.argv[1])

@@ -168,16 +168,16 @@ def _compare(args, capsys):
 
 def _stored_rows(folder, rows, key=None):
     "A results folder holding `rows` {method: (seeds, images) correctness under clean and aa}, one evaluation file per seed."
-    import json
+    from adaad.core import write_sealed
     from adaad.evaluate import EvalResult
     (folder / 'evals').mkdir(parents=True)
     out = []
     for name, c in rows.items():
         for s, cs in enumerate(np.atleast_2d(c)):
             r = EvalResult.from_correct({'clean': cs, 'aa': cs}, labels=torch.zeros(len(cs), dtype=torch.long))
-            (folder / 'evals' / f'{name}-{s}.json').write_text(json.dumps(dict(key=key or {}, wall_s=0, result=r.to_dict())))
+            write_sealed(folder / 'evals' / f'{name}-{s}.json', dict(key=key or {}, wall_s=0, result=r.to_dict()), indent=None)
             out.append(dict(student='S', method=name, seed=s, eval=f'evals/{name}-{s}.json'))
-    (folder / 'results.json').write_text(json.dumps(dict(rows=out, git=None, config=dict(suite=['clean', 'aa']))))
+    write_sealed(folder / 'results.json', dict(rows=out, git=None, config=dict(suite=['clean', 'aa'])))
     return folder
 
 
@@ -378,7 +378,7 @@ def test_power_integral_agrees_with_statsmodels_and_with_simulation(monkeypatch)
 
 def _table(tmp_path, accs, family=None):
     "A hand-made results folder: rows with per-seed AA and clean accuracies `accs` {method: [acc per seed]}."
-    import json
+    from adaad.core import write_sealed
     from adaad.evaluate import EvalResult
     (tmp_path / 'evals').mkdir(exist_ok=True)
     rows = []
@@ -386,7 +386,7 @@ def _table(tmp_path, accs, family=None):
         for s, v in enumerate(per_seed):
             c = np.arange(400) < round(v * 4)
             r = EvalResult.from_correct({'clean': c, 'aa': c}, labels=torch.zeros(400, dtype=torch.long))
-            (tmp_path / 'evals' / f'{m}-{s}.json').write_text(json.dumps(dict(result=r.to_dict())))
+            write_sealed(tmp_path / 'evals' / f'{m}-{s}.json', dict(result=r.to_dict()), indent=None)
             rows.append(dict(student='S', arch='x', method=m, seed=s, n=400, eval=f'evals/{m}-{s}.json', cells={}))
     return dict(rows=rows, config=dict(suite=['clean', 'aa'], **({'family': family} if family else {})))
 
