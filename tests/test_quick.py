@@ -44,12 +44,14 @@ def test_a_teacher_file_with_another_digest_is_refused(tmp_path):
     assert str(bad) in msg and file_sha256(bad) in msg and SPEC['sha256'] in msg
 
 
-def test_amp_auto_follows_the_hardware():
-    "The preset asks for 'auto': bf16 where the CPU computes it natively, fp32 elsewhere (emulated bf16 is slower)."
+def test_quick_trains_in_fp32_everywhere_and_auto_follows_the_hardware():
+    """The preset trains in fp32 on every machine (so a fresh run compares with the committed seeds in one precision);
+    'auto', where a preset asks for it, is bf16 only where the CPU computes it natively (emulated bf16 is slower)."""
     from adaad.fast import native_bf16
     cfg = preset_config('quick')
-    assert cfg['train']['amp'] == 'auto'
-    assert train_config(cfg, 'adaad', 'resnet18-w4', device='cpu').amp is native_bf16('cpu')
+    assert cfg['train']['amp'] is False and train_config(cfg, 'adaad', 'resnet18-w4', device='cpu').amp is False
+    auto = preset_config('quick', train=dict(amp='auto'))
+    assert train_config(auto, 'adaad', 'resnet18-w4', device='cpu').amp is native_bf16('cpu')
     with pytest.raises(ValueError, match="amp must be True, False or 'auto'"): train_config(cfg, 'adaad', 'resnet18-w4', amp='on')
 
 

@@ -56,8 +56,8 @@ def test_one_option_chooses_the_precision_of_make_repro_and_adaad_table():
 
 def test_the_parallel_table_trains_its_cells_in_the_precision_asked(tmp_path, data_root):
     "run_table_parallel(amp=False) on a preset that asks for 'auto': every worker-trained row records fp32."
-    from adaad.repro import run_table_parallel
-    res = run_table_parallel('quick', workers=1, dry_run=True, amp=False, methods=['pgd-at'], data_root=str(data_root),
+    from adaad.repro import preset_config, run_table_parallel
+    res = run_table_parallel(preset_config('quick', train=dict(amp='auto')), workers=1, dry_run=True, amp=False, methods=['pgd-at'], data_root=str(data_root),
                              out_dir=str(tmp_path / 'out'), runs_dir=str(tmp_path / 'runs'))
     rows = [r for r in res['rows'] if r['method'] != 'teacher']
     assert res['status'] == 'done' and rows and all(r['train']['config']['amp'] is False for r in rows)
