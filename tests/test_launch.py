@@ -132,3 +132,11 @@ def test_paper_presets_train_channels_last_in_fp32_unless_amp_passes_its_check(m
         if ok: assert R.amp_guard(torch.nn.Identity(), ctx)['pgd_diff'] == diff and 'under bf16' in lines[-1]
         else:
             with pytest.raises(ValueError, match='amp=True refused: bf16 weakens PGD-10 on the teacher'): R.amp_guard(torch.nn.Identity(), ctx)
+
+
+def test_readme_quotes_every_launch_command():
+    "README's reproduction section quotes the make and papermill command of each paper preset as LAUNCH holds it."
+    readme = (ROOT / 'README.md').read_text()
+    for preset in ('paper', 'paper-cifar100'):
+        assert LAUNCH[preset]['make'] in readme and LAUNCH[preset]['papermill'] in readme, preset
+    assert 'make repro ' in readme and LAUNCH['quick']['make'].replace(' PRESET=quick', '') in readme
