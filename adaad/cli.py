@@ -144,11 +144,15 @@ def _load(spec, dataset):
 def _check_teachers(specs, models, a, cfg, out):
     "Check each teacher whose accuracy is recorded (`adaad.repro.check_file_teacher`) before training; a line each."
     from adaad.repro import check_file_teacher
+    from adaad.train import process_device
+    rank, world, device = process_device(a.device)      # under torchrun: rank 0 checks on its own GPU, the others wait
     for spec, model, role in zip(specs, models, ('teacher', 'standard-teacher')):
-        if spec is None: continue
-        c = check_file_teacher(model, spec[0], spec[2], a.dataset, cfg.data_root, out, a.device, role)
+        if spec is None or rank != 0: continue
+        c = check_file_teacher(model, spec[0], spec[2], a.dataset, cfg.data_root, out, device, role)
         if c is not None: print(f"{role} check ({c['n']} test images): clean {c['measured']['clean']:.1f}%, PGD-10 "
                                 f"{c['measured']['pgd10']:.1f}% -- {c['verdict']}", file=sys.stderr)
+    if world > 1:
+        import torch.distributed as dist; dist.barrier()
 
 def _unused(ap, a, m):
     "Refuse the options that method `m` would ignore: a teacher it does not read, a budget it has no inner maximisation for."
@@ -372,7 +376,7 @@ PRECISIONS = {'preset': None, 'fp32': False, 'bf16': True}   # adaad table --pre
 
 def _repro_commands(sub):
     "The `table` and `compare` subcommands on subparsers `sub`."
-    t = sub.add_parser('table', help="a preset's table, its cells trained by parallel worker processes (one per GPU, or one-thread CPU workers) or cluster jobs")
+    t = sub.add_parser('table', help="a preset's table, its cells trained by parallel worker processes (one per GPU, or CPU workers of cores // N threads) or cluster jobs")
     t.add_argument('--preset', default='quick', help='(default: %(default)s; the presets of adaad.repro.PRESETS)')
     t.add_argument('--workers', type=_checked(int, _N), default=2, help='worker processes: on GPU w mod the GPU count, or with cores // workers CPU threads each (default: %(default)s)')
     t.add_argument('--methods', type=_comma(str, 'method names'), default=None, help="comma-separated rows: the preset's or registered methods (default: the preset's)")

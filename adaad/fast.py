@@ -54,6 +54,7 @@ class Autocast(nn.Module):
     def __init__(self, model, dtype=torch.bfloat16):
         super().__init__()
         self.model, self.dtype = model, dtype
+        self.train(model.training)   # the wrapper's mode is the model's: restoring one never flips the other
     def forward(self, x):
         with torch.autocast(x.device.type, dtype=self.dtype): out = self.model(x)
         return out.float()
@@ -61,8 +62,9 @@ class Autocast(nn.Module):
 def amp_check(model, x, y, eps=EPS, steps=10, batch_size=500, dtype=torch.bfloat16, seed=0):
     "PGD-`steps` accuracy (%) of `model` in fp32 and under `dtype` autocast, and the sign agreement of the input gradient."
     y = check_attack_args(x, y, eps=eps, steps=steps)
-    amp, acc, agree, counted = Autocast(model, dtype), {'fp32': 0, 'amp': 0}, 0, 0
+    acc, agree, counted = {'fp32': 0, 'amp': 0}, 0, 0
     with frozen_eval(model):
+        amp = Autocast(model, dtype)                 # made in eval mode: no attack below runs the model in train mode
         for i in range(0, len(x), batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
             g32, _ = input_grad(model, xb, yb, ce_loss)

@@ -10,9 +10,10 @@ __all__ = ['PRESETS', 'PAPER_SCALE', 'PAPER_REFERENCES', 'LAUNCH', 'PACKAGES', '
            'obtain_teacher', 'teacher_record', 'teacher_expectation', 'check_teacher', 'trust_teacher_file',
            'check_file_teacher', 'build_teacher', 'dry_run_config', 'dry_run_teacher', 'selected_checkpoint',
            'logged_curve', 'logged_train_s', 'record_training', 'is_rank0', 'run_cell', 'scale_changes',
-           'check_results_folder', 'check_rows', 'run_table', 'amp_guard', 'check_seeds', 'schedule_cells',
-           'forward_flops', 'training_flops', 'worker_plan', 'worker_devices', 'worker_threads', 'run_cells',
-           'TableJob', 'table_executor', 'import_modules', 'run_table_parallel', 'run_table_cell', 'run_eps_sweep']
+           'check_results_folder', 'check_rows', 'run_table', 'amp_guard', 'guard_precision', 'check_seeds',
+           'schedule_cells', 'forward_flops', 'training_flops', 'worker_plan', 'worker_devices', 'worker_threads',
+           'run_cells', 'TableJob', 'table_executor', 'import_modules', 'run_table_parallel', 'run_table_cell',
+           'run_eps_sweep']
 
 # %% ../nbs/15_repro.ipynb #488eab9c
 import collections, copy, dataclasses, importlib, inspect, json, math, os, platform, subprocess, time
@@ -442,7 +443,7 @@ def trust_teacher_file(path, role, runs_dir, out_dir=None):
     f = Path(runs_dir) / TEACHERS_RECORD
     seen = json.loads(f.read_text()) if f.exists() else {}
     res = Path(out_dir) / 'results.json' if out_dir is not None else None
-    old = (json.loads(res.read_text()).get(key) or {}) if res is not None and res.exists() else {}
+    old = (read_sealed(res, 'results.json').get(key) or {}) if res is not None and res.exists() else {}
     for want, where in ((seen.get(key, {}).get('sha256'), f), (old.get('sha256'), res)):
         if want and want != got:
             raise ValueError(f"teacher file {path} has SHA-256 {got}, but {where} records SHA-256 {want} for the "
@@ -721,7 +722,7 @@ def check_results_folder(out, preset, dry_run):
     "Return `out`; raise ValueError if its results.json is another preset's table, or a dry run's unless `dry_run`."
     f = Path(out) / 'results.json'
     if not f.exists(): return out
-    try: old = json.loads(f.read_text())
+    try: old = read_sealed(f, 'results.json')
     except (OSError, ValueError) as e:
         raise ValueError(f'{f} is not a readable results.json ({e}): choose another results folder') from None
     have = (old.get('preset'), bool(old.get('dry_run'))) if isinstance(old, dict) else (None, False)
@@ -756,7 +757,7 @@ def run_table(preset='smoke', teacher=None, students=None, methods=None, epochs=
     res = dict(_header(ctx, 'table', seeds=seeds), rows=[], runs={})
     ctx['log'](f"preset {res['preset']} on {res['device']}, {res['precision']}: {res['scale']}")
     tmodel, smodel, res['teacher'], res['standard_teacher'] = _teachers(ctx)
-    if amp and tmodel is not None: res['amp_check'] = amp_guard(tmodel, ctx)
+    res['amp_check'] = guard_precision(ctx, tmodel)
     if tmodel is None: res['status'] = 'paused'
     else: res['status'] = _train_rows(ctx, res, tmodel, smodel, seeds)
     res['wall_s'] = time.time() - ctx['t0']
@@ -807,16 +808,24 @@ def _log_eval(log, what, r, cache):
 
 AMP_LIMIT = 2.   # percentage points of PGD-10 accuracy bf16 may add on the teacher before amp=True is refused
 
-def amp_guard(model, ctx, n=500):
-    "`amp_check` of `model` on the first `n` training images, logged; a ValueError if bf16 weakens PGD-10 by over `AMP_LIMIT`."
+def amp_guard(model, ctx, n=500, enforce=True):
+    """`amp_check` of `model` on the first `n` training images, logged; a ValueError if bf16 weakens PGD-10 by over
+    `AMP_LIMIT` (with `enforce`; a dry run's random teacher is only logged)."""
     x = first_n(ctx['train_full'], min(n, len(ctx['train_full'])))
     r = amp_check(model, to_float(x.x).to(ctx['device']), x.y.to(ctx['device']), steps=10, batch_size=ctx['cfg']['eval_batch'])
     ctx['log'](f"amp check on {ctx['device']}: teacher PGD-10 {r['pgd_fp32']:.1f}% in fp32, {r['pgd_amp']:.1f}% under bf16 "
                f"({r['n']} training images, input-gradient signs agree {100 * r['sign_agreement']:.1f}%)")
-    if r['pgd_diff'] > AMP_LIMIT:
+    if r['pgd_diff'] > AMP_LIMIT and enforce:
         raise ValueError(f"amp=True refused: bf16 weakens PGD-10 on the teacher ({r['pgd_amp']:.1f}% under bf16 vs {r['pgd_fp32']:.1f}% "
                          f"in fp32, over {AMP_LIMIT} points more); train in fp32 (amp False or None)")
-    return r
+    return dict(r, enforced=enforce)
+
+def guard_precision(ctx, tmodel, log=None):
+    """`amp_guard` of teacher `tmodel` where the table trains in bf16 (the call's `amp` or the preset's, resolved for
+    its device), before any student trains; None where it trains in fp32 or has no teacher."""
+    if tmodel is None or not resolve_amp(ctx['cfg']['train'].get('amp') or False, ctx['device']): return None
+    dry = bool(ctx['cfg'].get('dry_run'))
+    return amp_guard(tmodel, dict(ctx, log=log or ctx.get('log') or (lambda line: None)), n=8 if dry else 500, enforce=not dry)
 
 def check_seeds(seeds):
     "`seeds` as a list of distinct ints >= 0; a clear error for an empty or bad list."
@@ -975,6 +984,20 @@ def import_modules(imports, name='imports'):
 _PLAN_KEYS = ('teacher', 'students', 'methods', 'epochs', 'n_test', 'suite', 'seeds', 'attack_overrides', 'train_n', 'variants',
               'amp')   # run_table's keywords that change the plan of the table
 
+def _refuse_cpu_submitter(ctx, executor):
+    """Refuse `executor='slurm'` from a machine without a GPU while a teacher of the table is still to be trained: the
+    submitting process trains (and checks) the teachers before it submits the cells' jobs."""
+    if executor != 'slurm' or str(ctx['device']).startswith('cuda'): return
+    specs = ((ctx['cfg'].get('teacher'), 'teacher'), (ctx['cfg'].get('standard_teacher'), 'standard-teacher'))
+    todo = [f"{role} ({s['train'].get('student')}, {s['train'].get('method')})" for s, role in specs
+            if s and s.get('source') == 'train'
+            and not (ctx['runs'] / f"{role}-{s['train'].get('student')}-{s['train'].get('method')}" / 'final.pt').exists()]
+    if todo:
+        raise ValueError(f"--executor slurm: this process trains the table's {', '.join(todo)} before it submits the "
+                         f"cells' jobs, and this machine has no GPU (device {ctx['device']}). Run the same command once "
+                         "on a GPU node (e.g. srun --gpus-per-node 1 --time 2-00:00:00 adaad table ...): it trains the "
+                         "teachers there and submits the cells; later runs from here reuse them")
+
 def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, executor=None, executor_options=None, **kw):
     """`run_table(preset, **kw)` with its cells trained by `workers` processes (or, with `executor`, submitit jobs: see
     `table_executor`; a kind such as 'slurm' makes one with `executor_options`, its folder `<out>/jobs`), each importing `imports` first; the results dict (status 'paused', without rows or files written,
@@ -986,10 +1009,11 @@ def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, executor
     plan = {k: kw.get(k) for k in _PLAN_KEYS}
     cfg, out, runs, seeds = _table_plan(preset, kw.get('out_dir'), kw.get('runs_dir'), kw.get('dry_run', False), **plan)
     ctx = _context(cfg, out, runs, kw.get('device'), kw.get('data_root'), kw.get('time_limit'), kw.get('progress', False))
+    _refuse_cpu_submitter(ctx, executor)
     tmodel, smodel, ti, si = _teachers(ctx)
     res = dict(_header(ctx, 'table', seeds=seeds, workers=workers), rows=[], runs={}, teacher=ti, standard_teacher=si, status='paused')
     if ti is None or any(i is not None and i.get('ckpt') is None for i in (ti, si)): return res   # a teacher's training paused
-    if kw.get('amp') and tmodel is not None: res['amp_check'] = amp_guard(tmodel, dict(ctx, log=log or (lambda line: None)))
+    res['amp_check'] = guard_precision(ctx, tmodel, log)
     cells = [(label, arch, row, seed) for seed in seeds for label, arch in cfg['students'].items() for row in cfg['methods']]
     setup = dict(cfg=dict(cfg, teacher=_file_teacher(cfg['teacher'], ti), standard_teacher=_file_teacher(cfg.get('standard_teacher'), si)),
                  out=str(out), runs=str(runs), device=str(ctx['device']), data_root=ctx['data_root'], imports=imports,
@@ -1024,6 +1048,7 @@ def run_table_cell(preset='smoke', cell='RN-18/adaad/0', imports=(), log=None, *
     ctx = dict(_context(cfg, out, runs, device, kw.get('data_root'), kw.get('time_limit'), kw.get('progress', False)), log=log or (lambda line: None))
     tmodel, smodel, ti, si = _teachers(ctx)
     if tmodel is None: return dict(run=None, status='paused', teacher=ti)
+    guard_precision(ctx, tmodel)
     tc, name = _cell_config(ctx, label, arch, row, seed)
     ctx['log'](f"{label} {row} seed {seed}: training {arch} into {ctx['runs'] / name}")
     c = _table_cell(ctx, tc, name, tmodel, smodel, _eval_settings(ctx))

@@ -160,3 +160,16 @@ def test_train_with_compile_writes_plain_checkpoints(data_root, tmp_path):
     assert r['status'] == 'done'
     m = load_model('wrn-10-1', tmp_path / 'final.pt')
     assert all(torch.isfinite(v).all() for v in m.state_dict().values() if v.is_floating_point())
+
+
+def test_the_bf16_check_leaves_the_network_as_it_was():
+    """amp_check attacks through an autocast wrapper: no forward of it may run the network in train mode (BatchNorm
+    statistics would move, and a teacher checked before training would no longer be the teacher the runs recorded)."""
+    from adaad.core import content_digest
+    from adaad.fast import amp_check
+    from adaad.models import create_model
+    torch.manual_seed(0)
+    m = create_model('wrn-10-1').eval()
+    before = content_digest(m.state_dict())
+    amp_check(m, torch.rand(8, 3, 32, 32), torch.arange(8) % 10, steps=2, batch_size=4)
+    assert content_digest(m.state_dict()) == before and not m.training

@@ -62,3 +62,28 @@ def test_the_parallel_table_trains_its_cells_in_the_precision_asked(tmp_path, da
     rows = [r for r in res['rows'] if r['method'] != 'teacher']
     assert res['status'] == 'done' and rows and all(r['train']['config']['amp'] is False for r in rows)
     assert all(r['train']['train_wall_s'] == 0. for r in rows)          # trained by the worker, not again by the assembly
+
+
+def test_bf16_is_checked_whenever_a_table_trains_in_it():
+    "guard_precision runs the bf16 check where the preset or the call resolves to bf16 (not only for amp=True), none in fp32."
+    import torch
+    from adaad.data import CifarSplit
+    from adaad.repro import guard_precision
+    from adaad.models import create_model
+    g = torch.Generator().manual_seed(0)
+    data = CifarSplit(torch.randint(0, 256, (8, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(8) % 10, 10)
+    lines, net = [], create_model('wrn-10-1').eval()
+    ctx = lambda amp, dry: dict(cfg=dict(train=dict(amp=amp), eval_batch=8, dry_run=dry), device=torch.device('cpu'),
+                                train_full=data, log=lines.append)
+    assert guard_precision(ctx(False, False), net) is None and guard_precision(ctx(None, False), net) is None
+    r = guard_precision(ctx(True, True), net)
+    assert r['n'] == 8 and r['enforced'] is False and any('amp check on cpu' in l for l in lines)
+
+
+def test_a_slurm_table_whose_teacher_would_train_on_this_cpu_is_refused(tmp_path, data_root):
+    "--executor slurm from a machine without a GPU: a teacher still to be trained here is named, with the way out."
+    from adaad.repro import run_table_parallel
+    with pytest.raises(ValueError, match=r"this process trains the table's teacher \(wrn-10-1, pgd-at\).*srun --gpus-per-node 1"):
+        run_table_parallel('smoke', executor='slurm', device='cpu', data_root=str(data_root),
+                           out_dir=str(tmp_path / 'out'), runs_dir=str(tmp_path / 'runs'))
+    assert not (tmp_path / 'runs' / 'teacher-wrn-10-1-pgd-at').exists()
