@@ -984,10 +984,11 @@ def import_modules(imports, name='imports'):
 _PLAN_KEYS = ('teacher', 'students', 'methods', 'epochs', 'n_test', 'suite', 'seeds', 'attack_overrides', 'train_n', 'variants',
               'amp')   # run_table's keywords that change the plan of the table
 
-def _refuse_cpu_submitter(ctx, executor):
-    """Refuse `executor='slurm'` from a machine without a GPU while a teacher of the table is still to be trained: the
-    submitting process trains (and checks) the teachers before it submits the cells' jobs."""
-    if executor != 'slurm' or str(ctx['device']).startswith('cuda'): return
+def _refuse_cpu_submitter(ctx, executor, options=None):
+    """Refuse `executor='slurm'` with GPU jobs from a machine without a GPU while a teacher of the table is still to be
+    trained (a dry run's toy teacher aside): the submitting process trains and checks the teachers before the jobs."""
+    gpu_jobs = (options or {}).get('gpus_per_job', 1)
+    if executor != 'slurm' or not gpu_jobs or ctx['cfg'].get('dry_run') or str(ctx['device']).startswith('cuda'): return
     specs = ((ctx['cfg'].get('teacher'), 'teacher'), (ctx['cfg'].get('standard_teacher'), 'standard-teacher'))
     todo = [f"{role} ({s['train'].get('student')}, {s['train'].get('method')})" for s, role in specs
             if s and s.get('source') == 'train'
@@ -1009,7 +1010,7 @@ def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, executor
     plan = {k: kw.get(k) for k in _PLAN_KEYS}
     cfg, out, runs, seeds = _table_plan(preset, kw.get('out_dir'), kw.get('runs_dir'), kw.get('dry_run', False), **plan)
     ctx = _context(cfg, out, runs, kw.get('device'), kw.get('data_root'), kw.get('time_limit'), kw.get('progress', False))
-    _refuse_cpu_submitter(ctx, executor)
+    _refuse_cpu_submitter(ctx, executor, executor_options)
     tmodel, smodel, ti, si = _teachers(ctx)
     res = dict(_header(ctx, 'table', seeds=seeds, workers=workers), rows=[], runs={}, teacher=ti, standard_teacher=si, status='paused')
     if ti is None or any(i is not None and i.get('ckpt') is None for i in (ti, si)): return res   # a teacher's training paused
