@@ -297,8 +297,8 @@ def read_sealed(path, what='result file'):
 
 # %% ../nbs/00_core.ipynb #48b95685
 def renamed_argument(old_value, value, old, new, where, stacklevel=3):
-    "`value`, or `old_value` given under the former name `old` (with a DeprecationWarning naming `new`); both given is a TypeError."
+    "`value`, or `old_value` given under the former name `old` (with a FutureWarning naming `new`); both given is a TypeError."
     if old_value is None: return value
     if value is not None: raise TypeError(f"{where}: give {new} only ({old} is its former name), got both")
-    warnings.warn(f"{where}: {old} is deprecated, use {new}", DeprecationWarning, stacklevel=stacklevel)
+    warnings.warn(f"{where}: {old} is deprecated, use {new}", FutureWarning, stacklevel=stacklevel)
     return old_value

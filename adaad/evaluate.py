@@ -24,10 +24,10 @@ from .attacks import ATTACKS, AttackSpec, check_eps, check_images, check_labels,
 SUITES = {'paper': ('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), 'quick': ('clean', 'pgd10')}
 
 def __getattr__(name):
-    "The former names of the attack registry (`SPECS`, with a DeprecationWarning) and of the order tables the flags no longer use."
+    "The former names of the attack registry (`SPECS`, with a FutureWarning) and of the order tables the flags no longer use."
     if name == 'SPECS':
         warnings.warn('adaad.evaluate.SPECS is deprecated: the attack registry is adaad.attacks.ATTACKS (add to it with '
-                      'register_attack)', DeprecationWarning, stacklevel=2)
+                      'register_attack)', FutureWarning, stacklevel=2)
         return ATTACKS
     if name in ('ORDER', 'WHITE_BOX_MULTI'):
         raise AttributeError(f'adaad.evaluate.{name} was removed: the sanity flags read what each attack declares to '

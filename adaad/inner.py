@@ -36,7 +36,7 @@ class Budget:
     steps: int = 10             # number of ascent steps K
     init: str = 'gaussian'      # start x'_0, one of INITS
     attack_bn: str | None = None  # student BatchNorm mode during the ascent, one of BN_MODES (None: 'eval')
-    bn: InitVar[str | None] = None   # the former name of attack_bn (a DeprecationWarning)
+    bn: InitVar[str | None] = None   # the former name of attack_bn (a FutureWarning)
 
     def __post_init__(self, bn):
         v = renamed_argument(bn, self.attack_bn, 'bn', 'attack_bn', 'Budget', stacklevel=4)

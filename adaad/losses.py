@@ -24,7 +24,7 @@ def _need(name, v, why):
     return v
 
 def _weight(value, old_value, default, new, old, where):
-    "`value`, or `old_value` passed under the former name `old` (a DeprecationWarning naming `new`), else `default`."
+    "`value`, or `old_value` passed under the former name `old` (a FutureWarning naming `new`), else `default`."
     v = renamed_argument(old_value, value, old, new, where, stacklevel=4)
     return default if v is None else v
 

@@ -107,7 +107,7 @@ class Method:
     swa_fraction: ClassVar[float] = 0.5            # its first epoch, as a share of the run's epochs
     positive: ClassVar[tuple] = ()                 # fields that must be > 0 (temperatures)
     ranges: ClassVar[dict] = {}                    # field -> (low, high, meaning): the values the definition gives a sense
-    renamed: ClassVar[dict] = {}                   # former field name -> its name now (still accepted, with a DeprecationWarning)
+    renamed: ClassVar[dict] = {}                   # former field name -> its name now (still accepted, with a FutureWarning)
     dataset_defaults: ClassVar[dict] = {}          # field -> {dataset: official value}, taken where the field is None
     budget: Budget | None = Budget()               # the inner maximisation's budget; None: no inner problem
 
@@ -217,11 +217,11 @@ def _budget_of(m):
     return m.budget if isinstance(m, Method) else next(f.default for f in dataclasses.fields(m) if f.name == 'budget')
 
 def _current_names(m, kw):
-    "`kw` with the former field names of method `m` replaced by their names now (a DeprecationWarning for each)."
+    "`kw` with the former field names of method `m` replaced by their names now (a FutureWarning for each)."
     for old, new in m.renamed.items():
         if old not in kw: continue
         if new in kw: raise ValueError(f"{m.name}: {old} is the former name of {new}; pass {new} only")
-        warnings.warn(f'{m.name}: {old} is deprecated, use {new}', DeprecationWarning, stacklevel=4)
+        warnings.warn(f'{m.name}: {old} is deprecated, use {new}', FutureWarning, stacklevel=4)
         kw[new] = kw.pop(old)
     return kw
 

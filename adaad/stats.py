@@ -18,9 +18,9 @@ from .core import check_int, is_real, renamed_argument
 SIGNIFICANCE = 0.05    # the significance level at which a difference is called resolved (after Holm's correction within a family)
 
 def __getattr__(name):
-    "`ALPHA`, the former name of `SIGNIFICANCE`, with a DeprecationWarning."
+    "`ALPHA`, the former name of `SIGNIFICANCE`, with a FutureWarning."
     if name == 'ALPHA':
-        warnings.warn('adaad.stats.ALPHA is deprecated, use SIGNIFICANCE (the significance level)', DeprecationWarning, stacklevel=2)
+        warnings.warn('adaad.stats.ALPHA is deprecated, use SIGNIFICANCE (the significance level)', FutureWarning, stacklevel=2)
         return SIGNIFICANCE
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 

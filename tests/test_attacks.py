@@ -182,9 +182,9 @@ def test_attacks_registry():
 
 
 def test_pgd_step_size_and_its_former_name(toy):
-    "`step_size` is PGD's step; `alpha=` still works with a DeprecationWarning naming `step_size`; both at once is refused."
+    "`step_size` is PGD's step; `alpha=` still works with a FutureWarning naming `step_size`; both at once is refused."
     model, x, y = toy
-    with pytest.warns(DeprecationWarning, match='pgd: alpha is deprecated, use step_size'):
+    with pytest.warns(FutureWarning, match='pgd: alpha is deprecated, use step_size'):
         old = pgd(model, x, y, alpha=1 / 255, steps=3, seed=0)
     assert torch.equal(old, pgd(model, x, y, step_size=1 / 255, steps=3, seed=0))
     assert not torch.equal(old, pgd(model, x, y, steps=3, seed=0))   # the default step size is eps/4, not 1/255

@@ -106,8 +106,8 @@ def test_introspection_starts_at_a_fraction_of_the_run(name):
                                           ('akd-maroto', 'alpha', 'kl_weight'), ('adaad', 'alpha', 'adv_weight'),
                                           ('adaiad', 'alpha', 'distill_weight'), ('adaiad', 'beta', 'reliability_exponent')])
 def test_loss_weights_are_named_for_what_they_weigh_and_the_former_names_still_work(name, old, new):
-    "A former field name sets the new field with a DeprecationWarning naming both; passing both is refused."
-    with pytest.warns(DeprecationWarning, match=rf'{name}: {old} is deprecated, use {new}'):
+    "A former field name sets the new field with a FutureWarning naming both; passing both is refused."
+    with pytest.warns(FutureWarning, match=rf'{name}: {old} is deprecated, use {new}'):
         m = get_method(name, **{old: 0.2})
     assert getattr(m, new) == 0.2 and old not in m.hparams()
     with pytest.raises(ValueError, match=rf'{name}: {old} is the former name of {new}; pass {new} only'):
@@ -118,7 +118,7 @@ def test_the_command_line_takes_a_former_name_with_a_warning():
     from adaad.cli import config_from_args, parser
     from adaad.train import resolve
     a = parser().parse_args(['train', '--method', 'adaad', '--set', 'alpha=0.5'])
-    with pytest.warns(DeprecationWarning, match='adaad: alpha is deprecated, use adv_weight'):
+    with pytest.warns(FutureWarning, match='adaad: alpha is deprecated, use adv_weight'):
         assert resolve(config_from_args(a)).method_kwargs['adv_weight'] == 0.5
 
 
@@ -155,6 +155,6 @@ def test_the_batchnorm_order_follows_the_declaration_not_the_reading(declared):
 
 def test_a_former_name_of_the_outer_method_stays_with_it_in_a_combo():
     "With another method's inner, `alpha` still sets the outer AdaAD's `adv_weight` (with the warning), not the inner's."
-    with pytest.warns(DeprecationWarning, match='adaad: alpha is deprecated, use adv_weight'):
+    with pytest.warns(FutureWarning, match='adaad: alpha is deprecated, use adv_weight'):
         m = get_method('adaad', inner='trades', alpha=0.3)
     assert m.outer.adv_weight == 0.3

@@ -234,8 +234,8 @@ def test_budget_checks_name_the_field():
 
 
 def test_budget_takes_its_former_bn_with_a_warning():
-    "`Budget(bn=...)`, the former name of `attack_bn`, still works with a DeprecationWarning; both at once is refused."
-    with pytest.warns(DeprecationWarning, match='Budget: bn is deprecated, use attack_bn'):
+    "`Budget(bn=...)`, the former name of `attack_bn`, still works with a FutureWarning; both at once is refused."
+    with pytest.warns(FutureWarning, match='Budget: bn is deprecated, use attack_bn'):
         assert Budget(bn='train') == Budget(attack_bn='train')
     with pytest.raises(TypeError, match='give attack_bn only'): Budget(bn='train', attack_bn='eval')
 

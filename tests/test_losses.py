@@ -213,9 +213,9 @@ def test_bad_arguments(L):
 @pytest.mark.parametrize('fn,old,new', [(adaad_loss, 'alpha', 'adv_weight'), (trades_loss, 'beta', 'kl_weight'), (ard_loss, 'alpha', 'kl_weight'),
                                         (akd_maroto_loss, 'alpha', 'kl_weight')])
 def test_loss_weights_keep_their_former_names_with_a_warning(L, fn, old, new):
-    "A loss function's weight under its former name gives the same loss with a DeprecationWarning; both names at once is refused."
+    "A loss function's weight under its former name gives the same loss with a FutureWarning; both names at once is refused."
     sa, ta, sn, tn, y = L['s_adv'], L['t_adv'], L['s_nat'], L['t_nat'], L['y']
     args = {adaad_loss: (sa, ta, sn, tn), trades_loss: (sa, sn, y), ard_loss: (sa, tn, y, sn), akd_maroto_loss: (sa, ta, y)}[fn]
-    with pytest.warns(DeprecationWarning, match=rf'{fn.__name__}: {old} is deprecated, use {new}'):
+    with pytest.warns(FutureWarning, match=rf'{fn.__name__}: {old} is deprecated, use {new}'):
         assert close(fn(*args, **{old: 0.4}), float(fn(*args, **{new: 0.4})))
     with pytest.raises(TypeError, match=rf'give {new} only'): fn(*args, **{old: 0.4, new: 0.4})

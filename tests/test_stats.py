@@ -423,15 +423,26 @@ def test_a_table_refuses_rows_whose_seeds_differ(tmp_path):
 
 
 def test_the_significance_level_is_not_called_alpha():
-    "`significance` (and `SIGNIFICANCE`) name the level; `alpha=` and `ALPHA` still work, with a DeprecationWarning naming the new name."
+    "`significance` (and `SIGNIFICANCE`) name the level; `alpha=` and `ALPHA` still work, with a FutureWarning naming the new name."
     import adaad.stats as st
     from adaad.stats import holm
     assert st.SIGNIFICANCE == 0.05
-    with pytest.warns(DeprecationWarning, match='seeds_needed: alpha is deprecated, use significance'):
+    with pytest.warns(FutureWarning, match='seeds_needed: alpha is deprecated, use significance'):
         assert seeds_needed(2.6, 1.3, alpha=0.01) == seeds_needed(2.6, 1.3, significance=0.01) > seeds_needed(2.6, 1.3)
-    with pytest.warns(DeprecationWarning, match='holm: alpha is deprecated'):
+    with pytest.warns(FutureWarning, match='holm: alpha is deprecated'):
         assert holm([0.02, 0.03], alpha=0.01)[1] == [False, False] and holm([0.02, 0.03])[1] == [True, True]
-    with pytest.warns(DeprecationWarning, match='ttest_power: alpha is deprecated'):
+    with pytest.warns(FutureWarning, match='ttest_power: alpha is deprecated'):
         assert ttest_power(1., 1., 5, alpha=0.01) == ttest_power(1., 1., 5, significance=0.01) < ttest_power(1., 1., 5)
-    with pytest.warns(DeprecationWarning, match='use SIGNIFICANCE'): assert st.ALPHA == 0.05
+    with pytest.warns(FutureWarning, match='use SIGNIFICANCE'): assert st.ALPHA == 0.05
     with pytest.raises(TypeError, match='give significance only'): holm([0.5], significance=0.1, alpha=0.1)
+
+
+def test_a_former_name_warns_where_a_users_module_will_see_it(tmp_path):
+    "Former names warn with FutureWarning, which Python shows for code in a user's module (a DeprecationWarning it hides)."
+    import subprocess, sys
+    from pathlib import Path
+    (tmp_path / 'usermod.py').write_text('from adaad.stats import holm\nholm([0.01, 0.04], alpha=0.05)\n')
+    env = dict(__import__('os').environ, PYTHONPATH=f"{tmp_path}:{Path(__file__).resolve().parents[1]}")
+    env.pop('PYTHONWARNINGS', None)
+    p = subprocess.run([sys.executable, '-c', 'import usermod'], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and 'FutureWarning: holm: alpha is deprecated, use significance' in p.stderr, p.stderr[-2000:]
