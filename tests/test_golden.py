@@ -10,6 +10,11 @@ What it guarantees where:
   other kind that test is skipped, saying why: oneDNN and MKL pick other kernels there, their float32 rounding differs,
   and adversarial training amplifies it (one flipped sign in an inner step moves x~ by two steps), so no tolerance on
   float32 weights after training can both hold there and still catch a change.
+- **On a wider CPU of the recording's model** (the recording is AVX2, this machine AVX512, same processor and torch):
+  the float32 cases run in one subprocess whose ATen, MKL and oneDNN are held to the recording's instruction set
+  (`NARROWED`), and must equal the recording bit for bit (`test_float32_bit_identical_under_the_recording_kernels`).
+  The same variables let a user rerun a committed AVX2 table's kernels on such a machine
+  (`make repro CPU_KERNELS=avx2`).
 - **On every CPU kind**: the same cases, run in float64 with deterministic algorithms, end with weights whose every
   tensor's sum and signed random projection lie within `RTOL` (1e-9) of the float64 recording, relative to the tensor's
   L1 norm (`test_float64_matches_the_recording`). Kernels differ in float64 too, but at ~1e-16 per operation: under
@@ -34,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).with_name('golden_weights.json')
 RTOL = 1e-9
 FOREIGN = dict(ATEN_CPU_CAPABILITY='default', MKL_ENABLE_INSTRUCTIONS='SSE4_2', ONEDNN_MAX_CPU_ISA='SSE41')
+# The variables that hold ATen, MKL and oneDNN to a recorded instruction set on a CPU that has a wider one.
+NARROWED = {'AVX2': dict(ATEN_CPU_CAPABILITY='avx2', MKL_ENABLE_INSTRUCTIONS='AVX2', ONEDNN_MAX_CPU_ISA='AVX2')}
 
 # name -> (TrainConfig keyword arguments beyond BASE, needs a teacher)
 CASES = {
@@ -166,15 +173,47 @@ def test_the_recording_lists_every_case():
     assert set(g['float64']['cases']) == set(FLOAT64_CASES), 'the float64 recording lacks cases: re-record float64'
 
 
+def _narrowable(recorded):
+    "Whether this machine can run the recording's float32 kernels: same processor and torch, a wider instruction set."
+    here = environment()
+    return (not _same_kind(recorded) and recorded['cpu_capability'] in NARROWED and here['cpu_capability'] == 'AVX512'
+            and all(recorded[k] == here[k] for k in ('torch', 'processor')))
+
+
 @pytest.mark.parametrize('name', list(CASES))
 def test_float32_bit_identical_on_the_recording_kind(name, tmp_path):
     "Each case's float32 weights equal the recording bit for bit, on the recording's CPU kind and torch."
     rec = _golden()['float32']
     if not _same_kind(rec['environment']):
         pytest.skip(f"float32 bit-identity is recorded for {rec['environment']}; this machine is {environment()} "
-                    '(its kernels round differently): the float64 test guards this kind')
+                    '(its kernels round differently): the float64 test guards this kind'
+                    + (", and the recording's kernels are checked in a subprocess"
+                       if _narrowable(rec['environment']) else ''))
     got = run_case(name, tmp_path / name)
     assert got['sha256'] == rec['cases'][name]['sha256'], f'{name}: the weights differ from the recording (a computation changed)'
+
+
+def float32_shas(out_dir):
+    "What the subprocess of the narrowed-kernel test reports: the capability and every case's float32 SHA-256."
+    return dict(capability=torch.backends.cpu.get_cpu_capability(),
+                shas={n: run_case(n, out_dir / n)['sha256'] for n in CASES})
+
+
+def test_float32_bit_identical_under_the_recording_kernels(tmp_path):
+    "On a wider CPU of the recording's model, every case run with the recording's kernels equals it bit for bit."
+    rec = _golden()['float32']
+    if not _narrowable(rec['environment']):
+        pytest.skip(f"only where the recording's kernels can be selected on a wider CPU of its model: recorded on "
+                    f"{rec['environment']}, this machine is {environment()}")
+    env = {**os.environ, **NARROWED[rec['environment']['cpu_capability']], 'OMP_NUM_THREADS': '1',
+           'PYTHONPATH': str(ROOT)}
+    p = subprocess.run([sys.executable, __file__, '--float32-shas', str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res['capability'] == rec['environment']['cpu_capability'], res['capability']
+    bad = [n for n in CASES if res['shas'][n] != rec['cases'][n]['sha256']]
+    assert not bad, f'{len(bad)} of {len(CASES)} cases differ from the recording under its kernels, e.g. {bad[:5]}'
 
 
 @pytest.mark.parametrize('name', FLOAT64_CASES)
@@ -242,5 +281,6 @@ if __name__ == '__main__':
     sys.path.insert(0, str(ROOT))
     if sys.argv[1:2] == ['--foreign-check'] and len(sys.argv) == 3:
         print(json.dumps(foreign_check(Path(sys.argv[2]))))
+    elif sys.argv[1:2] == ['--float32-shas'] and len(sys.argv) == 3: print(json.dumps(float32_shas(Path(sys.argv[2]))))
     elif sys.argv[1:2] == ['--record'] and sys.argv[2:] in (['float32'], ['float64']): _record(sys.argv[2])
-    else: sys.exit('usage: python tests/test_golden.py --record {float32,float64} | --foreign-check DIR')
+    else: sys.exit('usage: python tests/test_golden.py --record {float32,float64} | --foreign-check DIR | --float32-shas DIR')
