@@ -54,7 +54,7 @@ def check_images(x, name='x'):
     return x
 
 def check_labels(y, x, name='y'):
-    "Raise unless `y` is an integer tensor of shape (N,) matching `x` with labels >= 0; return it as int64 on x's device."
+    "Raise unless `y` is an integer tensor of shape (N,) matching `x`, labels >= 0; return it as int64 on x's device."
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor of shape (N,) = ({len(x)},), got {type(y).__name__}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
@@ -100,7 +100,8 @@ def _loss_fn(loss, kappa):
     check_positive(kappa, 'kappa', zero_ok=True)
     fn = LOSSES[loss]
     if 'kappa' in inspect.signature(fn).parameters: return lambda z, y: fn(z, y, kappa)
-    if kappa: raise ValueError(f"kappa applies to a loss that takes it (such as 'cw'); loss {loss!r} takes none, got kappa={kappa!r}")
+    if kappa: raise ValueError(f"kappa applies to a loss that takes it (such as 'cw'); loss {loss!r} takes none, "
+                               f"got kappa={kappa!r}")
     return fn
 
 def _check_classes(logits, y):
@@ -146,7 +147,7 @@ def _pgd_run(model, x, y, eps, step_size, steps, random_start, loss_fn, generato
 # %% ../nbs/04_attacks.ipynb #543670ce
 def pgd(model, x, y, eps=EPS, step_size=None, steps=10, random_start=True, restarts=1, loss='ce', kappa=0.,
         seed=None, return_losses=False, alpha=None):
-    "$\\ell_\\infty$ PGD: `steps` signed-gradient steps of size `step_size` (default eps/4) projected on the eps-ball, best of `restarts`."
+    "$\\ell_\\infty$ PGD: `steps` signed steps of size `step_size` (default eps/4) in the eps-ball, best of `restarts`."
     step_size = renamed_argument(alpha, step_size, 'alpha', 'step_size', 'pgd')
     step_size = eps / 4 if step_size is None and _is_real(eps) else step_size
     y = check_attack_args(x, y, eps=eps, steps=steps, step_size=step_size)
@@ -219,7 +220,7 @@ def _check_aa_classes(model, x, y, version, attacks, device, targets=9):
                          f"(attacks={attacks!r}), got {n_cls}; use version='custom' with attacks=['apgd-ce', 'square']")
 
 def _pyautoattack(model, x, y, *, eps, version, attacks, seed, batch_size, device, setup=None, targets=9):
-    "Run pyautoattack on (x, y) (`setup(aa)` may change its attacks' settings), leaving the global RNG, the trace function and the model's mode as they were."
+    "Run pyautoattack on (x, y) (`setup(aa)` may change its settings); restores global RNG, trace function, model mode."
     from pyautoattack import AutoAttack
     y = check_attack_args(x, y, eps=eps)
     batch_size, seed = check_int(batch_size, 'batch_size'), check_int(seed, 'seed', 0)
@@ -252,11 +253,12 @@ def square(model, x, y, eps=EPS, n_queries=5000, seed=0, batch_size=500, device=
     "Square: the black-box, score-based $\\ell_\\infty$ attack with `n_queries` queries (pyautoattack)."
     n_queries = check_int(n_queries, 'n_queries')
     return _pyautoattack(model, x, y, eps=eps, version='custom', attacks=['square'], seed=seed,
-                         batch_size=batch_size, device=device, setup=lambda aa: setattr(aa.square, 'n_queries', n_queries))
+                         batch_size=batch_size, device=device,
+                         setup=lambda aa: setattr(aa.square, 'n_queries', n_queries))
 
 def autoattack_reduced(model, x, y, eps=EPS, attacks=('apgd-ce',), n_iter=20, n_restarts=1, n_target_classes=3,
                        seed=0, batch_size=500, device=None):
-    "A reduced AutoAttack: pyautoattack's APGD-CE / APGD-T with `n_iter` iterations, `n_restarts` restarts and `n_target_classes` targets."
+    "Reduced AutoAttack: APGD-CE / APGD-T with `n_iter` iterations, `n_restarts` restarts, `n_target_classes` targets."
     attacks = list(attacks) if not isinstance(attacks, str) else [attacks]
     if not attacks or any(a not in ('apgd-ce', 'apgd-t') for a in attacks):
         raise ValueError(f"attacks must be a non-empty list drawn from ['apgd-ce', 'apgd-t'], got {attacks!r}")
@@ -275,7 +277,7 @@ _DECLARED = ('white_box', 'multi_step', 'norm', 'budget')
 
 @dataclass(frozen=True)
 class AttackSpec:
-    "One evaluation column: `name`, attack function `fn` (None: clean), its `kwargs`, `whole` (one call over all points) and its declarations (see `register_attack`)."
+    "An evaluation column: `name`, attack `fn` (None: clean), `kwargs`, `whole` (one call on all points), declarations."
     name: str
     fn: Optional[Callable] = None
     kwargs: dict = field(default_factory=dict)
@@ -291,8 +293,9 @@ class AttackSpec:
         return dataclasses.replace(self, kwargs={**self.kwargs, **kwargs})
 
     def config(self):
-        "A JSON-serialisable description of this spec (what it runs; the declarations describe it and are not part of it)."
-        return dict(name=self.name, attack=getattr(self.fn, '__name__', None), kwargs=dict(self.kwargs), whole=self.whole)
+        "A JSON-serialisable description of what this spec runs (its declarations describe it, not part of it)."
+        return dict(name=self.name, attack=getattr(self.fn, '__name__', None), kwargs=dict(self.kwargs),
+                    whole=self.whole)
 
     @property
     def declared(self):
@@ -310,14 +313,15 @@ class AttackSpec:
         return self.fn(model, x, y, **{**self.kwargs, **kwargs})
 
     def check_output(self, x, x_adv):
-        "Raise unless `x_adv` is finite images of `x`'s shape in [0, 1] within the declared budget of `x` (float rounding allowed)."
+        "Raise unless `x_adv` is finite images of `x`'s shape in [0, 1] within the declared budget (up to rounding)."
         what = f'attack {self.name!r}'
         if not isinstance(x_adv, torch.Tensor) or _shape(x_adv) != _shape(x) or not x_adv.is_floating_point():
             raise ValueError(f"{what} must return float images of the shape of its input {_shape(x)}, got "
                              f"{_shape(x_adv) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__}"
                              f"{' of dtype ' + str(x_adv.dtype) if isinstance(x_adv, torch.Tensor) else ''}")
         bad = (~torch.isfinite(x_adv)).sum().item()
-        if bad: raise ValueError(f"{what} returned {bad} NaN/inf pixel values: its accuracy would mean nothing; it is refused")
+        if bad: raise ValueError(f"{what} returned {bad} NaN/inf pixel values: its accuracy would mean nothing; "
+                                 "it is refused")
         tol = 4 * torch.finfo(x_adv.dtype).eps
         lo, hi = x_adv.min().item(), x_adv.max().item()
         if lo < -tol or hi > 1 + tol:
@@ -328,9 +332,9 @@ class AttackSpec:
         dist = d.abs().amax(1) if self.norm == 'linf' else d.float().norm(dim=1)
         worst, k = dist.max().item(), dist.argmax().item()
         if worst > r * (1 + tol) + tol:
-            raise ValueError(f"{what} exceeds its declared budget ({self.norm} {self.budget}={r:.6g} = {r * 255:.4g}/255): "
-                             f"example {k} moved {worst:.6g} = {worst * 255:.4g}/255 in {self.norm} norm; it is refused "
-                             f"(its accuracy would not be one under that budget)")
+            raise ValueError(f"{what} exceeds its declared budget ({self.norm} {self.budget}={r:.6g} = "
+                             f"{r * 255:.4g}/255): example {k} moved {worst:.6g} = {worst * 255:.4g}/255 in "
+                             f"{self.norm} norm; it is refused (its accuracy would not be one under that budget)")
         return x_adv
 
 # %% ../nbs/04_attacks.ipynb #c28a0d75
@@ -342,24 +346,26 @@ def _check_declarations(name, fn, white_box, multi_step, norm, budget, ensemble)
     "Raise unless every declaration of attack `name` is given and valid."
     got = dict(white_box=white_box, multi_step=multi_step, norm=norm, budget=budget)
     missing = [k for k, v in got.items() if v is _UNDECLARED]
-    if missing: raise TypeError(f"register_attack({name!r}): declare {', '.join(missing)} (white_box: reads gradients?, "
-                                "multi_step: iterates?, norm: 'linf' or 'l2', budget: the keyword of its radius such as 'eps', or None)")
+    if missing: raise TypeError(f"register_attack({name!r}): declare {', '.join(missing)} (white_box: "
+                                "reads gradients?, multi_step: iterates?, norm: 'linf' or 'l2', budget: "
+                                "the keyword of its radius such as 'eps', or None)")
     for k in ('white_box', 'multi_step', 'ensemble'):
         v = dict(got, ensemble=ensemble)[k]
         if not isinstance(v, bool): raise TypeError(f"register_attack({name!r}): {k} must be True or False, got {v!r}")
-    if norm not in NORMS: raise ValueError(f"register_attack({name!r}): norm must be one of {list(NORMS)}, got {norm!r}")
+    if norm not in NORMS: raise ValueError(f"register_attack({name!r}): norm must be one of {list(NORMS)}, "
+                                           f"got {norm!r}")
     if budget is not None and (not isinstance(budget, str) or budget not in inspect.signature(fn).parameters):
-        raise ValueError(f"register_attack({name!r}): budget must name a keyword argument of {fn.__name__} (such as 'eps'), "
-                         f"or be None for an unbounded attack; got {budget!r}")
+        raise ValueError(f"register_attack({name!r}): budget must name a keyword argument of {fn.__name__} (such as "
+                         f"'eps'), or be None for an unbounded attack; got {budget!r}")
 
 def _same(a, b):
     "Whether two specs are one definition (the same function, by module and name, and the same settings): a re-import."
     q = lambda s: (getattr(s.fn, '__module__', None), getattr(s.fn, '__qualname__', None))
     return q(a) == q(b) and dataclasses.replace(a, fn=None) == dataclasses.replace(b, fn=None)
 
-def register_attack(name, fn=None, *, white_box=_UNDECLARED, multi_step=_UNDECLARED, norm=_UNDECLARED, budget=_UNDECLARED,
-                    ensemble=False, whole=False, kwargs=None):
-    "Add attack `fn(model, x, y, **kwargs) -> x_adv` to `ATTACKS` as column `name` with its declarations; a decorator without `fn`."
+def register_attack(name, fn=None, *, white_box=_UNDECLARED, multi_step=_UNDECLARED, norm=_UNDECLARED,
+                    budget=_UNDECLARED, ensemble=False, whole=False, kwargs=None):
+    "Add attack `fn(model, x, y, **kwargs) -> x_adv` to `ATTACKS` as column `name`; a decorator without `fn`."
     if fn is None: return lambda f: register_attack(name, f, white_box=white_box, multi_step=multi_step, norm=norm,
                                                     budget=budget, ensemble=ensemble, whole=whole, kwargs=kwargs)
     if not isinstance(name, str) or not re.fullmatch(r'[a-z0-9][a-z0-9_.-]*', name) or name in _RESERVED:
@@ -368,7 +374,8 @@ def register_attack(name, fn=None, *, white_box=_UNDECLARED, multi_step=_UNDECLA
     if not callable(fn): raise TypeError(f"register_attack({name!r}): fn must be an attack function, got {fn!r}")
     _check_declarations(name, fn, white_box, multi_step, norm, budget, ensemble)
     if kwargs is not None and not isinstance(kwargs, dict):
-        raise TypeError(f"register_attack({name!r}): kwargs must be a dict of the attack's keyword arguments, got {kwargs!r}")
+        raise TypeError(f"register_attack({name!r}): kwargs must be a dict of the attack's keyword arguments, "
+                        f"got {kwargs!r}")
     spec = AttackSpec(name, fn, dict(kwargs or {}), bool(whole), white_box, multi_step, norm, budget, ensemble)
     old = ATTACKS.get(name)
     if old is not None and not _same(old, spec):
@@ -384,12 +391,19 @@ def attack_names():
 # %% ../nbs/04_attacks.ipynb #2ba76fa7
 _LINF = dict(norm='linf', budget='eps')
 register_attack('fgsm', fgsm, white_box=True, multi_step=False, kwargs=dict(eps=EPS), **_LINF)
-register_attack('pgd10', pgd, white_box=True, multi_step=True, kwargs=dict(eps=EPS, step_size=None, steps=10, random_start=True), **_LINF)  # step_size None: eps/4
-register_attack('pgd20', pgd, white_box=True, multi_step=True, kwargs=dict(eps=EPS, step_size=None, steps=20, random_start=True), **_LINF)
-register_attack('cwinf', pgd, white_box=True, multi_step=True, kwargs=dict(eps=EPS, step_size=None, steps=30, random_start=True,
+# step_size None: eps/4
+register_attack('pgd10', pgd, white_box=True, multi_step=True,
+                kwargs=dict(eps=EPS, step_size=None, steps=10, random_start=True), **_LINF)
+register_attack('pgd20', pgd, white_box=True, multi_step=True,
+                kwargs=dict(eps=EPS, step_size=None, steps=20, random_start=True), **_LINF)
+register_attack('cwinf', pgd, white_box=True, multi_step=True,
+                kwargs=dict(eps=EPS, step_size=None, steps=30, random_start=True,
                                                                            loss='cw', kappa=50.), **_LINF)
 register_attack('cw2', cw_l2, white_box=True, multi_step=True, norm='l2', budget=None,
                 kwargs=dict(c=0.1, kappa=0.01, lr=0.01, steps=1000, abort_early=True))
-register_attack('square', square, white_box=False, multi_step=True, whole=True, kwargs=dict(eps=EPS, n_queries=5000), **_LINF)
-register_attack('aa', autoattack, white_box=True, multi_step=True, ensemble=True, whole=True, kwargs=dict(eps=EPS, version='standard'), **_LINF)
-register_attack('aa-reduced', autoattack_reduced, white_box=True, multi_step=True, ensemble=True, whole=True, kwargs=dict(eps=EPS), **_LINF)
+register_attack('square', square, white_box=False, multi_step=True, whole=True,
+                kwargs=dict(eps=EPS, n_queries=5000), **_LINF)
+register_attack('aa', autoattack, white_box=True, multi_step=True, ensemble=True, whole=True,
+                kwargs=dict(eps=EPS, version='standard'), **_LINF)
+register_attack('aa-reduced', autoattack_reduced, white_box=True, multi_step=True, ensemble=True, whole=True,
+                kwargs=dict(eps=EPS), **_LINF)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
-from .core import (FolderLock, atomic_write, check_device, check_int, content_digest, first_nonfinite, plain, read_sealed,
-                        tensor_sha256, write_sealed)
+from .core import (FolderLock, atomic_write, check_device, check_int, content_digest, first_nonfinite, plain,
+                        read_sealed, tensor_sha256, write_sealed)
 from .stats import per_class
 from .data import to_float
 from .attacks import ATTACKS, AttackSpec, check_eps, check_images, check_labels, frozen_eval
@@ -24,10 +24,10 @@ from .attacks import ATTACKS, AttackSpec, check_eps, check_images, check_labels,
 SUITES = {'paper': ('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), 'quick': ('clean', 'pgd10')}
 
 def __getattr__(name):
-    "The former names of the attack registry (`SPECS`, with a FutureWarning) and of the order tables the flags no longer use."
+    "Former names: the attack registry `SPECS` (with a FutureWarning) and the order tables the flags no longer use."
     if name == 'SPECS':
-        warnings.warn('adaad.evaluate.SPECS is deprecated: the attack registry is adaad.attacks.ATTACKS (add to it with '
-                      'register_attack)', FutureWarning, stacklevel=2)
+        warnings.warn('adaad.evaluate.SPECS is deprecated: the attack registry is adaad.attacks.ATTACKS (add to it '
+                      'with register_attack)', FutureWarning, stacklevel=2)
         return ATTACKS
     if name in ('ORDER', 'WHITE_BOX_MULTI'):
         raise AttributeError(f'adaad.evaluate.{name} was removed: the sanity flags read what each attack declares to '
@@ -41,7 +41,8 @@ def _spec(s):
     "The registered spec of name `s` (a spec is taken as is)."
     if isinstance(s, AttackSpec): return s
     if s in ATTACKS: return ATTACKS[s]
-    raise ValueError(f"suite lists unknown attack {s!r}: accepted names are {list(ATTACKS)} (add one with register_attack)")
+    raise ValueError(f"suite lists unknown attack {s!r}: accepted names are {list(ATTACKS)} (add one with "
+                     "register_attack)")
 
 def _with_eps(s, eps):
     "Spec `s` with its l-inf budget set to `eps` (a spec without declarations: its `eps` keyword, if it takes one)."
@@ -49,10 +50,11 @@ def _with_eps(s, eps):
     return s.replace(**{key: eps}) if key else s
 
 def resolve_suite(suite='quick', eps=None, **overrides):
-    "The list of `AttackSpec`s for `suite` (a name in `SUITES` or a list of names/specs), with `eps` and `overrides` applied."
+    "The `AttackSpec`s of `suite` (a name in `SUITES` or a list of names/specs), with `eps` and `overrides` applied."
     if isinstance(suite, str):
         if suite not in SUITES:
-            raise ValueError(f"suite must be one of {sorted(SUITES)} or a list of attack names from {list(ATTACKS)}, got {suite!r}")
+            raise ValueError(f"suite must be one of {sorted(SUITES)} or a list of attack names from {list(ATTACKS)}, "
+                             f"got {suite!r}")
         suite = SUITES[suite]
     elif not (isinstance(suite, (list, tuple)) and suite):
         raise ValueError(f"suite must be one of {sorted(SUITES)} or a non-empty list of attack names, got {suite!r}")
@@ -80,7 +82,7 @@ def wilson_ci(k, n, z=1.96):
 
 # %% ../nbs/05_evaluate.ipynb #57082dcc
 def _declared(names, attacks):
-    "{name: declared spec} of the columns `names`: `attacks`' spec, else the registry's; columns without declarations are left out."
+    "{name: declared spec} of columns `names`: `attacks`' spec, else the registry's; undeclared columns left out."
     specs = {n: (attacks or {}).get(n, ATTACKS.get(n)) for n in names}
     return {n: s for n, s in specs.items() if s is not None and s.declared}
 
@@ -92,7 +94,7 @@ def _comparable(a, b):
 def _rank(s): return 2 if s.ensemble else 1 if s.multi_step else 0
 
 def order_pairs(names, attacks=None):
-    "The (weaker, stronger) pairs of columns `names` whose accuracies should not increase: clean first, then by declaration."
+    "(weaker, stronger) pairs of columns `names` whose accuracies should not increase: clean first, then declared."
     pairs = [('clean', n) for n in names if n != 'clean' and 'clean' in names]
     d = {n: s for n, s in _declared(names, attacks).items() if s.white_box}
     return pairs + [(a, b) for a in d for b in d if _rank(d[a]) < _rank(d[b]) and _comparable(d[a], d[b])]
@@ -111,8 +113,8 @@ def black_box_pairs(names, attacks=None):
 
 def square_flags(accuracy, tol=0.2, attacks=None):
     "Messages for every multi-step white-box attack that a black-box attack (Square) beats by more than `tol` points."
-    return [f"black-box: {b} accuracy {accuracy[b]:.2f}% < {w} accuracy {accuracy[w]:.2f}% (a score-based attack beat a "
-            f"gradient attack: gradients may be masked)" for b, w in black_box_pairs(list(accuracy), attacks)
+    return [f"black-box: {b} accuracy {accuracy[b]:.2f}% < {w} accuracy {accuracy[w]:.2f}% (a score-based attack beat "
+            f"a gradient attack: gradients may be masked)" for b, w in black_box_pairs(list(accuracy), attacks)
             if accuracy[b] < accuracy[w] - tol]
 
 def loss_flags(curves, rtol=1e-4):
@@ -142,7 +144,7 @@ def captured_log(name='auto-attack'):
 # %% ../nbs/05_evaluate.ipynb #d76eff59
 @dataclass(repr=False)
 class EvalResult:
-    "Accuracies (percent) under each attack on `n` points, with per-example correctness, 95% Wilson CIs, worst case, flags and timings."
+    "Accuracies (%) under each attack on `n` points: per-example correctness, 95% Wilson CIs, worst, flags, timings."
     n: int
     accuracy: dict
     correct: dict
@@ -156,20 +158,24 @@ class EvalResult:
     per_class: dict = field(default_factory=dict)
 
     @classmethod
-    def from_correct(cls, correct, seconds=None, config=None, flags=(), diagnostics=None, labels=None, num_classes=None, attacks=None):
-        "Build the result from per-example correctness {attack: bool tensor} (and `labels`: per-class counts); flags from order, black-box and `flags`, read from `attacks` ({name: spec}, default: the registry's)."
+    def from_correct(cls, correct, seconds=None, config=None, flags=(), diagnostics=None, labels=None, num_classes=None,
+                     attacks=None):
+        """Build the result from per-example correctness {attack: bool tensor} (and `labels`: per-class counts); flags
+        from order, black-box and `flags`, read from `attacks` ({name: spec}, default: the registry's)."""
         if not correct: raise ValueError("correct must map at least one attack name to per-example correctness, got {}")
         correct = {k: torch.as_tensor(v, dtype=torch.bool).cpu() for k, v in correct.items()}
         if len({len(c) for c in correct.values()}) != 1:
-            raise ValueError(f"correct must hold one entry per example for every attack, got lengths { {k: len(c) for k, c in correct.items()} }")
+            raise ValueError("correct must hold one entry per example for every attack, "
+                             f"got lengths { {k: len(c) for k, c in correct.items()} }")
         n = len(next(iter(correct.values())))
         worst = torch.stack(list(correct.values())).all(0)
         pct = lambda c: 100 * c.sum().item() / n
         accuracy = {k: pct(c) for k, c in correct.items()}
-        classes = {} if labels is None else {k: per_class(c, labels, num_classes) for k, c in {**correct, 'worst': worst}.items()}
+        classes = {} if labels is None else {k: per_class(c, labels, num_classes)
+                                             for k, c in {**correct, 'worst': worst}.items()}
         return cls(n, accuracy, correct, {k: wilson_ci(int(c.sum()), n) for k, c in correct.items()}, pct(worst),
-                   worst, order_flags(accuracy, attacks) + square_flags(accuracy, attacks=attacks) + list(flags), dict(seconds or {}),
-                   dict(config or {}), dict(diagnostics or {}), classes)
+                   worst, order_flags(accuracy, attacks) + square_flags(accuracy, attacks=attacks) + list(flags),
+                   dict(seconds or {}), dict(config or {}), dict(diagnostics or {}), classes)
 
     @property
     def ok(self):
@@ -193,7 +199,8 @@ class EvalResult:
         as_bool = lambda v: torch.tensor(v, dtype=torch.bool)
         return cls(d['n'], dict(d['accuracy']), {k: as_bool(v) for k, v in d['correct'].items()},
                    {k: tuple(v) for k, v in d['ci95'].items()}, d['worst'], as_bool(d['worst_correct']),
-                   list(d['flags']), dict(d['seconds']), dict(d['config']), dict(d.get('diagnostics', {})), dict(d.get('per_class', {})))
+                   list(d['flags']), dict(d['seconds']), dict(d['config']), dict(d.get('diagnostics', {})),
+                   dict(d.get('per_class', {})))
 
     def to_json(self, path):
         "Write `to_dict()` as JSON carrying the SHA-256 of its content to `path`, atomically."
@@ -216,8 +223,10 @@ class EvalResult:
         return atomic_write(path, buf.getvalue())
 
     def __repr__(self):
-        cols = ', '.join(f'{k}={v:.2f}% [{self.ci95[k][0]:.1f}, {self.ci95[k][1]:.1f}]' for k, v in self.accuracy.items())
-        return f'EvalResult(n={self.n}, {cols}, worst={self.worst:.2f}%' + (f', flags={self.flags}' if self.flags else '') + ')'
+        cols = ', '.join(f'{k}={v:.2f}% [{self.ci95[k][0]:.1f}, {self.ci95[k][1]:.1f}]'
+                         for k, v in self.accuracy.items())
+        return (f'EvalResult(n={self.n}, {cols}, worst={self.worst:.2f}%'
+                + (f', flags={self.flags}' if self.flags else '') + ')')
 
 # %% ../nbs/05_evaluate.ipynb #dae324c2
 def _as_xy(x, y):
@@ -225,7 +234,8 @@ def _as_xy(x, y):
     if not isinstance(x, torch.Tensor) and hasattr(x, 'x') and hasattr(x, 'y'):
         if y is not None: raise ValueError("y must be None when x is a data object with .x and .y")
         x, y = x.x, x.y
-    if y is None: raise ValueError("y must be given (an int64 tensor of labels) unless x is a data object with .x and .y")
+    if y is None: raise ValueError("y must be given (an int64 tensor of labels) "
+                                   "unless x is a data object with .x and .y")
     if isinstance(x, torch.Tensor) and x.dtype == torch.uint8: x = to_float(x)
     check_images(x)
     return x, check_labels(y, x)
@@ -243,7 +253,7 @@ def _correct(model, x, y, batch_size, device):
 
 # %% ../nbs/05_evaluate.ipynb #31c60237
 def _run_batched(spec, model, x, y, batch_size, device, seed, progress):
-    "(per-example correctness, diagnostics) under a batch-by-batch attack; diagnostics hold the mean loss curve of attacks that return one."
+    "(per-example correctness, diagnostics) under a batch-by-batch attack; diagnostics: its mean loss curve, if any."
     out, starts, curve = [], range(0, len(x), batch_size), None
     curves = _takes(spec.fn, 'return_losses')
     for i, s in enumerate(tqdm(starts, desc=spec.name, disable=not progress, leave=False)):
@@ -259,8 +269,9 @@ def _run_batched(spec, model, x, y, batch_size, device, seed, progress):
     return torch.cat(out), ({} if curve is None else dict(loss=(curve / len(x)).tolist()))
 
 def _run_whole(spec, model, x, y, batch_size, device, seed, progress):
-    "(per-example correctness, diagnostics) under an attack that runs once over all points; diagnostics hold pyautoattack's warnings."
-    with tqdm(total=len(x), desc=spec.name, disable=not progress, leave=False) as bar, captured_log('auto-attack') as msgs:
+    "(per-example correctness, diagnostics) of an attack run once on all points; diagnostics: pyautoattack's warnings."
+    with (tqdm(total=len(x), desc=spec.name, disable=not progress, leave=False) as bar,
+          captured_log('auto-attack') as msgs):
         kw = dict(spec.kwargs, seed=seed, batch_size=batch_size, device=device)
         xa = spec.check_output(x, spec.fn(model, x, y, **kw))
         bar.update(len(x))
@@ -268,11 +279,11 @@ def _run_whole(spec, model, x, y, batch_size, device, seed, progress):
 
 # %% ../nbs/05_evaluate.ipynb #b5576db6
 def shards(n, batch_size, shard_size=None):
-    "The (start, stop) image ranges of an evaluation of `n` images in shards of `shard_size` (a multiple of `batch_size`)."
+    "(start, stop) image ranges of an evaluation of `n` images in shards of `shard_size` (a multiple of `batch_size`)."
     shard_size = n if shard_size is None else check_int(shard_size, 'shard_size')
     if shard_size < n and shard_size % batch_size:
-        raise ValueError(f'shard_size ({shard_size}) must be a multiple of batch_size ({batch_size}) so that the batches, '
-                         'and so the seeds, of a sharded evaluation are those of an unsharded one')
+        raise ValueError(f'shard_size ({shard_size}) must be a multiple of batch_size ({batch_size}) '
+                         'so that the batches, and so the seeds, of a sharded evaluation are those of an unsharded one')
     return [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
 
 def _rank_world():
@@ -283,7 +294,7 @@ def _rank_world():
 _PIECE = ('key', 'correct', 'seconds', 'diagnostics')
 
 def _read_piece(f, key, n):
-    "The (correct, seconds, diagnostics) of piece file `f` if it is intact and was computed for `key` on `n` images; else None, with a warning saying why."
+    "(correct, seconds, diagnostics) of piece file `f` if intact and made for `key` on `n` images; else None, warned."
     try:
         d = json.loads(f.read_text())
         body = {k: d[k] for k in _PIECE}
@@ -291,7 +302,8 @@ def _read_piece(f, key, n):
                'its content does not match its digest (damaged or edited)' if d['sha256'] != content_digest(body) else
                'it was computed for other inputs (model, images, attack or settings)' if body['key'] != key else
                f"it holds {len(body['correct'])} results for {n} images" if len(body['correct']) != n else None)
-    except (OSError, ValueError, KeyError, TypeError) as e: why = f'it is unreadable ({type(e).__name__}: {str(e)[:100]})'
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f'it is unreadable ({type(e).__name__}: {str(e)[:100]})'
     if why is None: return torch.tensor(body['correct'], dtype=torch.bool), body['seconds'], body['diagnostics']
     warnings.warn(f'evaluation piece {f}: {why}; computing it again')
     return None
@@ -302,14 +314,16 @@ def _write_piece(f, key, correct, seconds, diag):
     atomic_write(f, json.dumps(dict(body, sha256=content_digest(body))) + '\n')
 
 def _piece(spec, model, x, y, start, stop, k, batch_size, device, seed, progress, folder, key):
-    "The (correct, seconds, diagnostics) of one (attack, shard) piece, read from `folder` when it is intact and its key matches."
+    "(correct, seconds, diagnostics) of one (attack, shard) piece, read from `folder` when intact with a matching key."
     f = None if folder is None else Path(folder) / f'{spec.name}-{start}-{stop}.json'
     if f is not None and f.exists():
         kept = _read_piece(f, key, stop - start)
         if kept is not None: return kept
     t0 = time.perf_counter()
-    if spec.whole: c, diag = _run_whole(spec, model, x[start:stop], y[start:stop], batch_size, device, seed + k, progress)
-    else: c, diag = _run_batched(spec, model, x[start:stop], y[start:stop], batch_size, device, seed + start // batch_size, progress)
+    if spec.whole: c, diag = _run_whole(spec, model, x[start:stop], y[start:stop], batch_size, device, seed + k,
+                                        progress)
+    else: c, diag = _run_batched(spec, model, x[start:stop], y[start:stop], batch_size, device,
+                                 seed + start // batch_size, progress)
     out = (c, time.perf_counter() - t0, diag)
     if f is not None: _write_piece(f, key, c, out[1], diag)
     return out
@@ -343,7 +357,8 @@ def evaluate(model, x, y=None, suite='quick', batch_size=200, device=None, progr
     x, y = _as_xy(x, y)
     batch_size, seed = check_int(batch_size, 'batch_size'), check_int(seed, 'seed', 0)
     bad = first_nonfinite(model.state_dict())
-    if bad: raise ValueError(f'model has non-finite weights (first: {bad!r}); its accuracies would mean nothing: check the checkpoint it came from')
+    if bad: raise ValueError(f'model has non-finite weights (first: {bad!r}); its accuracies would mean nothing: '
+                             'check the checkpoint it came from')
     device = _model_device(model) if device is None else check_device(device)
     ranges, (rank, world) = shards(len(x), batch_size, shard_size), _rank_world()
     jobs = [(spec, k, a, b) for spec in specs for k, (a, b) in enumerate(ranges)]
@@ -352,10 +367,14 @@ def evaluate(model, x, y=None, suite='quick', batch_size=200, device=None, progr
     mine = {}
     try:
         with frozen_eval(model):
-            for spec, k, a, b in tqdm(jobs[rank::world], desc='pieces', disable=not progress or len(jobs) < 2, leave=False):
-                key = None if digest is None else dict(model=digest, images=tensor_sha256(x[a:b]) + tensor_sha256(y[a:b]), attack=spec.config(),
-                                                       batch_size=batch_size, seed=seed, shard=[k, a, b])
-                mine[spec.name, a] = _piece(spec, model, x, y, a, b, k, batch_size, device, seed, progress and len(jobs) < 2, pieces_dir, plain(key))
+            for spec, k, a, b in tqdm(jobs[rank::world], desc='pieces', disable=not progress or len(jobs) < 2,
+                                      leave=False):
+                key = None if digest is None else dict(model=digest,
+                                                       images=tensor_sha256(x[a:b]) + tensor_sha256(y[a:b]),
+                                                       attack=spec.config(), batch_size=batch_size, seed=seed,
+                                                       shard=[k, a, b])
+                mine[spec.name, a] = _piece(spec, model, x, y, a, b, k, batch_size, device, seed,
+                                            progress and len(jobs) < 2, pieces_dir, plain(key))
     finally:
         if lock is not None: lock.release()
     pieces = _gather(mine, world)
@@ -363,11 +382,12 @@ def evaluate(model, x, y=None, suite='quick', batch_size=200, device=None, progr
     for spec in specs:
         correct[spec.name], seconds[spec.name], d = _merge(spec, pieces, ranges)
         if d: diag[spec.name] = d
-    config = dict(suite=[s.config() for s in specs], batch_size=batch_size, seed=seed, device=str(device), torch=torch.__version__,
-                  shard_size=shard_size, processes=world)
+    config = dict(suite=[s.config() for s in specs], batch_size=batch_size, seed=seed, device=str(device),
+                  torch=torch.__version__, shard_size=shard_size, processes=world)
     flags = loss_flags({k: d['loss'] for k, d in diag.items() if 'loss' in d})
     flags += [f"autoattack-check: {k}: {m}" for k, d in diag.items() for m in d.get('warnings', [])]
-    return EvalResult.from_correct(correct, seconds, config, flags, diag, labels=y.cpu(), attacks={s.name: s for s in specs})
+    return EvalResult.from_correct(correct, seconds, config, flags, diag, labels=y.cpu(),
+                                   attacks={s.name: s for s in specs})
 
 # %% ../nbs/05_evaluate.ipynb #57bef3fa
 def results_table(results, digits=2, mark='⚠'):
