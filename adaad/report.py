@@ -388,7 +388,7 @@ def _mean_sd(v):
     return f'{v[0]:.2f}' if len(v) == 1 else f'{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}'
 
 def diagnostics_table(res):
-    "Markdown: the teacher-student diagnostics at each teacher-based row's last validation (mean ± sd over seeds)."
+    "Markdown: teacher-student diagnostics at each teacher row's last validation (mean ± sd over seeds); '' if none."
     lines = []
     for label, m, rows in _table_rows(res):
         d = [x for x in map(last_diagnostics, rows) if x is not None]

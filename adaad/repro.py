@@ -777,7 +777,7 @@ def _eval_settings(ctx, suite=None):
 
 def _table_plan(preset, out_dir, runs_dir, dry_run, methods=None, suite=None, seeds=None, epochs=None, train_n=None,
                 amp=None, **changes):
-    "(preset dict, results folder, runs folder, seeds) of a `run_table` call: the preset with its changes, toy-sized."
+    "(preset dict, results and runs folders, seeds) of a `run_table` call: the changed preset, toy-sized for a dry run."
     if not isinstance(dry_run, bool): raise ValueError(f'dry_run must be True or False, got {dry_run!r}')
     cfg = preset_config(preset, methods=list(methods) if methods else None, suite=list(suite) if suite else None,
                         seeds=list(seeds) if seeds is not None else None,
