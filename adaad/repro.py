@@ -20,7 +20,8 @@ import collections, copy, dataclasses, importlib, inspect, json, math, os, platf
 from pathlib import Path
 import torch
 
-from .core import EPS, atomic_write, check_choice, check_device, check_int, file_sha256, plain, read_sealed, tensor_sha256, write_json, write_sealed
+from .core import (EPS, atomic_write, check_choice, check_device, check_int, file_sha256, plain, read_sealed,
+    tensor_sha256, write_json, write_sealed)
 from .data import DATASETS, load_cifar, first_n, to_float
 from .attacks import ATTACKS, autoattack_reduced
 from .evaluate import evaluate, wilson_ci, EvalResult
@@ -36,27 +37,30 @@ def _standard(teacher):
     t = {k: v for k, v in teacher['train'].items() if k not in ('method', 'steps', 'step_size', 'eps')}
     return dict(source='train', train=dict(t, method='natural'))
 
-_SMOKE_T = dict(source='train', train=dict(method='pgd-at', student='wrn-10-1', epochs=3, train_n=1024, batch_size=64, lr=0.05,
-                                           milestones=(2,), steps=2, step_size=4/255, val_n=100))
-_CPU_T = dict(source='train', train=dict(method='pgd-at', student='wrn-10-2', epochs=10, train_n=10000, batch_size=128, lr=0.1,
-                                         milestones=(8,), steps=3, step_size=3/255, val_n=500))
-_GPU_T = dict(source='train', train=dict(method='pgd-at', student='resnet18', epochs=15, batch_size=256, lr=0.1, milestones=(12,),
-                                         steps=10, step_size=2/255, val_n=1000, amp=True, channels_last=True))
+_SMOKE_T = dict(source='train', train=dict(method='pgd-at', student='wrn-10-1', epochs=3, train_n=1024, batch_size=64,
+                                           lr=0.05, milestones=(2,), steps=2, step_size=4/255, val_n=100))
+_CPU_T = dict(source='train', train=dict(method='pgd-at', student='wrn-10-2', epochs=10, train_n=10000, batch_size=128,
+                                         lr=0.1, milestones=(8,), steps=3, step_size=3/255, val_n=500))
+_GPU_T = dict(source='train', train=dict(method='pgd-at', student='resnet18', epochs=15, batch_size=256, lr=0.1,
+                                         milestones=(12,), steps=10, step_size=2/255, val_n=1000, amp=True,
+                                         channels_last=True))
 _CPU_AA = dict(attacks=['apgd-ce', 'apgd-t'], n_iter=20, n_restarts=1, n_target_classes=3)
 _QUICK_T = dict(source='shipped', arch='resnet18-w8', path='teachers/quick-resnet18-w8.pt',
                 sha256='a4f671185f85912a434fd3f6e8cef97b006523600d75e288c14c64e980a0711c',
-                train=dict(method='pgd-at', student='resnet18-w8', epochs=6, milestones=(5,), batch_size=128, lr=0.1, steps=3,
-                           step_size=3/255, val_n=1000, val_steps=5))
+                train=dict(method='pgd-at', student='resnet18-w8', epochs=6, milestones=(5,), batch_size=128, lr=0.1,
+                           steps=3, step_size=3/255, val_n=1000, val_steps=5))
 
 _STRONG_T = dict(source='shipped', arch='resnet18-w16', path='teachers/cpu-strong-resnet18-w16.pt',
                  sha256='650dd74bd45124cf214f59dd615a2720ab2a21dd31159c0805beb7d560809c5e',
-                 train=dict(method='pgd-at', student='resnet18-w16', epochs=8, milestones=(6,), batch_size=128, lr=0.1, steps=3,
-                            step_size=3/255, val_n=1000, val_steps=5))
+                 train=dict(method='pgd-at', student='resnet18-w16', epochs=8, milestones=(6,), batch_size=128, lr=0.1,
+                            steps=3, step_size=3/255, val_n=1000, val_steps=5))
 
-# family: the comparisons a table's verdicts are corrected over (Holm), declared before a run (adaad.report.add_comparisons)
+# family: the comparisons a table's verdicts are corrected over (Holm),
+# declared before a run (adaad.report.add_comparisons)
 _STRONG = dict(
-    scale='reduced scale (the shipped narrow ResNet-18 teacher, PGD-AT on the whole training set; narrower ResNet-18 students '
-          'on 4,000 images, 8 epochs, 3 inner steps; the seeds listed below; reduced AutoAttack): not comparable to the paper',
+    scale='reduced scale (the shipped narrow ResNet-18 teacher, PGD-AT on the whole training set; narrower ResNet-18 '
+          'students on 4,000 images, 8 epochs, 3 inner steps; the seeds listed below; reduced AutoAttack): not '
+          'comparable to the paper',
     teacher=_STRONG_T,
     standard_teacher=None,
     students={'RN-18': 'resnet18-w8'},
@@ -65,7 +69,8 @@ _STRONG = dict(
               'adaad-eps16': dict(method='adaad', eps=16/255, step_size=6/255),
               'adaad-ramp16': dict(method='adaad', eps=16/255, step_size=6/255, eps_start=4/255, eps_ramp_epochs=4)},
     seeds=(0, 1, 2),
-    train=dict(epochs=8, train_n=4000, batch_size=128, lr=0.1, milestones=(6,), steps=3, step_size=3/255, val_n=500, val_steps=5),
+    train=dict(epochs=8, train_n=4000, batch_size=128, lr=0.1, milestones=(6,), steps=3, step_size=3/255, val_n=500,
+               val_steps=5),
     method_kwargs={'adaiad': dict(begin=3)},
     family=dict(references=('pgd-at', 'adaad'), pairs=(('adaiad', 'ard'), ('adaiad', 'rslad')), attacks=('aa',)),
     checkpoint='best_pgd', n_test=1000,
@@ -74,99 +79,112 @@ _STRONG = dict(
 
 PRESETS = {
     'quick': dict(
-        scale='quick CPU run (a shipped ResNet-18 teacher of base width 8; students of base width 4 on 2,000 images, 6 epochs, '
-              '3 inner steps, fp32; the seeds listed below; no AutoAttack): shows what distillation does in minutes, not '
-              'comparable to the paper',
+        scale='quick CPU run (a shipped ResNet-18 teacher of base width 8; students of base width 4 on 2,000 images, '
+              '6 epochs, 3 inner steps, fp32; the seeds listed below; no AutoAttack): shows what distillation does in '
+              'minutes, not comparable to the paper',
         teacher=_QUICK_T, standard_teacher=None,
         students={'RN-18': 'resnet18-w4'},
         methods=('natural', 'pgd-at', 'adaad', 'adaad-batchmean', 'adaiad'),
         variants={'adaad-batchmean': dict(method='adaad', method_kwargs=dict(reduction='batchmean'))},
         seeds=(0,),
-        # fp32 on every machine: bf16 was 1.1-1.4x faster on an AVX512-BF16 CPU and indistinguishable over three seeds, but
-        # emulated (slower) on AVX2, and one precision everywhere lets a fresh run be placed among the committed seeds
-        train=dict(epochs=6, train_n=2000, batch_size=128, lr=0.1, milestones=(5,), steps=3, step_size=3/255, val_n=200, val_steps=3,
-                   amp=False),
+        # fp32 on every machine: bf16 was 1.1-1.4x faster on an AVX512-BF16 CPU and
+        # indistinguishable over three seeds, but emulated (slower) on AVX2, and one
+        # precision everywhere lets a fresh run be placed among the committed seeds
+        train=dict(epochs=6, train_n=2000, batch_size=128, lr=0.1, milestones=(5,), steps=3, step_size=3/255, val_n=200,
+                   val_steps=3, amp=False),
         method_kwargs={},
-        family=dict(references=('pgd-at',), pairs=(('adaad', 'natural'), ('adaad-batchmean', 'natural'), ('adaiad', 'natural'),
-                                                     ('adaad-batchmean', 'adaad')), attacks=('pgd10',)),
+        family=dict(references=('pgd-at',),
+                    pairs=(('adaad', 'natural'), ('adaad-batchmean', 'natural'), ('adaiad', 'natural'),
+                           ('adaad-batchmean', 'adaad')), attacks=('pgd10',)),
         checkpoint='final', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10'), attack_overrides={}, aa=None, eval_batch=250,
-        caveat='each seed is one training per method on 2,000 images for 6 epochs: with one seed the paired tests say only that '
-               'these trained networks differ on these 1,000 test images; with several (the committed results have three) the '
-               'seed-level tests say whether a difference holds when the methods are trained again at this scale, three seeds '
-               'settling only large gaps; nothing here is the paper\'s scale, and without AutoAttack, PGD accuracies are upper '
-               'bounds of robust accuracy'),
+        caveat='each seed is one training per method on 2,000 images for 6 epochs: with one seed the paired tests say '
+               'only that these trained networks differ on these 1,000 test images; with several (the committed '
+               'results have three) the seed-level tests say whether a difference holds when the methods are trained '
+               'again at this scale, three seeds settling only large gaps; nothing here is the paper\'s scale, and '
+               'without AutoAttack, PGD accuracies are upper bounds of robust accuracy'),
     'smoke': dict(
         scale='smoke test: numbers only show that the pipeline runs, they say nothing about the methods',
         teacher=_SMOKE_T, standard_teacher=_standard(_SMOKE_T),
         students={'RN-18': 'wrn-10-1', 'MN-V2': 'wrn-16-1'},
         methods=('natural',) + PAPER_METHODS, variants={}, seeds=(0,),
-        train=dict(epochs=2, train_n=1024, batch_size=64, lr=0.05, milestones=(1,), steps=2, step_size=4/255, val_n=100, val_steps=2),
+        train=dict(epochs=2, train_n=1024, batch_size=64, lr=0.05, milestones=(1,), steps=2, step_size=4/255, val_n=100,
+                   val_steps=2),
         method_kwargs={},
         family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='final', n_test=100,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=20)),
         aa=dict(attacks=['apgd-ce'], n_iter=20, n_restarts=1), eval_batch=100),
     'cpu-small': dict(
-        scale='reduced scale (small stand-in networks, 6,000 training images, 4 epochs, 3 inner steps): not comparable to the paper',
+        scale='reduced scale (small stand-in networks, 6,000 training images, 4 epochs, 3 inner steps): not '
+              'comparable to the paper',
         teacher=_CPU_T, standard_teacher=_standard(_CPU_T),
         students={'RN-18': 'wrn-16-1', 'MN-V2': 'wrn-10-1'},
         methods=('natural',) + PAPER_METHODS, variants={}, seeds=(0,),
-        train=dict(epochs=4, train_n=6000, batch_size=128, lr=0.1, milestones=(3,), steps=3, step_size=3/255, val_n=500, val_steps=5),
+        train=dict(epochs=4, train_n=6000, batch_size=128, lr=0.1, milestones=(3,), steps=3, step_size=3/255, val_n=500,
+                   val_steps=5),
         method_kwargs={'iad': dict(begin=2), 'adaiad': dict(begin=2)},
         family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=1000,
-        suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)), aa=_CPU_AA, eval_batch=250),
+        suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)), aa=_CPU_AA,
+        eval_batch=250),
     'gpu-small': dict(
         scale='reduced scale (8 epochs, ResNet-18 PGD-AT teacher of 15 epochs): not comparable to the paper',
         teacher=_GPU_T, standard_teacher=_standard(_GPU_T),
         students={'RN-18': 'resnet18', 'MN-V2': 'mobilenetv2'},
         methods=PAPER_METHODS, variants={}, seeds=(0,),
-        train=dict(epochs=8, batch_size=256, lr=0.1, milestones=(6,), steps=10, step_size=2/255, val_n=1000, val_steps=10,
-                   amp=True, channels_last=True),
+        train=dict(epochs=8, batch_size=256, lr=0.1, milestones=(6,), steps=10, step_size=2/255, val_n=1000,
+                   val_steps=10, amp=True, channels_last=True),
         method_kwargs={},
         family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides={}, aa=None, eval_batch=500),
     'cpu-long': dict(
-        scale='reduced scale (the cpu-small teacher and RN-18 stand-in, 16 epochs in bf16 instead of 4 in fp32): not comparable to the paper',
-        teacher=dict(source='checkpoint', arch='wrn-10-2', path='runs/repro/cpu-small/teacher-wrn-10-2-pgd-at/best_pgd.pt'),
+        scale='reduced scale (the cpu-small teacher and RN-18 stand-in, 16 epochs in bf16 instead of 4 in fp32): not '
+              'comparable to the paper',
+        teacher=dict(source='checkpoint', arch='wrn-10-2',
+                     path='runs/repro/cpu-small/teacher-wrn-10-2-pgd-at/best_pgd.pt'),
         standard_teacher=None,
         students={'RN-18': 'wrn-16-1'},
         methods=('pgd-at', 'ard', 'rslad', 'adaad', 'adaiad'), variants={}, seeds=(0,),
-        train=dict(epochs=16, train_n=6000, batch_size=128, lr=0.1, milestones=(12,), steps=3, step_size=3/255, val_n=500,
-                   val_steps=5, amp=True, channels_last=True),
+        train=dict(epochs=16, train_n=6000, batch_size=128, lr=0.1, milestones=(12,), steps=3, step_size=3/255,
+                   val_n=500, val_steps=5, amp=True, channels_last=True),
         method_kwargs={},
         family=dict(references=('pgd-at', 'adaad'), pairs=(), attacks=None),
         checkpoint='best_pgd', n_test=1000,
-        suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)), aa=_CPU_AA, eval_batch=250),
+        suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides=dict(cw2=dict(steps=30)), aa=_CPU_AA,
+        eval_batch=250),
     'cpu-strong': _STRONG,
     'cpu-strong-long': dict(
-        scale='reduced scale (the cpu-strong teacher and students, 16 epochs instead of 8; one seed; reduced AutoAttack): '
-              'not comparable to the paper',
+        scale='reduced scale (the cpu-strong teacher and students, 16 epochs instead of 8; one seed; reduced '
+              'AutoAttack): not comparable to the paper',
         teacher=_STRONG_T,
         standard_teacher=None,
         students={'RN-18': 'resnet18-w8'},
         methods=('pgd-at', 'ard', 'adaad', 'adaiad'), variants={}, seeds=(0,),
-        train=dict(epochs=16, train_n=4000, batch_size=128, lr=0.1, milestones=(12,), steps=3, step_size=3/255, val_n=500, val_steps=5),
+        train=dict(epochs=16, train_n=4000, batch_size=128, lr=0.1, milestones=(12,), steps=3, step_size=3/255,
+                   val_n=500, val_steps=5),
         method_kwargs={'adaiad': dict(begin=6)},
         family=dict(references=('pgd-at', 'adaad'), pairs=(('adaiad', 'ard'),), attacks=('aa',)),
         checkpoint='best_pgd', n_test=1000,
         suite=('clean', 'fgsm', 'pgd10', 'aa'), attack_overrides={},
         aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=50, n_restarts=1, n_target_classes=3), eval_batch=250),
     'cpu-strong-field': dict(_STRONG,
-        scale='reduced scale (the cpu-strong teacher, students and settings; the methods since AdaAD beside PGD-AT, ARD and '
-              'AdaAD; 3 seeds; IGDM\'s weight ramped over the 8 epochs, as SAAD\'s; reduced AutoAttack): not comparable to the paper',
+        scale='reduced scale (the cpu-strong teacher, students and settings; the methods since AdaAD beside PGD-AT, '
+              'ARD and AdaAD; 3 seeds; IGDM\'s weight ramped over the 8 epochs, as SAAD\'s; reduced AutoAttack): not '
+              'comparable to the paper',
         methods=('pgd-at', 'ard', 'adaad', 'igdm', 'saad', 'fair-ard', 'peeraid'), variants={},
-        # igdm.py ramps its term as t/200 in a 200-epoch run (full weight at the end); here it reaches full weight at the
-        # end of the 8 epochs too (SAAD's script ramps over its run's epochs, as here); the class keeps the script's 200
+        # igdm.py ramps its term as t/200 in a 200-epoch run (full weight at the end);
+        # here it reaches full weight at the end of the 8 epochs too (SAAD's script
+        # ramps over its run's epochs, as here); the class keeps the script's 200
         method_kwargs={'igdm': dict(ramp_epochs=8)},
-        # each new row against PGD-AT and AdaAD (IGDM's base), Fair-ARD against its base ARD, SAAD against IGDM (whose term
-        # it weights); PeerAiD's own base, a student with no teacher, is PGD-AT
+        # each new row against PGD-AT and AdaAD (IGDM's base), Fair-ARD against its base ARD, SAAD
+        # against IGDM (whose term it weights); PeerAiD's own base, a student with no teacher, is PGD-AT
         family=dict(references=('pgd-at', 'adaad'), pairs=(('fair-ard', 'ard'), ('saad', 'igdm')), attacks=('aa',))),
     'paper': dict(
         scale='paper scale (official settings)',
-        teacher=dict(source='robustbench', name='Chen2021LTD_WRN34_20', path='models/cifar10/Linf/Chen2021LTD_WRN34_20.pt'),
+        teacher=dict(source='robustbench', name='Chen2021LTD_WRN34_20',
+                     path='models/cifar10/Linf/Chen2021LTD_WRN34_20.pt'),
         standard_teacher=dict(source='train', train=dict(method='natural', student='wrn-34-10')),
         students={'RN-18': 'resnet18', 'MN-V2': 'mobilenetv2'},
         methods=PAPER_METHODS, variants={}, seeds=(0,),
@@ -177,7 +195,8 @@ PRESETS = {
         suite=('clean', 'fgsm', 'pgd10', 'cw2', 'aa'), attack_overrides={}, aa=None, eval_batch=200),
     'paper-cifar100': dict(
         scale='paper scale, CIFAR-100 (official settings)',
-        teacher=dict(source='robustbench', name='Chen2021LTD_WRN34_10', path='models/cifar100/Linf/Chen2021LTD_WRN34_10.pt'),
+        teacher=dict(source='robustbench', name='Chen2021LTD_WRN34_10',
+                     path='models/cifar100/Linf/Chen2021LTD_WRN34_10.pt'),
         standard_teacher=dict(source='train', train=dict(method='natural', student='wrn-34-10')),
         students={'RN-18': 'resnet18', 'MN-V2': 'mobilenetv2'},
         methods=PAPER_METHODS, variants={}, seeds=(0,),
@@ -188,12 +207,17 @@ PRESETS = {
 }
 PAPER_SCALE = ('paper', 'paper-cifar100')   # the presets whose results are compared with the paper as equals
 _C100_TEACHER = ROBUSTBENCH[('cifar100', 'Chen2021LTD_WRN34_10')]
-PAPER_REFERENCES = {  # what a run on each dataset is compared with; None: the CIFAR-10 table of adaad.report (the paper's poster)
+# what a run on each dataset is compared with; None: the CIFAR-10 table of adaad.report (the paper's poster)
+PAPER_REFERENCES = {
     'cifar10': None,
-    'cifar100': dict(reference="the AdaAD paper's CIFAR-100 setting; the students' numbers are not available (no public source of them is transcribed here)",
-                     setting="ResNet-18 / MobileNetV2 students of RobustBench's Chen2021LTD_WRN34_10 CIFAR-100 teacher, 10,000 test images",
-                     table={}, teacher=dict(name='Chen2021LTD_WRN34_10', clean=_C100_TEACHER['clean'], aa=_C100_TEACHER['aa']),
-                     teacher_source="RobustBench's reported accuracies of Chen2021LTD_WRN34_10 on CIFAR-100 (adaad.models.ROBUSTBENCH)")}
+    'cifar100': dict(reference="the AdaAD paper's CIFAR-100 setting; the students' numbers are not available (no "
+                               "public source of them is transcribed here)",
+                     setting="ResNet-18 / MobileNetV2 students of RobustBench's Chen2021LTD_WRN34_10 CIFAR-100 "
+                             "teacher, 10,000 test images",
+                     table={},
+                     teacher=dict(name='Chen2021LTD_WRN34_10', clean=_C100_TEACHER['clean'], aa=_C100_TEACHER['aa']),
+                     teacher_source="RobustBench's reported accuracies of Chen2021LTD_WRN34_10 on CIFAR-100 "
+                                    "(adaad.models.ROBUSTBENCH)")}
 
 # %% ../nbs/15_repro.ipynb #edd76a42
 def unknown_preset(name, option='preset'):
@@ -212,8 +236,10 @@ def preset_config(preset='smoke', **changes):
     else: cfg = copy.deepcopy(dict(preset)); cfg.setdefault('name', 'custom')
     for k, v in changes.items():
         if v is None: continue
-        if k in ('train', 'teacher', 'method_kwargs', 'attack_overrides', 'variants') and isinstance(v, dict) and isinstance(cfg.get(k), dict):
-            cfg[k] = {**cfg[k], **{kk: copy.deepcopy(vv) for kk, vv in v.items() if vv is not None}}  # None: keep the preset's
+        if (k in ('train', 'teacher', 'method_kwargs', 'attack_overrides', 'variants') and isinstance(v, dict)
+                and isinstance(cfg.get(k), dict)):
+            # None: keep the preset's
+            cfg[k] = {**cfg[k], **{kk: copy.deepcopy(vv) for kk, vv in v.items() if vv is not None}}
         else: cfg[k] = copy.deepcopy(v)
     return cfg
 
@@ -222,10 +248,12 @@ def _launch(preset, device=None):
     "The make and papermill commands that run `preset` at its own scale into runs/results/<preset>/."
     out = f'runs/results/{preset}'
     return dict(make=f'make repro PRESET={preset}' + (f' DEVICE={device}' if device else ''),
-                papermill=f'mkdir -p {out} && papermill nbs/repro_table.ipynb {out}/repro_table.ipynb -p preset {preset}'
+                papermill=f'mkdir -p {out} && papermill nbs/repro_table.ipynb {out}/repro_table.ipynb '
+                          f'-p preset {preset}'
                           + (f' -p device {device}' if device else '') + f' -p out_dir {out} -p progress True')
 
-LAUNCH = {'quick': _launch('quick'), 'paper': _launch('paper', 'cuda'), 'paper-cifar100': _launch('paper-cifar100', 'cuda')}
+LAUNCH = {'quick': _launch('quick'), 'paper': _launch('paper', 'cuda'),
+          'paper-cifar100': _launch('paper-cifar100', 'cuda')}
 
 # %% ../nbs/15_repro.ipynb #34e84087
 def train_config(cfg, row, arch, seed=0, data_root=None, device=None, **changes):
@@ -236,7 +264,8 @@ def train_config(cfg, row, arch, seed=0, data_root=None, device=None, **changes)
     t = {k: v for k, v in {**cfg['train'], **variant, **changes}.items() if v is not None}
     if 'amp' in t: t['amp'] = resolve_amp(t['amp'], device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     mk = {**cfg.get('method_kwargs', {}).get(method, {}), **t.pop('method_kwargs', {})}
-    return TrainConfig(**{**dict(method=method, student=arch, seed=seed, data_root=data_root), **t, 'method_kwargs': mk})
+    return TrainConfig(**{**dict(method=method, student=arch, seed=seed, data_root=data_root), **t,
+                          'method_kwargs': mk})
 
 # %% ../nbs/15_repro.ipynb #d7900dcf
 def repo_root():
@@ -258,8 +287,10 @@ def git_info(root=None, outputs=()):
         head = git('rev-parse', 'HEAD')
         if head.returncode == 0 and head.stdout.strip():
             lines = git('status', '--porcelain', '--untracked-files=no').stdout.splitlines()
-            skip = [str(Path(o).resolve().relative_to(root.resolve())) for o in outputs if Path(o).resolve().is_relative_to(root.resolve())]
-            files = [l[3:] for l in lines if l[3:] and not any(l[3:] == s or l[3:].startswith(s.rstrip('/') + '/') for s in skip)]
+            skip = [str(Path(o).resolve().relative_to(root.resolve())) for o in outputs
+                    if Path(o).resolve().is_relative_to(root.resolve())]
+            files = [l[3:] for l in lines
+                     if l[3:] and not any(l[3:] == s or l[3:].startswith(s.rstrip('/') + '/') for s in skip)]
             return dict(commit=head.stdout.strip(), dirty=bool(files), dirty_files=files)
     except (OSError, subprocess.SubprocessError): pass
     return _recorded_git_info()
@@ -269,12 +300,16 @@ def _recorded_git_info():
     path = os.environ.get('ADAAD_GIT_INFO')
     if not path: return dict(commit=None, dirty=None, dirty_files=None)
     try: rec = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e: raise ValueError(f"ADAAD_GIT_INFO={path!r} is not a readable JSON file: {e}") from e
+    except (OSError, ValueError) as e:
+        raise ValueError(f"ADAAD_GIT_INFO={path!r} is not a readable JSON file: {e}") from e
     if not isinstance(rec, dict) or not isinstance(rec.get('commit'), str):
-        raise ValueError(f"ADAAD_GIT_INFO={path!r} must hold a JSON object with a string 'commit' (and 'dirty', 'dirty_files')")
-    return dict(commit=rec['commit'], dirty=rec.get('dirty'), dirty_files=rec.get('dirty_files'), source=f'recorded in {path}')
+        raise ValueError(f"ADAAD_GIT_INFO={path!r} must hold a JSON object with a string 'commit' (and 'dirty', "
+                         "'dirty_files')")
+    return dict(commit=rec['commit'], dirty=rec.get('dirty'), dirty_files=rec.get('dirty_files'),
+                source=f'recorded in {path}')
 
-PACKAGES = ('torch', 'torchvision', 'numpy', 'scipy', 'pyautoattack', 'adaad', 'tqdm', 'papermill', 'matplotlib', 'seaborn', 'nbdev')
+PACKAGES = ('torch', 'torchvision', 'numpy', 'scipy', 'pyautoattack', 'adaad', 'tqdm', 'papermill', 'matplotlib',
+            'seaborn', 'nbdev')
 
 def package_versions(names=PACKAGES):
     "{package: installed version} of the packages a result depends on (None where one is not installed)."
@@ -286,10 +321,10 @@ def package_versions(names=PACKAGES):
 
 def hardware_info(device=None):
     "CPU/GPU names, thread count, CPU capability and the exact package versions."
-    d = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-             torch_threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
-             device=str(device), cuda=torch.cuda.is_available(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
-             packages=package_versions())
+    d = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+             cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+             python=platform.python_version(), device=str(device), cuda=torch.cuda.is_available(),
+             cpu_capability=torch.backends.cpu.get_cpu_capability(), packages=package_versions())
     if torch.cuda.is_available(): d.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count())
     return d
 
@@ -303,12 +338,13 @@ def precision_of(amp, device):
     "The arithmetic a training with `amp` (True: bf16 autocast) runs on `device`, TF32 as PyTorch is set now."
     if amp: return 'bf16 autocast'
     if torch.device(device).type != 'cuda': return 'fp32'
-    tf32 = [k for k, on in (('convolutions', torch.backends.cudnn.allow_tf32), ('matmuls', torch.backends.cuda.matmul.allow_tf32)) if on]
+    tf32 = [k for k, on in (('convolutions', torch.backends.cudnn.allow_tf32),
+                            ('matmuls', torch.backends.cuda.matmul.allow_tf32)) if on]
     return 'fp32' + (f" (TF32 {' and '.join(tf32)})" if tf32 else '')
 
 # %% ../nbs/15_repro.ipynb #ce16ca46
-def cached_eval(model, test, ckpt, path, suite, overrides, batch_size=200, device=None, progress=False, seed=0, eps=None,
-                shard_size=None):
+def cached_eval(model, test, ckpt, path, suite, overrides, batch_size=200, device=None, progress=False, seed=0,
+                eps=None, shard_size=None):
     """Evaluate `model` (loaded from `ckpt`) on `test`, or read the result cached at `path` when its key matches. With
     `shard_size` the images go in shards whose finished pieces are kept in `<path stem>.pieces/`, so a long evaluation
     that stops resumes from its last piece."""
@@ -321,8 +357,8 @@ def cached_eval(model, test, ckpt, path, suite, overrides, batch_size=200, devic
         if d.get('key') == key: return EvalResult.from_dict(d['result']), dict(cached=True, wall_s=d['wall_s'], key=key)
     t0 = time.time()
     pieces = None if shard_size is None else path.parent / f'{path.stem}.pieces'
-    r = evaluate(model, test, suite=list(suite), batch_size=batch_size, device=device, progress=progress, seed=seed, eps=eps,
-                 shard_size=shard_size, pieces_dir=pieces, **overrides)
+    r = evaluate(model, test, suite=list(suite), batch_size=batch_size, device=device, progress=progress, seed=seed,
+                 eps=eps, shard_size=shard_size, pieces_dir=pieces, **overrides)
     wall = time.time() - t0
     if is_rank0(): write_sealed(path, dict(key=key, wall_s=wall, result=r.to_dict()), indent=None)
     return r, dict(cached=False, wall_s=wall, key=key)
@@ -348,12 +384,16 @@ def teacher_file(path, hint):
 
 def shipped_teacher_file(spec):
     "The shipped teacher file of teacher spec `spec`, refused unless its SHA-256 is the one the preset records."
-    p = teacher_file(spec['path'], 'it ships with the repository: restore it with `git checkout`, or rebuild it with `make teacher PRESET=...`')
-    if not spec.get('sha256'): raise ValueError(f"the shipped teacher {spec['path']} has no recorded sha256 in its preset: build it with build_teacher")
+    p = teacher_file(spec['path'], 'it ships with the repository: restore it with `git checkout`, or rebuild it with '
+                                   '`make teacher PRESET=...`')
+    if not spec.get('sha256'):
+        raise ValueError(f"the shipped teacher {spec['path']} has no recorded sha256 in its preset: "
+                         "build it with build_teacher")
     got = file_sha256(p)
     if got != spec['sha256']:
-        raise ValueError(f"teacher file {p} has SHA-256 {got}, but its preset records {spec['sha256']}: the file is damaged or "
-                         'not the shipped teacher (restore it with `git checkout`, or rebuild it with `make teacher PRESET=...`)')
+        raise ValueError(f"teacher file {p} has SHA-256 {got}, but its preset records {spec['sha256']}: the file is "
+                         'damaged or not the shipped teacher (restore it with `git checkout`, or rebuild it with '
+                         '`make teacher PRESET=...`)')
     return p
 
 def shipped_record(path):
@@ -361,24 +401,29 @@ def shipped_record(path):
     f = Path(path).with_suffix('.json')
     return json.loads(f.read_text()) if f.exists() else None
 
-def obtain_teacher(spec, runs_dir, data, device, data_root=None, time_limit=None, progress=False, role='teacher', dataset='cifar10'):
-    "(teacher model or None if its training paused, info dict) for teacher spec `spec` (None: no teacher) of a run on `dataset`."
+def obtain_teacher(spec, runs_dir, data, device, data_root=None, time_limit=None, progress=False, role='teacher',
+                   dataset='cifar10'):
+    "(teacher model or None if its training paused, info dict) of teacher spec `spec` (None: none) on `dataset`."
     if spec is None: return None, None
     spec = dict(spec); src = spec.get('source')
     if src == 'robustbench':
         p = teacher_file(spec['path'], f"download {spec['name']} (see README, 'Teachers')")
-        return load_teacher(p, robustbench=spec['name'], dataset=dataset, device=device), dict(spec, ckpt=str(p), wall_s=0.)
+        return (load_teacher(p, robustbench=spec['name'], dataset=dataset, device=device),
+                dict(spec, ckpt=str(p), wall_s=0.))
     if src == 'checkpoint':
         p = teacher_file(spec['path'], 'train it first (a preset that names another preset\'s run says which)')
         return load_teacher(p, arch=spec['arch'], dataset=dataset, device=device), dict(spec, ckpt=str(p), wall_s=0.)
     if src == 'shipped':
         p = shipped_teacher_file(spec)
-        return load_teacher(p, arch=spec['arch'], dataset=dataset, device=device), dict(spec, ckpt=str(p), wall_s=0., record=shipped_record(p))
-    if src != 'train': raise ValueError(f"teacher source must be 'robustbench', 'checkpoint', 'shipped' or 'train', got {src!r}")
+        return (load_teacher(p, arch=spec['arch'], dataset=dataset, device=device),
+                dict(spec, ckpt=str(p), wall_s=0., record=shipped_record(p)))
+    if src != 'train':
+        raise ValueError(f"teacher source must be 'robustbench', 'checkpoint', 'shipped' or 'train', got {src!r}")
     tc = TrainConfig(**{'data_root': data_root, 'dataset': dataset, **spec['train']})
-    cell = run_cell(tc, Path(runs_dir) / f"{role}-{tc.student}-{tc.method}", None, dict(checkpoint='best_pgd'), data=data,
-                    device=device, time_limit=time_limit, progress=progress)
-    info = dict(spec, arch=tc.student, wall_s=cell['train_wall_s'], **{k: cell[k] for k in ('run', 'status', 'train_wall_s', 'train_s_logged', 'trainings', 'best')})
+    cell = run_cell(tc, Path(runs_dir) / f"{role}-{tc.student}-{tc.method}", None, dict(checkpoint='best_pgd'),
+                    data=data, device=device, time_limit=time_limit, progress=progress)
+    info = dict(spec, arch=tc.student, wall_s=cell['train_wall_s'],
+                **{k: cell[k] for k in ('run', 'status', 'train_wall_s', 'train_s_logged', 'trainings', 'best')})
     if cell['status'] != 'done': return None, info
     info['ckpt'] = cell['ckpt']
     return cell['model'].eval().requires_grad_(False), info
@@ -473,17 +518,20 @@ def build_teacher(preset, run_dir=None, out=None, data_root=None, device=None, p
     path under the repository) and its record beside them; returns the record."""
     cfg = preset_config(preset); spec = cfg['teacher']
     if not spec or spec.get('source') != 'shipped':
-        raise ValueError(f"preset {cfg['name']!r} has no shipped teacher (its teacher source is {(spec or {}).get('source')!r})")
+        raise ValueError(f"preset {cfg['name']!r} has no shipped teacher (its teacher source is "
+                         f"{(spec or {}).get('source')!r})")
     run_dir = Path(run_dir or repo_root() / 'runs' / 'teachers' / f"{cfg['name']}-{spec['arch']}")
     ctx = _context(cfg, run_dir.parent, run_dir.parent, device, data_root, None, progress)
     tc = TrainConfig(**{'data_root': ctx['data_root'], **spec['train']})
-    cell = run_cell(tc, run_dir, None, dict(checkpoint='best_pgd'), data=_data_of(ctx, tc), device=ctx['device'], progress=progress)
-    if cell['status'] != 'done': raise RuntimeError(f'the teacher training in {run_dir} did not finish ({cell["status"]}): run again')
+    cell = run_cell(tc, run_dir, None, dict(checkpoint='best_pgd'), data=_data_of(ctx, tc), device=ctx['device'],
+                    progress=progress)
+    if cell['status'] != 'done':
+        raise RuntimeError(f'the teacher training in {run_dir} did not finish ({cell["status"]}): run again')
     out = Path(out or repo_root() / spec['path'])
     atomic_save({k: v.detach().cpu() for k, v in cell['model'].state_dict().items()}, out)
     ev = _eval_settings(ctx)
-    r = evaluate(cell['model'].eval(), ctx['test'], suite=list(ev['suite']), batch_size=ev['batch_size'], device=ctx['device'],
-                 progress=progress, seed=ev['seed'], **ev['overrides'])
+    r = evaluate(cell['model'].eval(), ctx['test'], suite=list(ev['suite']), batch_size=ev['batch_size'],
+                 device=ctx['device'], progress=progress, seed=ev['seed'], **ev['overrides'])
     rec = dict(name=out.stem, arch=spec['arch'], sha256=file_sha256(out), preset=cfg['name'], train=config_dict(tc),
                run=str(run_dir), best=cell['best'], train_s_logged=cell['train_s_logged'], trainings=cell['trainings'],
                git=git_info(outputs=[out, out.with_suffix('.json')]),
@@ -496,24 +544,27 @@ def build_teacher(preset, run_dir=None, out=None, data_root=None, device=None, p
 DRY_RUN = dict(train_images=2, batch_size=2, val_n=1, n_test=2, eval_batch=1, eval_shard=1, attack_steps=2)
 
 def _dry_cut(name, k):
-    "The overrides that cut suite attack `name` (built-in or the user's) to `k` steps or queries, where its function takes them."
+    "Overrides cutting suite attack `name` (built-in or user's) to `k` steps or queries, where its function takes them."
     spec = ATTACKS.get(name)
     if name == 'aa' or spec is None or spec.fn is None: return {}   # AutoAttack is cut through the preset's `aa`
     return {p: k for p in ('steps', 'n_queries') if p in inspect.signature(spec.fn).parameters}
 
 def dry_run_config(cfg, teacher_dir):
-    "Preset dict `cfg` cut to toy size (`DRY_RUN`), its file teachers replaced by random networks saved under `teacher_dir`."
+    "Preset `cfg` cut to toy size (`DRY_RUN`), its file teachers replaced by random networks saved under `teacher_dir`."
     d, ds = copy.deepcopy(cfg), dataset_of(cfg)
-    small = dict(epochs=1, train_n=None, batch_size=DRY_RUN['batch_size'], val_n=DRY_RUN['val_n'], val_steps=1, val_source='test', steps=1,
-                 diagnostics=False)
+    small = dict(epochs=1, train_n=None, batch_size=DRY_RUN['batch_size'], val_n=DRY_RUN['val_n'], val_steps=1,
+                 val_source='test', steps=1, diagnostics=False)
     d['train'] = {**d['train'], **small}
-    d['method_kwargs'] = {m: {**kw, 'begin': 0} if 'begin' in kw else kw for m, kw in d.get('method_kwargs', {}).items()}   # else begin_fraction of 1 epoch: 0
+    # else begin_fraction of 1 epoch: 0
+    d['method_kwargs'] = {m: {**kw, 'begin': 0} if 'begin' in kw else kw
+                          for m, kw in d.get('method_kwargs', {}).items()}
     for role in ('teacher', 'standard_teacher'):
         spec = d.get(role)
         if spec is None: continue
         if spec['source'] == 'train': d[role] = dict(spec, train={**spec['train'], **small})
         elif spec['source'] == 'shipped':    # a random network in the shipped file's place (its digest would not match)
-            d[role] = dict(source='checkpoint', arch=spec['arch'], path=str(dry_run_teacher(dict(spec, source='checkpoint'), teacher_dir, ds)))
+            d[role] = dict(source='checkpoint', arch=spec['arch'],
+                           path=str(dry_run_teacher(dict(spec, source='checkpoint'), teacher_dir, ds)))
         else: d[role] = dict(spec, path=str(dry_run_teacher(spec, teacher_dir, ds)))
     k = DRY_RUN['attack_steps']
     cut = {a: c for a in d['suite'] if (c := _dry_cut(a, k))}
@@ -525,11 +576,12 @@ def dry_run_config(cfg, teacher_dir):
                                    "steps, of a random network in the teacher's place")
     d.update(seeds=list(d.get('seeds', (0,)))[:1], n_test=DRY_RUN['n_test'], eval_batch=DRY_RUN['eval_batch'],
              eval_shard=DRY_RUN['eval_shard'], dry_run=True,
-             scale=f"DRY RUN of preset {cfg['name']} ({cfg['scale']}) at toy size: the numbers mean nothing, only that every step runs")
+             scale=f"DRY RUN of preset {cfg['name']} ({cfg['scale']}) at toy size: the numbers mean nothing, only "
+                   "that every step runs")
     return d
 
 def dry_run_teacher(spec, folder, dataset='cifar10', seed=0):
-    "A randomly initialised network of file teacher `spec`'s architecture, saved under `folder` in the real file's layout; its path."
+    "A random network of file teacher `spec`'s architecture, saved under `folder` in the real file's layout; its path."
     torch.manual_seed(seed)
     path = Path(folder) / Path(spec['path']).name
     if spec['source'] == 'robustbench':
@@ -540,12 +592,14 @@ def dry_run_teacher(spec, folder, dataset='cifar10', seed=0):
     elif spec['source'] == 'checkpoint':
         net = create_model(spec['arch'], 10 if dataset == 'cifar10' else 100)
         atomic_save(dict(state_dict=net.state_dict(), epoch=0, val_clean=0., val_pgd=0.), path, checksum=True)
-    else: raise ValueError(f"teacher source must be 'robustbench' or 'checkpoint' for a file teacher, got {spec['source']!r}")
+    else:
+        raise ValueError("teacher source must be 'robustbench' or 'checkpoint' for a file teacher, got "
+                         f"{spec['source']!r}")
     return path
 
 # %% ../nbs/15_repro.ipynb #34e63206
 def selected_checkpoint(checkpoint, tc):
-    "The checkpoint a cell evaluates: `checkpoint`, except that a run without an inner maximisation is selected by clean accuracy."
+    "The checkpoint a cell evaluates: `checkpoint`, but by clean accuracy for a run without an inner maximisation."
     return 'best_clean' if checkpoint == 'best_pgd' and build_method(tc).budget is None else checkpoint
 
 def logged_curve(run_dir):
@@ -554,7 +608,7 @@ def logged_curve(run_dir):
     return [json.loads(l) for l in f.read_text().splitlines() if l.strip()] if f.exists() else []
 
 def logged_train_s(run_dir):
-    "Training seconds summed over the epochs logged in `run_dir/metrics.jsonl` (also for runs reused from an earlier call)."
+    "Training seconds summed over the epochs logged in `run_dir/metrics.jsonl` (also for a run reused from earlier)."
     f = Path(run_dir) / 'metrics.jsonl'
     if not f.exists(): return None
     return sum(json.loads(l).get('train_s') or 0. for l in f.read_text().splitlines() if l.strip())
@@ -562,8 +616,8 @@ def logged_train_s(run_dir):
 TRAININGS = 'trainings.json'   # in a run folder: each call that trained some of its epochs, with the commit that did
 
 def record_training(run_dir, epochs_before, tr):
-    """Append to `run_dir/trainings.json` the call `tr` (what `train` returned) if it trained some epochs of the run: its
-    commit, its torch threads and CPU capability (both choose the kernels, and so the trajectory), the epochs
+    """Append to `run_dir/trainings.json` the call `tr` (what `train` returned) if it trained some epochs of the run:
+    its commit, its torch threads and CPU capability (both choose the kernels, and so the trajectory), the epochs
     (`tr['epochs']`, else `epochs_before` to the epochs logged), the wall seconds; the list so far ([] for a run trained
     before this record existed). Epochs that no entry covers (a killed call, or older code) get an `unrecorded` entry,
     commit unknown; ranges overlap where a call redid an epoch (a resume from the previous checkpoint)."""
@@ -573,7 +627,8 @@ def record_training(run_dir, epochs_before, tr):
     trained, recorded, new = end > start, rows[-1]['epochs'][1] if rows else 0, []
     if (rows or trained) and recorded < (gap := start if trained else end):
         new.append(dict(commit=None, epochs=[recorded, gap], wall_s=None, status='unrecorded',
-                        note='trained by a call that left no record (killed before recording, or code older than this record)'))
+                        note='trained by a call that left no record '
+                             '(killed before recording, or code older than this record)'))
     if trained:
         new.append(dict(git_info(), epochs=[start, end], wall_s=round(tr['wall_s'], 1), status=tr['status'],
                         finished=time.strftime('%Y-%m-%dT%H:%M:%S%z'), threads=torch.get_num_threads(),
@@ -594,13 +649,15 @@ def is_rank0():
 def run_cell(tc, run_dir, eval_path, cfg, data, device=None, teacher=None, standard_teacher=None, test=None, ev=None,
              time_limit=None, progress=False):
     """Train `tc` into `run_dir` (data = (train, val)), pick `cfg['checkpoint']`, evaluate it into `eval_path`; a dict.
-    `train_wall_s` is this call's training time (0 for a finished run reused); `trainings` every call that trained it."""
+    `train_wall_s` is this call's training time (0 for a finished run reused); `trainings` every call
+    that trained it."""
     m, before = build_method(tc), len(logged_curve(run_dir))
     tr = train(tc, teacher=teacher if m.uses_teacher else None, out_dir=run_dir, device=device, time_limit=time_limit,
                progress=progress, data=data, standard_teacher=standard_teacher if m.needs_standard_teacher else None)
     _barrier()   # under torchrun: rank 0's checkpoints are written before any process reads them
-    cell = dict(run=str(run_dir), status=tr['status'], train_wall_s=tr['wall_s'], train_s_logged=logged_train_s(run_dir),
-                trainings=record_training(run_dir, before, tr), best=tr['best'], config=config_dict(tc), curve=logged_curve(run_dir))
+    cell = dict(run=str(run_dir), status=tr['status'], train_wall_s=tr['wall_s'],
+                train_s_logged=logged_train_s(run_dir), trainings=record_training(run_dir, before, tr), best=tr['best'],
+                config=config_dict(tc), curve=logged_curve(run_dir))
     if tr['status'] != 'done': return cell
     ck = Path(run_dir) / f"{selected_checkpoint(cfg['checkpoint'], tc)}.pt"
     if not ck.exists(): ck = Path(run_dir) / 'final.pt'
@@ -623,12 +680,13 @@ def _context(cfg, out, runs, device, data_root, time_limit, progress):
     device = check_device(device, 'device') or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     data_root, ds = default_data_root(data_root), dataset_of(cfg)
     try: train_full, test_full = (load_cifar(ds, split, root=data_root, device='cpu') for split in ('train', 'test'))
-    except FileNotFoundError as e: raise FileNotFoundError(f"preset {cfg['name']!r} runs on {ds} (data_root={data_root!r}): {e}") from None
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"preset {cfg['name']!r} runs on {ds} (data_root={data_root!r}): {e}") from None
     if cfg.get('dry_run'): train_full = first_n(train_full, DRY_RUN['train_images'])
     test = first_n(test_full, cfg['n_test'])
     t0 = time.time()
-    return dict(cfg=cfg, out=Path(out), runs=Path(runs), device=device, data_root=data_root, train_full=train_full, test=test,
-                test_full=test_full, t0=t0, time_limit=time_limit, progress=progress,
+    return dict(cfg=cfg, out=Path(out), runs=Path(runs), device=device, data_root=data_root, train_full=train_full,
+                test=test, test_full=test_full, t0=t0, time_limit=time_limit, progress=progress,
                 left=lambda: None if time_limit is None else max(1., time_limit - (time.time() - t0)))
 
 def _data_of(ctx, tc):
@@ -642,7 +700,8 @@ def _teachers(ctx):
     kw = dict(device=ctx['device'], data_root=ctx['data_root'], progress=ctx['progress'], dataset=ds)
     def one(spec, role):
         if spec is None: return None, None
-        data = _data_of(ctx, TrainConfig(**{'data_root': ctx['data_root'], 'dataset': ds, **spec['train']})) if spec.get('source') == 'train' else None
+        data = (_data_of(ctx, TrainConfig(**{'data_root': ctx['data_root'], 'dataset': ds, **spec['train']}))
+                if spec.get('source') == 'train' else None)
         model, info = obtain_teacher(spec, ctx['runs'], data, time_limit=ctx['left'](), role=role, **kw)
         return model, _trusted(ctx, model, info, role)
     t, ti = one(c['teacher'], 'teacher')
@@ -664,19 +723,22 @@ def _trusted(ctx, model, info, role):
                           tc.get('overrides'))
     return dict(info, check=check)
 
-_SCALE_KEYS = ('teacher', 'standard_teacher', 'train', 'n_test', 'suite', 'attack_overrides', 'aa', 'checkpoint', 'method_kwargs')
-_SPEED_KEYS = ('amp', 'channels_last', 'compile', 'fold_teacher')   # how fast, not what is computed (amp: checked by amp_guard)
+_SCALE_KEYS = ('teacher', 'standard_teacher', 'train', 'n_test', 'suite', 'attack_overrides', 'aa', 'checkpoint',
+               'method_kwargs')
+# how fast, not what is computed (amp: checked by amp_guard)
+_SPEED_KEYS = ('amp', 'channels_last', 'compile', 'fold_teacher')
 
 def scale_changes(cfg):
     """What preset dict `cfg` (its preset with a call's changes) changes of its preset's scale, as "key: this run's (the
-    preset's)" strings: sizes, teachers, attacks, students of another architecture; fewer students, rows or seeds and the
-    speed switches (`_SPEED_KEYS`; the precision is recorded beside) are no change."""
+    preset's)" strings: sizes, teachers, attacks, students of another architecture; fewer students, rows or seeds and
+    the speed switches (`_SPEED_KEYS`; the precision is recorded beside) are no change."""
     if cfg.get('name') not in PRESETS: return []
     base, out = preset_config(cfg['name']), []
     for k in _SCALE_KEYS:
         a, b = plain(cfg.get(k)), plain(base.get(k))
         if k != 'train': out += [f'{k}: {json.dumps(a)} ({json.dumps(b)})'] if a != b else []
-        else: out += [f'train.{t}: {json.dumps(a.get(t))} ({json.dumps(b.get(t))})' for t in dict.fromkeys([*a, *b]) if t not in _SPEED_KEYS and a.get(t) != b.get(t)]
+        else: out += [f'train.{t}: {json.dumps(a.get(t))} ({json.dumps(b.get(t))})' for t in dict.fromkeys([*a, *b])
+                      if t not in _SPEED_KEYS and a.get(t) != b.get(t)]
     return out + [f'students.{l}: {json.dumps(a)} ({json.dumps(base["students"].get(l))})'
                   for l, a in cfg['students'].items() if base['students'].get(l) != a]
 
@@ -685,17 +747,22 @@ def _header(ctx, kind, **extra):
     cfg, test, train_full = ctx['cfg'], ctx['test'], ctx['train_full']
     ds, paper = dataset_of(cfg), PAPER_REFERENCES[dataset_of(cfg)]
     changes = [] if cfg.get('dry_run') else scale_changes(cfg)
-    scale = cfg['scale'] + (f"; REDUCED by this call's changes ({'; '.join(changes)}): not the preset's settings" if changes else '')
-    return dict(preset=cfg['name'], scale=scale, reduced=cfg['name'] not in PAPER_SCALE or bool(cfg.get('dry_run')) or bool(changes),
+    scale = cfg['scale'] + (f"; REDUCED by this call's changes ({'; '.join(changes)}): not the preset's settings"
+                            if changes else '')
+    return dict(preset=cfg['name'], scale=scale,
+                reduced=cfg['name'] not in PAPER_SCALE or bool(cfg.get('dry_run')) or bool(changes),
                 scale_changes=changes, device=describe_device(ctx['device']),
                 precision=precision_of(resolve_amp(cfg['train'].get('amp', False), ctx['device']), ctx['device']),
                 dry_run=bool(cfg.get('dry_run')), dataset=ds, status='done', kind=kind, config=plain(cfg),
                 parameters=dict(preset=cfg['name'], data_root=str(ctx['data_root']), device=str(ctx['device']),
-                                time_limit=ctx['time_limit'], out_dir=str(ctx['out']), runs_dir=str(ctx['runs']), **extra),
+                                time_limit=ctx['time_limit'], out_dir=str(ctx['out']), runs_dir=str(ctx['runs']),
+                                **extra),
                 git=git_info(outputs=[ctx['out']]), hardware=hardware_info(ctx['device']),
-                data=dict(train=plain(train_full.source), test=plain(test.source), n_test=len(test), official=bool(test.source.get('official')),
+                data=dict(train=plain(train_full.source), test=plain(test.source), n_test=len(test),
+                          official=bool(test.source.get('official')),
                           exact_note=('official archive' if test.source.get('official') else
-                                      'offline rebuild: the first 1,000 test images are byte-exact, the others JPEG-decoded' if ds == 'cifar10' else
+                                      'offline rebuild: the first 1,000 test images are byte-exact, the others '
+                                      'JPEG-decoded' if ds == 'cifar10' else
                                       'not the official archive (its files differ from the official checksums)')
                                      + f'; {len(test)} test images used'),
                 paper_reference=paper['reference'] if paper else 'the AdaAD paper\'s CIFAR-10 table (from its poster)',
@@ -703,14 +770,18 @@ def _header(ctx, kind, **extra):
 
 def _eval_settings(ctx, suite=None):
     cfg = ctx['cfg']; suite = list(suite or cfg['suite'])
-    return dict(suite=eval_suite(dict(cfg, suite=suite)), overrides={k: v for k, v in cfg['attack_overrides'].items() if k in suite},
-                batch_size=cfg['eval_batch'], device=ctx['device'], progress=ctx['progress'], seed=0, shard_size=cfg.get('eval_shard'))
+    return dict(suite=eval_suite(dict(cfg, suite=suite)),
+                overrides={k: v for k, v in cfg['attack_overrides'].items() if k in suite},
+                batch_size=cfg['eval_batch'], device=ctx['device'], progress=ctx['progress'], seed=0,
+                shard_size=cfg.get('eval_shard'))
 
-def _table_plan(preset, out_dir, runs_dir, dry_run, methods=None, suite=None, seeds=None, epochs=None, train_n=None, amp=None, **changes):
-    "(preset dict, results folder, runs folder, seeds) of a `run_table` call: the preset with the call's changes, cut to toy size for a dry run."
+def _table_plan(preset, out_dir, runs_dir, dry_run, methods=None, suite=None, seeds=None, epochs=None, train_n=None,
+                amp=None, **changes):
+    "(preset dict, results and runs folders, seeds) of a `run_table` call: the changed preset, toy-sized for a dry run."
     if not isinstance(dry_run, bool): raise ValueError(f'dry_run must be True or False, got {dry_run!r}')
     cfg = preset_config(preset, methods=list(methods) if methods else None, suite=list(suite) if suite else None,
-                        seeds=list(seeds) if seeds is not None else None, train=dict(epochs=epochs, train_n=train_n, amp=amp), **changes)
+                        seeds=list(seeds) if seeds is not None else None,
+                        train=dict(epochs=epochs, train_n=train_n, amp=amp), **changes)
     check_rows(cfg)
     tag = f"{cfg['name']}-dry-run" if dry_run else cfg['name']
     out = check_results_folder(Path(out_dir or Path.cwd() / 'runs' / 'results' / tag), cfg['name'], dry_run)
@@ -734,24 +805,27 @@ def check_results_folder(out, preset, dry_run):
     return out
 
 def check_rows(cfg):
-    "Refuse a row of preset dict `cfg` that is neither one of its variants nor a registered method (your own module's: import it first)."
+    "Refuse a row of `cfg` that is neither a variant of it nor a registered method (your module's: import it first)."
     from adaad.methods import known_methods
     ok = list(cfg.get('variants') or {}) + list(known_methods())
     bad = [m for m in cfg['methods'] if m not in ok]
-    if bad: raise ValueError(f"methods: {bad} are neither variants of preset {cfg['name']!r} nor registered methods (a method of your "
-                             f"own module is registered when the module is imported: adaad --import MODULE, or imports=); accepted: {ok}")
+    if bad:
+        raise ValueError(f"methods: {bad} are neither variants of preset {cfg['name']!r} nor registered methods (a "
+                         "method of your own module is registered when the module is imported: adaad --import MODULE, "
+                         f"or imports=); accepted: {ok}")
 
 def run_table(preset='smoke', teacher=None, students=None, methods=None, epochs=None, data_root=None, n_test=None,
               suite=None, out_dir=None, runs_dir=None, seeds=None, device=None, time_limit=None, progress=False,
               attack_overrides=None, train_n=None, variants=None, log=None, dry_run=False, amp=None):
-    """Train and evaluate the table of `preset` for every seed; writes results.json and the tables to `out_dir`; returns the
-    results dict. `log` (e.g. `print`) receives a line when each training starts and ends and one per attack evaluated;
-    `dry_run=True` runs every code path of the preset at toy size (`dry_run_config`) into `-dry-run` folders; `amp=True`
-    trains in bf16 after `amp_guard` found that bf16 leaves PGD as strong on the teacher."""
-    if amp is not None and not isinstance(amp, bool): raise ValueError(f'amp must be True, False or None (the preset\'s), got {amp!r}')
-    cfg, out, runs, seeds = _table_plan(preset, out_dir, runs_dir, dry_run, teacher=teacher, students=students, methods=methods,
-                                        epochs=epochs, n_test=n_test, suite=suite, seeds=seeds, attack_overrides=attack_overrides,
-                                        train_n=train_n, variants=variants, amp=amp)
+    """Train and evaluate the table of `preset` for every seed; writes results.json and the tables to `out_dir`; returns
+    the results dict. `log` (e.g. `print`) receives a line when each training starts and ends and one per attack
+    evaluated; `dry_run=True` runs every code path of the preset at toy size (`dry_run_config`) into `-dry-run` folders;
+    `amp=True` trains in bf16 after `amp_guard` found that bf16 leaves PGD as strong on the teacher."""
+    if amp is not None and not isinstance(amp, bool):
+        raise ValueError(f'amp must be True, False or None (the preset\'s), got {amp!r}')
+    cfg, out, runs, seeds = _table_plan(preset, out_dir, runs_dir, dry_run, teacher=teacher, students=students,
+                                        methods=methods, epochs=epochs, n_test=n_test, suite=suite, seeds=seeds,
+                                        attack_overrides=attack_overrides, train_n=train_n, variants=variants, amp=amp)
     ctx = _context(cfg, out, runs, device, data_root, time_limit, progress)
     ctx['log'] = log or (lambda line: None)
     res = dict(_header(ctx, 'table', seeds=seeds), rows=[], runs={})
@@ -769,8 +843,10 @@ def _train_rows(ctx, res, tmodel, smodel, seeds):
     cfg, out, ev = ctx['cfg'], ctx['out'], _eval_settings(ctx)
     r, c = cached_eval(tmodel, ctx['test'], res['teacher']['ckpt'], out / 'evals' / 'teacher.json', **ev)
     _log_eval(ctx['log'], f"teacher ({res['teacher'].get('arch', res['teacher'].get('name'))})", r, c)
-    res['rows'].append(dict(_row('teacher', res['teacher'].get('arch', res['teacher'].get('name')), 'teacher', r, c, res['teacher']), eval='evals/teacher.json'))
-    cells = [(label, arch, row, seed) for label, arch in cfg['students'].items() for row in cfg['methods'] for seed in seeds]
+    res['rows'].append(dict(_row('teacher', res['teacher'].get('arch', res['teacher'].get('name')), 'teacher', r, c,
+                                 res['teacher']), eval='evals/teacher.json'))
+    cells = [(label, arch, row, seed)
+             for label, arch in cfg['students'].items() for row in cfg['methods'] for seed in seeds]
     for i, (label, arch, row, seed) in enumerate(cells, 1):
         if ctx['time_limit'] is not None and time.time() - ctx['t0'] > ctx['time_limit']: return 'paused'
         tc, name = _cell_config(ctx, label, arch, row, seed)
@@ -783,7 +859,8 @@ def _train_rows(ctx, res, tmodel, smodel, seeds):
                    + ', '.join(f'{k} {v:.1f}%' for k, v in _last_val(cell['curve']).items()))
         _log_eval(ctx['log'], f'{label} {row} seed {seed}', cell['result'], cell['cache'])
         info = {k: v for k, v in cell.items() if k not in ('model', 'result', 'cache')}
-        res['rows'].append(dict(_row(label, arch, row, cell['result'], cell['cache'], info, seed), eval=f'evals/{name}.json'))
+        res['rows'].append(dict(_row(label, arch, row, cell['result'], cell['cache'], info, seed),
+                                eval=f'evals/{name}.json'))
     return 'done'
 
 def _cell_config(ctx, label, arch, row, seed):
@@ -792,9 +869,9 @@ def _cell_config(ctx, label, arch, row, seed):
     return tc, f'{label}-{arch}-{row}-s{seed}'
 
 def _table_cell(ctx, tc, name, tmodel, smodel, ev):
-    "Train cell `name` into the runs folder and evaluate it into `evals/<name>.json` of the results folder: `run_cell`'s dict."
-    return run_cell(tc, ctx['runs'] / name, ctx['out'] / 'evals' / f'{name}.json', ctx['cfg'], _data_of(ctx, tc), ctx['device'],
-                    tmodel, smodel, ctx['test'], ev, ctx['left'](), ctx['progress'])
+    "Train cell `name` into the runs folder, evaluate it into `evals/<name>.json` of the results; `run_cell`'s dict."
+    return run_cell(tc, ctx['runs'] / name, ctx['out'] / 'evals' / f'{name}.json', ctx['cfg'], _data_of(ctx, tc),
+                    ctx['device'], tmodel, smodel, ctx['test'], ev, ctx['left'](), ctx['progress'])
 
 def _last_val(curve):
     "The clean and PGD validation accuracies of the last logged epoch that has them."
@@ -804,7 +881,8 @@ def _last_val(curve):
 def _log_eval(log, what, r, cache):
     "One line per attack of evaluation `r`: accuracy and seconds (or that the cached result was read)."
     for k, acc in r.accuracy.items():
-        log(f"    {what}: {k:6s} {acc:5.1f}%" + (' (cached)' if cache.get('cached') else f" ({r.seconds.get(k, 0.):.0f} s)"))
+        log(f"    {what}: {k:6s} {acc:5.1f}%"
+            + (' (cached)' if cache.get('cached') else f" ({r.seconds.get(k, 0.):.0f} s)"))
 
 AMP_LIMIT = 2.   # percentage points of PGD-10 accuracy bf16 may add on the teacher before amp=True is refused
 
@@ -812,12 +890,14 @@ def amp_guard(model, ctx, n=500, enforce=True):
     """`amp_check` of `model` on the first `n` training images, logged; a ValueError if bf16 weakens PGD-10 by over
     `AMP_LIMIT` (with `enforce`; a dry run's random teacher is only logged)."""
     x = first_n(ctx['train_full'], min(n, len(ctx['train_full'])))
-    r = amp_check(model, to_float(x.x).to(ctx['device']), x.y.to(ctx['device']), steps=10, batch_size=ctx['cfg']['eval_batch'])
-    ctx['log'](f"amp check on {ctx['device']}: teacher PGD-10 {r['pgd_fp32']:.1f}% in fp32, {r['pgd_amp']:.1f}% under bf16 "
-               f"({r['n']} training images, input-gradient signs agree {100 * r['sign_agreement']:.1f}%)")
+    r = amp_check(model, to_float(x.x).to(ctx['device']), x.y.to(ctx['device']), steps=10,
+                  batch_size=ctx['cfg']['eval_batch'])
+    ctx['log'](f"amp check on {ctx['device']}: teacher PGD-10 {r['pgd_fp32']:.1f}% in fp32, {r['pgd_amp']:.1f}% under "
+               f"bf16 ({r['n']} training images, input-gradient signs agree {100 * r['sign_agreement']:.1f}%)")
     if r['pgd_diff'] > AMP_LIMIT and enforce:
-        raise ValueError(f"amp=True refused: bf16 weakens PGD-10 on the teacher ({r['pgd_amp']:.1f}% under bf16 vs {r['pgd_fp32']:.1f}% "
-                         f"in fp32, over {AMP_LIMIT} points more); train in fp32 (amp False or None)")
+        raise ValueError(f"amp=True refused: bf16 weakens PGD-10 on the teacher ({r['pgd_amp']:.1f}% under bf16 vs "
+                         f"{r['pgd_fp32']:.1f}% in fp32, over {AMP_LIMIT} points more); "
+                         "train in fp32 (amp False or None)")
     return dict(r, enforced=enforce)
 
 def guard_precision(ctx, tmodel, log=None):
@@ -825,12 +905,15 @@ def guard_precision(ctx, tmodel, log=None):
     its device), before any student trains; None where it trains in fp32 or has no teacher."""
     if tmodel is None or not resolve_amp(ctx['cfg']['train'].get('amp') or False, ctx['device']): return None
     dry = bool(ctx['cfg'].get('dry_run'))
-    return amp_guard(tmodel, dict(ctx, log=log or ctx.get('log') or (lambda line: None)), n=8 if dry else 500, enforce=not dry)
+    return amp_guard(tmodel, dict(ctx, log=log or ctx.get('log') or (lambda line: None)), n=8 if dry else 500,
+                     enforce=not dry)
 
 def check_seeds(seeds):
     "`seeds` as a list of distinct ints >= 0; a clear error for an empty or bad list."
     seeds = list(seeds) if isinstance(seeds, (list, tuple)) else seeds
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
         raise ValueError(f'seeds must be a non-empty list of distinct ints >= 0, got {seeds!r}')
     return seeds
 
@@ -849,17 +932,19 @@ def schedule_cells(cells_with_costs, n_workers):
 
 # %% ../nbs/15_repro.ipynb #b21c0002
 def forward_flops(model):
-    "FLOPs of one 32x32 image's forward pass through `model` (torch's FlopCounterMode: 2 per multiply-accumulate); a meta-device model costs nothing."
+    """FLOPs of one 32x32 image's forward pass through `model` (torch's FlopCounterMode: 2 per multiply-accumulate); a
+    meta-device model costs nothing."""
     from torch.utils.flop_counter import FlopCounterMode
     p, was = next(model.parameters()), model.training
-    with torch.no_grad(), FlopCounterMode(display=False) as fc: model.eval()(torch.zeros(1, 3, 32, 32, device=p.device, dtype=p.dtype))
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.eval()(torch.zeros(1, 3, 32, 32, device=p.device, dtype=p.dtype))
     model.train(was)
     return fc.get_total_flops()
 
 def training_flops(tc, images, teacher_flops=0, standard_flops=0):
-    """FLOPs of training TrainConfig `tc` on `images` images an epoch, counted as `bench/project.py` counts AdaAD's step: per
-    inner step a forward and input gradient (2F) of the student, and of the teacher where the method reads one; then a
-    forward and backward (3F) of the student and a forward of each teacher the method reads."""
+    """FLOPs of training TrainConfig `tc` on `images` images an epoch, counted as `bench/project.py` counts AdaAD's
+    step: per inner step a forward and input gradient (2F) of the student, and of the teacher where the method reads
+    one; then a forward and backward (3F) of the student and a forward of each teacher the method reads."""
     tc, m = resolve(tc), build_method(tc)
     with torch.device('meta'): fs = forward_flops(create_model(tc.student, DATASETS[tc.dataset][-1]))
     ft, k = teacher_flops if m.uses_teacher else 0, tc.steps or 0
@@ -876,13 +961,13 @@ def _cell_costs(ctx, cells, tmodel, smodel):
     return [(c, cost(c)) for c in cells]
 
 def worker_plan(cells_with_costs, workers, seeds):
-    "Each worker's cells: longest first onto the least loaded (`schedule_cells`), then in seed order, costliest first within a seed."
+    "Each worker's cells: longest first onto the least loaded (`schedule_cells`), then by seed, costliest first."
     cost = dict(cells_with_costs)
     return [sorted(w, key=lambda c: (seeds.index(c[3]), -cost[c])) for w in schedule_cells(cells_with_costs, workers)]
 
 def worker_devices(device, workers, gpus=None):
-    """The device of each of `workers` worker processes: with `device` 'cuda' (no index), worker w on GPU w mod `gpus` (default:
-    the GPUs visible here); any other device (the CPU, or one named GPU such as 'cuda:1') for every worker."""
+    """The device of each of `workers` worker processes: with `device` 'cuda' (no index), worker w on GPU w mod `gpus`
+    (default: the GPUs visible here); any other device (the CPU, or one named GPU such as 'cuda:1') for every worker."""
     device, workers = torch.device(device), check_int(workers, 'workers')
     if device.type != 'cuda' or device.index is not None: return [str(device)] * workers
     gpus = torch.cuda.device_count() if gpus is None else gpus
@@ -890,57 +975,65 @@ def worker_devices(device, workers, gpus=None):
     return [f'cuda:{w % gpus}' for w in range(workers)]
 
 def worker_threads(workers, cores=None):
-    "CPU threads of each of `workers` worker processes: the cores (default: those this process may use) shared equally, at least 1."
+    "CPU threads of each of `workers` workers: the cores (default: those this process may use) shared, at least 1."
     cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)
     return max(1, cores // check_int(workers, 'workers'))
 
 def run_cells(job, report):
-    "Train and evaluate the table cells of `job` (a worker's share) in this process; `report` gets a dict per finished cell."
+    "Train and evaluate the cells of `job` (a worker's share) in this process; `report` gets a dict per finished cell."
     torch.set_num_threads(job['threads'] or worker_threads(1))   # None (a cluster's job): the cores the job was given
     import_modules(job['imports'])
-    ctx = dict(_context(job['cfg'], job['out'], job['runs'], job['device'], job['data_root'], None, False), log=lambda line: None)
+    ctx = dict(_context(job['cfg'], job['out'], job['runs'], job['device'], job['data_root'], None, False),
+               log=lambda line: None)
     teachers, ev, deadline = _teachers(ctx)[:2], _eval_settings(ctx), job['deadline']
     ctx['left'] = lambda: None if deadline is None else max(1., deadline - time.time())
-    if job.get('teacher_eval'):   # a cluster's job of its own: the teacher's evaluation, where the assembly will read it
-        t0 = time.time(); cached_eval(teachers[0], ctx['test'], job['teacher_ckpt'], ctx['out'] / 'evals' / 'teacher.json', **ev)
+    # a cluster's job of its own: the teacher's evaluation, where the assembly will read it
+    if job.get('teacher_eval'):
+        t0 = time.time(); cached_eval(teachers[0], ctx['test'], job['teacher_ckpt'],
+                                      ctx['out'] / 'evals' / 'teacher.json', **ev)
         report(dict(cell=['teacher'], status='done', seconds=time.time() - t0))
     for cell in job['cells']:
         t0 = time.time()
-        status = 'paused' if deadline is not None and t0 >= deadline else _table_cell(ctx, *_cell_config(ctx, *cell), *teachers, ev)['status']
+        status = ('paused' if deadline is not None and t0 >= deadline
+                  else _table_cell(ctx, *_cell_config(ctx, *cell), *teachers, ev)['status'])
         report(dict(cell=list(cell), status=status, seconds=time.time() - t0))
 
 def _worker_main():
-    "A worker process of `run_table_parallel`: its job (pickled by the caller) from stdin, a JSON line per finished cell to stdout."
+    "A worker process of `run_table_parallel`: its pickled job from stdin, a JSON line per finished cell to stdout."
     import pickle, sys
     job = pickle.load(sys.stdin.buffer)
     run_cells(job, lambda d: print(json.dumps(d), flush=True))
 
 class TableJob:
-    "A submitit job of a table: its cells (`run_cells`) in the job's process; requeued, resuming each cell, when preempted or out of time."
+    "A table's submitit job: `run_cells` in its process; requeued, resuming each cell, when preempted or out of time."
     def __init__(self, job): self.job = job
     def __call__(self):
         done = []; run_cells(self.job, done.append); return done
     def checkpoint(self, *args, **kwargs):
-        "Submitit's hook at preemption or timeout: the same job again, which resumes each cell from its last checkpoint."
+        "Submitit's hook at preemption or timeout: the same job again, resuming each cell from its last checkpoint."
         from submitit.helpers import DelayedSubmission
         return DelayedSubmission(TableJob(self.job))
 
 EXECUTORS = ('slurm', 'local', 'debug')
 
 def table_executor(kind, folder, gpus_per_job=1, cpus_per_job=None, timeout_min=1440, partition=None, **parameters):
-    """A submitit executor for a table's jobs, writing its logs and scripts under `folder`: 'slurm' (sbatch, one job per cell,
-    `gpus_per_job` GPUs and `cpus_per_job` cores each, `timeout_min` minutes, on `partition`; `parameters` are submitit's
-    other ones, e.g. slurm_account), 'local' (this machine, one job per worker) or 'debug' (in this process, one after another)."""
+    """A submitit executor for a table's jobs, writing its logs and scripts under `folder`: 'slurm' (sbatch, one job per
+    cell, `gpus_per_job` GPUs and `cpus_per_job` cores each, `timeout_min` minutes, on `partition`; `parameters` are
+    submitit's other ones, e.g. slurm_account), 'local' (this machine, one job per worker) or 'debug' (in this process,
+    one after another)."""
     check_choice('executor', kind, EXECUTORS)
     import submitit
-    gpus, cpus = check_int(gpus_per_job, 'gpus_per_job', 0), None if cpus_per_job is None else check_int(cpus_per_job, 'cpus_per_job')
+    gpus, cpus = (check_int(gpus_per_job, 'gpus_per_job', 0),
+                  None if cpus_per_job is None else check_int(cpus_per_job, 'cpus_per_job'))
     if kind == 'debug': return submitit.DebugExecutor(folder)
     if kind == 'local':
-        ex = submitit.LocalExecutor(folder); ex.update_parameters(timeout_min=timeout_min, gpus_per_node=gpus, **parameters)
+        ex = submitit.LocalExecutor(folder)
+        ex.update_parameters(timeout_min=timeout_min, gpus_per_node=gpus, **parameters)
         return ex
     ex = submitit.AutoExecutor(folder, cluster='slurm')
     ex.update_parameters(timeout_min=timeout_min, gpus_per_node=gpus, nodes=1, tasks_per_node=1, name='adaad-table',
-                         **({'cpus_per_task': cpus} if cpus else {}), **({'slurm_partition': partition} if partition else {}), **parameters)
+                         **({'cpus_per_task': cpus} if cpus else {}),
+                         **({'slurm_partition': partition} if partition else {}), **parameters)
     return ex
 
 def _executor_kind(ex):
@@ -949,7 +1042,7 @@ def _executor_kind(ex):
     return 'local' if name == 'LocalExecutor' else 'debug' if name == 'DebugExecutor' else 'slurm'
 
 def _submit_jobs(ex, setup, plan, deadline, log):
-    "Submit the table's jobs to submitit executor `ex` (one per cell, or one per worker of `plan` on a local executor), wait; {cell: status}."
+    "Submit the table's jobs to submitit executor `ex` (per cell; per worker of `plan` if local), wait; {cell: status}."
     from submitit.helpers import as_completed
     kind, cells = _executor_kind(ex), [c for w in plan for c in w]
     if kind == 'local': groups = [(w, c) for w, c in enumerate(plan) if c]
@@ -957,32 +1050,38 @@ def _submit_jobs(ex, setup, plan, deadline, log):
     jobs, status = [], {}
     for w, cs in groups:
         if kind == 'local' and torch.device(setup['device']).type == 'cuda':
-            ex.update_parameters(visible_gpus=[int(worker_devices(setup['device'], w + 1)[w].split(':')[1])], gpus_per_node=1)
-        job = dict(setup, cells=cs, deadline=deadline, device='cuda' if kind == 'local' and str(setup['device']).startswith('cuda') else setup['device'])
+            ex.update_parameters(visible_gpus=[int(worker_devices(setup['device'], w + 1)[w].split(':')[1])],
+                                 gpus_per_node=1)
+        job = dict(setup, cells=cs, deadline=deadline,
+                   device='cuda' if kind == 'local' and str(setup['device']).startswith('cuda') else setup['device'])
         jobs.append(ex.submit(TableJob(job)))
     jobs.append(ex.submit(TableJob(dict(setup, cells=[], deadline=deadline, teacher_eval=True))))
-    log(f"{len(jobs)} jobs submitted ({kind}): {', '.join(j.job_id for j in jobs[:3])}{' ...' if len(jobs) > 3 else ''}; logs in {ex.folder}")
+    log(f"{len(jobs)} jobs submitted ({kind}): "
+        f"{', '.join(j.job_id for j in jobs[:3])}{' ...' if len(jobs) > 3 else ''}; logs in {ex.folder}")
     for j in as_completed(jobs):
         for d in j.result():
             if d['cell'] == ['teacher']: continue
             label, arch, row, seed = c = tuple(d['cell']); status[c] = d['status']
-            log(f"[{len(status)}/{len(cells)}] {label} {row} seed {seed}: {d['status']} ({d['seconds']:.0f} s in job {j.job_id})")
+            log(f"[{len(status)}/{len(cells)}] {label} {row} seed {seed}: {d['status']} "
+                f"({d['seconds']:.0f} s in job {j.job_id})")
     return status
 
 def _file_teacher(spec, info):
-    "Teacher spec `spec` as the worker processes read it: a trained teacher from its finished checkpoint, others as they are."
+    "Teacher spec `spec` as the workers read it: a trained teacher from its finished checkpoint, others as they are."
     if spec is None or spec.get('source') != 'train': return spec
     return dict(source='checkpoint', arch=info['arch'], path=info['ckpt'])
 
 def import_modules(imports, name='imports'):
-    "Import each module named in `imports` (a list of names, or one comma-separated string): registering your own methods, attacks, architectures."
+    """Import each module named in `imports` (a list of names, or one comma-separated string): registering your own
+    methods, attacks, architectures."""
     mods = [m.strip() for m in imports.split(',') if m.strip()] if isinstance(imports, str) else list(imports or ())
-    if not all(isinstance(m, str) and m for m in mods): raise ValueError(f'{name} must be module names, got {imports!r}')
+    if not all(isinstance(m, str) and m for m in mods):
+        raise ValueError(f'{name} must be module names, got {imports!r}')
     for m in mods: importlib.import_module(m)
     return mods
 
-_PLAN_KEYS = ('teacher', 'students', 'methods', 'epochs', 'n_test', 'suite', 'seeds', 'attack_overrides', 'train_n', 'variants',
-              'amp')   # run_table's keywords that change the plan of the table
+_PLAN_KEYS = ('teacher', 'students', 'methods', 'epochs', 'n_test', 'suite', 'seeds', 'attack_overrides', 'train_n',
+              'variants', 'amp')   # run_table's keywords that change the plan of the table
 
 def _refuse_cpu_submitter(ctx, executor, options=None):
     """Refuse `executor='slurm'` with GPU jobs from a machine without a GPU while a teacher of the table is still to be
@@ -992,31 +1091,38 @@ def _refuse_cpu_submitter(ctx, executor, options=None):
     specs = ((ctx['cfg'].get('teacher'), 'teacher'), (ctx['cfg'].get('standard_teacher'), 'standard-teacher'))
     todo = [f"{role} ({s['train'].get('student')}, {s['train'].get('method')})" for s, role in specs
             if s and s.get('source') == 'train'
-            and not (ctx['runs'] / f"{role}-{s['train'].get('student')}-{s['train'].get('method')}" / 'final.pt').exists()]
+            and not (ctx['runs'] / f"{role}-{s['train'].get('student')}-{s['train'].get('method')}" / 'final.pt')
+                .exists()]
     if todo:
         raise ValueError(f"--executor slurm: this process trains the table's {', '.join(todo)} before it submits the "
-                         f"cells' jobs, and this machine has no GPU (device {ctx['device']}). Run the same command once "
-                         "on a GPU node (e.g. srun --gpus-per-node 1 --time 2-00:00:00 adaad table ...): it trains the "
-                         "teachers there and submits the cells; later runs from here reuse them")
+                         f"cells' jobs, and this machine has no GPU (device {ctx['device']}). Run the same command "
+                         "once on a GPU node (e.g. srun --gpus-per-node 1 --time 2-00:00:00 adaad table ...): it "
+                         "trains the teachers there and submits the cells; later runs from here reuse them")
 
 def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, executor=None, executor_options=None, **kw):
     """`run_table(preset, **kw)` with its cells trained by `workers` processes (or, with `executor`, submitit jobs: see
-    `table_executor`; a kind such as 'slurm' makes one with `executor_options`, its folder `<out>/jobs`), each importing `imports` first; the results dict (status 'paused', without rows or files written,
-    where `time_limit` stopped some cells)."""
+    `table_executor`; a kind such as 'slurm' makes one with `executor_options`, its folder `<out>/jobs`), each importing
+    `imports` first; the results dict (status 'paused', without rows or files written, where `time_limit` stopped some
+    cells)."""
     import inspect
     unknown = sorted(set(kw) - set(inspect.signature(run_table).parameters))
     if unknown: raise TypeError(f'run_table_parallel takes run_table\'s keywords; unknown: {unknown}')
     workers, imports = check_int(workers, 'workers'), import_modules(imports)
     plan = {k: kw.get(k) for k in _PLAN_KEYS}
     cfg, out, runs, seeds = _table_plan(preset, kw.get('out_dir'), kw.get('runs_dir'), kw.get('dry_run', False), **plan)
-    ctx = _context(cfg, out, runs, kw.get('device'), kw.get('data_root'), kw.get('time_limit'), kw.get('progress', False))
+    ctx = _context(cfg, out, runs, kw.get('device'), kw.get('data_root'), kw.get('time_limit'),
+                   kw.get('progress', False))
     _refuse_cpu_submitter(ctx, executor, executor_options)
     tmodel, smodel, ti, si = _teachers(ctx)
-    res = dict(_header(ctx, 'table', seeds=seeds, workers=workers), rows=[], runs={}, teacher=ti, standard_teacher=si, status='paused')
-    if ti is None or any(i is not None and i.get('ckpt') is None for i in (ti, si)): return res   # a teacher's training paused
+    res = dict(_header(ctx, 'table', seeds=seeds, workers=workers), rows=[], runs={}, teacher=ti, standard_teacher=si,
+               status='paused')
+    # a teacher's training paused
+    if ti is None or any(i is not None and i.get('ckpt') is None for i in (ti, si)): return res
     res['amp_check'] = guard_precision(ctx, tmodel, log)
-    cells = [(label, arch, row, seed) for seed in seeds for label, arch in cfg['students'].items() for row in cfg['methods']]
-    setup = dict(cfg=dict(cfg, teacher=_file_teacher(cfg['teacher'], ti), standard_teacher=_file_teacher(cfg.get('standard_teacher'), si)),
+    cells = [(label, arch, row, seed)
+             for seed in seeds for label, arch in cfg['students'].items() for row in cfg['methods']]
+    setup = dict(cfg=dict(cfg, teacher=_file_teacher(cfg['teacher'], ti),
+                          standard_teacher=_file_teacher(cfg.get('standard_teacher'), si)),
                  out=str(out), runs=str(runs), device=str(ctx['device']), data_root=ctx['data_root'], imports=imports,
                  threads=worker_threads(workers), teacher_ckpt=ti['ckpt'])
     out.mkdir(parents=True, exist_ok=True)
@@ -1027,15 +1133,18 @@ def run_table_parallel(preset='smoke', workers=2, imports=(), log=None, executor
     else:
         if isinstance(executor, str):
             opts = executor_options or {}
-            if executor == 'slurm': setup.update(threads=None, device=kw.get('device') or ('cuda' if opts.get('gpus_per_job', 1) else 'cpu'))
+            if executor == 'slurm':
+                setup.update(threads=None,
+                             device=kw.get('device') or ('cuda' if opts.get('gpus_per_job', 1) else 'cpu'))
             executor = table_executor(executor, out / 'jobs', **opts)
         status = _submit_jobs(executor, setup, order, deadline, log)
-    if any(s != 'done' for s in status.values()): return dict(res, cells_done=sum(s == 'done' for s in status.values()), cells=len(cells))
+    if any(s != 'done' for s in status.values()):
+        return dict(res, cells_done=sum(s == 'done' for s in status.values()), cells=len(cells))
     return run_table(preset, **dict(kw, out_dir=out, runs_dir=runs, time_limit=None), log=log)
 
 def run_table_cell(preset='smoke', cell='RN-18/adaad/0', imports=(), log=None, **kw):
-    """Train and evaluate one cell, 'LABEL/ROW/SEED', of the table of `run_table(preset, **kw)` into the folders that table
-    reads, so that `run_table` (or `adaad table`) reuses it; under torchrun every process trains it together
+    """Train and evaluate one cell, 'LABEL/ROW/SEED', of the table of `run_table(preset, **kw)` into the folders that
+    table reads, so that `run_table` (or `adaad table`) reuses it; under torchrun every process trains it together
     (DistributedDataParallel) and evaluates its share. The cell's dict (`run_cell`'s, without the model)."""
     import inspect
     from .train import process_device
@@ -1046,7 +1155,8 @@ def run_table_cell(preset='smoke', cell='RN-18/adaad/0', imports=(), log=None, *
     cfg, out, runs, seeds = _table_plan(preset, kw.get('out_dir'), kw.get('runs_dir'), kw.get('dry_run', False), **plan)
     label, arch, row, seed = _table_cell_of(cfg, seeds, cell)
     _, _, device = process_device(kw.get('device'))
-    ctx = dict(_context(cfg, out, runs, device, kw.get('data_root'), kw.get('time_limit'), kw.get('progress', False)), log=log or (lambda line: None))
+    ctx = dict(_context(cfg, out, runs, device, kw.get('data_root'), kw.get('time_limit'), kw.get('progress', False)),
+               log=log or (lambda line: None))
     tmodel, smodel, ti, si = _teachers(ctx)
     if tmodel is None: return dict(run=None, status='paused', teacher=ti)
     guard_precision(ctx, tmodel)
@@ -1059,27 +1169,31 @@ def run_table_cell(preset='smoke', cell='RN-18/adaad/0', imports=(), log=None, *
 def _table_cell_of(cfg, seeds, cell):
     "(label, arch, row, seed) of cell 'LABEL/ROW/SEED' of preset dict `cfg`; a clear error naming the accepted values."
     parts = str(cell).split('/')
-    if len(parts) != 3 or not parts[2].isdigit(): raise ValueError(f"cell must be LABEL/ROW/SEED such as RN-18/adaad/0, got {cell!r}")
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise ValueError(f"cell must be LABEL/ROW/SEED such as RN-18/adaad/0, got {cell!r}")
     label, row, seed = parts[0], parts[1], int(parts[2])
-    check_choice('cell student label', label, tuple(cfg['students'])); check_choice('cell row', row, tuple(cfg['methods']))
+    check_choice('cell student label', label, tuple(cfg['students']))
+    check_choice('cell row', row, tuple(cfg['methods']))
     check_choice('cell seed', seed, tuple(seeds))
     return label, cfg['students'][label], row, seed
 
 def _worker_env(threads=1):
-    "The environment of a worker process: `threads` threads, and every folder the caller imports from (its `sys.path`) on PYTHONPATH."
+    "A worker's environment: `threads` threads, every folder the caller imports from (its `sys.path`) on PYTHONPATH."
     import sys
     path = [p or os.getcwd() for p in sys.path] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
     return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(dict.fromkeys(path)))
 
 def _run_workers(setup, plan, deadline, devices, log):
-    "Train and evaluate the cells of `plan` (one list per worker) in one process each, worker w on `devices[w]`; {cell: status}. A failed worker is an error naming its log."
+    """Train and evaluate the cells of `plan` (one list per worker) in one process each, worker w on `devices[w]`;
+    {cell: status}. A failed worker is an error naming its log."""
     import pickle, sys, threading
     procs, status, n = [], {}, sum(len(c) for c in plan)
     for w, cells in enumerate(plan):
         if not cells: continue
         err = open(Path(setup['out']) / f'worker{w}.log', 'a')
-        p = subprocess.Popen([sys.executable, '-c', 'from adaad.repro import _worker_main; _worker_main()'], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=err, env=_worker_env(setup['threads']), text=False)
+        p = subprocess.Popen([sys.executable, '-c', 'from adaad.repro import _worker_main; _worker_main()'],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                             env=_worker_env(setup['threads']), text=False)
         p.stdin.write(pickle.dumps(dict(setup, cells=cells, deadline=deadline, device=devices[w]))); p.stdin.close()
         procs.append((w, p, err))
     def read(p):
@@ -1092,36 +1206,45 @@ def _run_workers(setup, plan, deadline, devices, log):
     for t in readers: t.join()
     codes = [(w, p.wait()) for w, p, _ in procs]
     for _, _, err in procs: err.close()
-    failed = [f"worker{w}.log ({(Path(setup['out']) / f'worker{w}.log').read_text().strip().splitlines()[-1:]})" for w, c in codes if c]
-    if failed: raise RuntimeError(f"{len(failed)} of {len(plan)} workers failed; their output, last line: {'; '.join(failed)} in {setup['out']}")
+    failed = [f"worker{w}.log ({(Path(setup['out']) / f'worker{w}.log').read_text().strip().splitlines()[-1:]})"
+              for w, c in codes if c]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(plan)} workers failed; their output, last line: "
+                           f"{'; '.join(failed)} in {setup['out']}")
     return status
 
 # %% ../nbs/15_repro.ipynb #b03baa67
 def run_eps_sweep(preset='smoke', eps_list=(2, 4, 6, 8, 10, 12, 14, 16), steps=10, student='RN-18', method='adaad',
-                  teacher=None, epochs=None, data_root=None, n_test=None, out_dir=None, runs_dir=None, seed=0, device=None,
-                  time_limit=None, progress=False, attack_overrides=None, train_n=None):
+                  teacher=None, epochs=None, data_root=None, n_test=None, out_dir=None, runs_dir=None, seed=0,
+                  device=None, time_limit=None, progress=False, attack_overrides=None, train_n=None):
     "Train `method` at inner eps in `eps_list`/255 (step eps/4, `steps` steps) and evaluate clean and AA at 8/255."
-    cfg = preset_config(preset, teacher=teacher, n_test=n_test, attack_overrides=attack_overrides, train=dict(epochs=epochs, train_n=train_n))
+    cfg = preset_config(preset, teacher=teacher, n_test=n_test, attack_overrides=attack_overrides,
+                        train=dict(epochs=epochs, train_n=train_n))
     check_choice('student', student, tuple(cfg['students']))
     arch = cfg['students'][student]
     here = Path.cwd() / 'runs'
     out, runs = out_dir or here / 'results' / f"{cfg['name']}-eps-sweep", runs_dir or here / 'repro' / cfg['name']
     ctx = _context(cfg, out, runs, device, data_root, time_limit, progress)
-    res = dict(_header(ctx, 'eps-sweep', seed=seed), student=student, arch=arch, method=method, steps=steps, eval_eps=EPS, points=[])
+    res = dict(_header(ctx, 'eps-sweep', seed=seed), student=student, arch=arch, method=method, steps=steps,
+               eval_eps=EPS, points=[])
     tmodel, _, res['teacher'], _ = _teachers(dict(ctx, cfg=dict(cfg, standard_teacher=None)))
     if tmodel is None: res['status'] = 'paused'
     ev = _eval_settings(ctx, ['clean', 'aa'])
     for e in eps_list if tmodel is not None else ():
         if time_limit is not None and time.time() - ctx['t0'] > time_limit: res['status'] = 'paused'; break
-        tc = train_config(cfg, method, arch, seed=seed, data_root=ctx['data_root'], eps=e / 255, step_size=e / 4 / 255, steps=steps)
+        tc = train_config(cfg, method, arch, seed=seed, data_root=ctx['data_root'], eps=e / 255, step_size=e / 4 / 255,
+                          steps=steps)
         name = f'eps{e}-{student}-{arch}-{method}-k{steps}-s{seed}'
-        cell = run_cell(tc, ctx['runs'] / name, ctx['out'] / 'evals' / f'eps{e}-s{seed}.json', cfg, _data_of(ctx, tc), ctx['device'],
-                        tmodel, None, ctx['test'], ev, ctx['left'](), progress)
+        cell = run_cell(tc, ctx['runs'] / name, ctx['out'] / 'evals' / f'eps{e}-s{seed}.json', cfg, _data_of(ctx, tc),
+                        ctx['device'], tmodel, None, ctx['test'], ev, ctx['left'](), progress)
         if cell['status'] != 'done': res['status'] = 'paused'; break
         r, c = cell['result'], cell['cache']
         res['points'].append(dict(eps_255=e, run=cell['run'], ckpt=cell['ckpt'], train_wall_s=cell['train_wall_s'],
-                                  train_s_logged=cell['train_s_logged'], eval_cached=c['cached'], eval_wall_s=c['wall_s'], n=r.n,
-                                  cells={k: dict(acc=r.accuracy[k], ci95=list(r.ci95[k]), correct=int(r.correct[k].sum())) for k in r.accuracy}))
+                                  train_s_logged=cell['train_s_logged'], eval_cached=c['cached'],
+                                  eval_wall_s=c['wall_s'], n=r.n,
+                                  cells={k: dict(acc=r.accuracy[k], ci95=list(r.ci95[k]),
+                                                 correct=int(r.correct[k].sum()))
+                                         for k in r.accuracy}))
     res['wall_s'] = time.time() - ctx['t0']
     write_sealed(ctx['out'] / 'eps_sweep.json', res)
     return res
