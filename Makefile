@@ -61,10 +61,13 @@ test-slow: install data
 # empty, CUDA where visible, else the CPU (every progress line names it). The command for each preset:
 # adaad.repro.LAUNCH. The same table by parallel one-thread workers: `adaad table --preset P --workers N` (notebook 13).
 # `PRECISION=fp32` or `PRECISION=bf16` overrides the preset's precision (bf16 is refused where it weakens PGD-10 on the
-# teacher); `adaad table --precision` does the same.
+# teacher); `adaad table --precision` does the same. `CPU_KERNELS=avx2` holds ATen, MKL and oneDNN to AVX2 on a CPU with
+# AVX512: the float32 trainings of an AVX2 machine of the same model bit for bit (tests/test_golden.py checks it), so a
+# table committed there can be rerun here; results.json and trainings.json record the variables (`kernel_limits`).
 PRESET ?= quick
 DEVICE ?=
 PRECISION ?=
+CPU_KERNELS ?=
 REPRO_ARGS ?=
 IMPORT ?=
 COMMIT ?=
@@ -72,6 +75,10 @@ DRY_RUN ?=
 ifneq ($(filter-out fp32 bf16,$(PRECISION)),)
 $(error PRECISION must be fp32 or bf16 (or empty: the preset's), got '$(PRECISION)')
 endif
+ifneq ($(filter-out avx2,$(CPU_KERNELS)),)
+$(error CPU_KERNELS must be avx2 (or empty: the CPU's own kernels), got '$(CPU_KERNELS)')
+endif
+KERNEL_ENV = $(if $(CPU_KERNELS),ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2)
 REPRO_AMP = $(if $(filter bf16,$(PRECISION)),-p amp True,$(if $(filter fp32,$(PRECISION)),-p amp False))
 ifneq ($(and $(COMMIT),$(DRY_RUN)),)
 $(error DRY_RUN=1 checks that a preset runs, its numbers mean nothing and are never committed: drop COMMIT=1)
@@ -83,7 +90,7 @@ CHECK_PRESET = $(BIN)/python -c "import sys; from adaad.repro import unknown_pre
 repro: install data
 	@$(CHECK_PRESET)
 	mkdir -p $(REPRO_OUT)
-	$(if $(IMPORT),PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}") $(BIN)/papermill nbs/repro_table.ipynb $(REPRO_OUT)/repro_table.ipynb --cwd nbs -k python3 --log-output --no-progress-bar \
+	$(if $(IMPORT),PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}") $(KERNEL_ENV) $(BIN)/papermill nbs/repro_table.ipynb $(REPRO_OUT)/repro_table.ipynb --cwd nbs -k python3 --log-output --no-progress-bar \
 		-p preset $(PRESET) -p scratch False -p test_cut False -p progress True -p out_dir $(CURDIR)/$(REPRO_OUT) -p runs_dir $(CURDIR)/$(REPRO_RUNS) -p curves $(REPRO_CURVES) -p dry_run $(if $(DRY_RUN),True,False) $(if $(IMPORT),-p imports $(IMPORT)) $(if $(DEVICE),-p device $(DEVICE)) $(REPRO_AMP) \
 		-p committed $(if $(or $(COMMIT),$(DRY_RUN)),None,$(CURDIR)/results/$(PRESET)) -y '{"methods": null, "students": null, "train_n": null, "n_test": null}' $(REPRO_ARGS)
 

@@ -597,7 +597,10 @@ def run_conditions(res):
     amp = sorted({'bf16' if (r['train'].get('config') or {}).get('amp') else 'fp32' for r in rows})
     threads = sorted({str(t['threads']) for r in rows for t in r['train'].get('trainings') or [] if t.get('threads')})
     hw = res['hardware']
-    return {'device': hw.get('device'), 'CPU kind': hw.get('cpu_capability'), 'torch': hw.get('torch'),
+    kind = hw.get('cpu_capability')
+    if hw.get('kernel_limits'):
+        kind = f"{kind} (kernels held to it: {', '.join(f'{k}={v}' for k, v in hw['kernel_limits'].items())})"
+    return {'device': hw.get('device'), 'CPU kind': kind, 'torch': hw.get('torch'),
             'precision': '/'.join(amp), 'training threads': '/'.join(threads) or 'not recorded'}
 
 def _describe(res, folder):

@@ -208,6 +208,30 @@ def test_make_repro_passes_imports():
     assert '-p imports' not in _make('repro', 'PRESET=quick').stdout
 
 
+def test_make_repro_holds_the_kernels_to_avx2_on_request():
+    "`make repro CPU_KERNELS=avx2` runs the notebook with ATen, MKL and oneDNN held to AVX2; another value is refused."
+    if shutil.which('make') is None: pytest.skip('no make')
+    line = next(l for l in _make('repro', 'CPU_KERNELS=avx2').stdout.splitlines() if 'papermill nbs/' in l)
+    assert all(v in line.split('papermill')[0] for v in
+               ('ATEN_CPU_CAPABILITY=avx2', 'MKL_ENABLE_INSTRUCTIONS=AVX2', 'ONEDNN_MAX_CPU_ISA=AVX2'))
+    assert 'ATEN_CPU_CAPABILITY' not in _make('repro').stdout
+    bad = _make('repro', 'CPU_KERNELS=sse4')
+    assert bad.returncode != 0 and "CPU_KERNELS must be avx2" in bad.stderr and "got 'sse4'" in bad.stderr
+
+
+def test_held_kernels_are_recorded_and_shown(monkeypatch):
+    "A process whose kernels are held to a narrower set records the variables, and a results table's conditions say so."
+    from adaad.repro import hardware_info
+    from adaad.report import run_conditions
+    for k in ('ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS', 'ONEDNN_MAX_CPU_ISA'): monkeypatch.delenv(k, raising=False)
+    assert 'kernel_limits' not in hardware_info()
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')
+    hw = hardware_info()
+    assert hw['kernel_limits'] == {'ONEDNN_MAX_CPU_ISA': 'AVX2'}
+    res = dict(hardware=hw, rows=[])
+    assert 'kernels held to it: ONEDNN_MAX_CPU_ISA=AVX2' in run_conditions(res)['CPU kind']
+
+
 def test_dry_run_cuts_every_multi_step_attack_of_the_suite(tmp_path):
     """Built-in attacks and a user's registered attack that takes `steps` run DRY_RUN['attack_steps'] steps (or queries)
     in a dry run; AutoAttack is cut through the preset's `aa`; an attack without steps or queries is left as it is."""
