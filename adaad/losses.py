@@ -23,18 +23,18 @@ def _need(name, v, why):
     if v is None: raise ValueError(f"{name} (logits) is needed {why}")
     return v
 
-def _weight(value, old_value, default, new, old, where):
-    "`value`, or `old_value` passed under the former name `old` (a FutureWarning naming `new`), else `default`."
-    v = renamed_argument(old_value, value, old, new, where, stacklevel=4)
-    return default if v is None else v
+def _current(value, default, new, where, **former):
+    "`value`, or the value passed under one of the `former` names (a FutureWarning naming `new`), else `default`."
+    for old, old_value in former.items(): value = renamed_argument(old_value, value, old, new, where, stacklevel=4)
+    return default if value is None else value
 
-def adaad_loss(s_adv, t_adv, s_nat=None, t_nat=None, adv_weight=None, reduction=None, alpha=None):
-    "$\\alpha\\,\\mathrm{KL}(p_T(\\tilde x)\\|p_S(\\tilde x)) + (1-\\alpha)\\,\\mathrm{KL}(p_T(x)\\|p_S(x))$ with $\\alpha$ = `adv_weight` (1), official reduction by default."
-    w = _weight(adv_weight, alpha, 1., 'adv_weight', 'alpha', 'adaad_loss')
+def adaad_loss(s_adv, t_adv, s_nat=None, t_nat=None, adv_share=None, reduction=None, alpha=None, adv_weight=None):
+    "$\\alpha\\,\\mathrm{KL}(p_T(\\tilde x)\\|p_S(\\tilde x)) + (1-\\alpha)\\,\\mathrm{KL}(p_T(x)\\|p_S(x))$ with $\\alpha$ = `adv_share` (1), official reduction by default."
+    w = _current(adv_share, 1., 'adv_share', 'adaad_loss', alpha=alpha, adv_weight=adv_weight)
     reduction = reduction or adaad_reduction(s_adv.shape[1])
     loss = w * kl(t_adv, s_adv, reduction=reduction)
     if w != 1:
-        why = 'when adv_weight != 1'
+        why = 'when adv_share != 1'
         loss = loss + (1 - w) * kl(_need('t_nat', t_nat, why), _need('s_nat', s_nat, why), reduction=reduction)
     return loss
 
@@ -51,23 +51,23 @@ def pgd_at_loss(s_adv, y):
 # %% ../nbs/08_losses.ipynb #189eada7
 def trades_loss(s_adv, s_nat, y, kl_weight=None, beta=None):
     "$\\mathrm{CE}(S(x),y) + \\beta\\,\\frac1B\\sum_i \\mathrm{KL}(p_S(x_i)\\|p_S(\\tilde x_i))$, $\\beta$ = `kl_weight` (6), target not detached."
-    w = _weight(kl_weight, beta, 6., 'kl_weight', 'beta', 'trades_loss')
+    w = _current(kl_weight, 6., 'kl_weight', 'trades_loss', beta=beta)
     return F.cross_entropy(as_float(s_nat), y) + w * kl(s_nat, s_adv, reduction='batchmean')
 
 # %% ../nbs/08_losses.ipynb #66a9c00c
-def ard_loss(s_adv, t_nat, y=None, s_nat=None, tau=30., kl_weight=None, alpha=None):
-    "$\\alpha\\tau^2\\,\\mathrm{KL}_{\\text{mean\\_all}}(\\sigma(T(x)/\\tau)\\|\\sigma(S(\\tilde x)/\\tau)) + (1-\\alpha)\\,\\mathrm{CE}(S(x),y)$, $\\alpha$ = `kl_weight` (1)."
-    w = _weight(kl_weight, alpha, 1., 'kl_weight', 'alpha', 'ard_loss')
+def ard_loss(s_adv, t_nat, y=None, s_nat=None, tau=30., kl_share=None, alpha=None, kl_weight=None):
+    "$\\alpha\\tau^2\\,\\mathrm{KL}_{\\text{mean\\_all}}(\\sigma(T(x)/\\tau)\\|\\sigma(S(\\tilde x)/\\tau)) + (1-\\alpha)\\,\\mathrm{CE}(S(x),y)$, $\\alpha$ = `kl_share` (1)."
+    w = _current(kl_share, 1., 'kl_share', 'ard_loss', alpha=alpha, kl_weight=kl_weight)
     loss = w * tau**2 * kl(t_nat, s_adv, tau, 'mean_all')
     if w != 1:
-        why = 'when kl_weight != 1'
+        why = 'when kl_share != 1'
         loss = loss + (1 - w) * F.cross_entropy(as_float(_need('s_nat', s_nat, why)), _need('y', y, why))
     return loss
 
 # %% ../nbs/08_losses.ipynb #67284c6e
 def reliability_weights(t_adv, y, reliability_exponent=None, beta=None):
     "IAD's $w_i = p_T(\\tilde x_i)[y_i]^\\beta$, $\\beta$ = `reliability_exponent` (0.1), detached (a constant for the gradient)."
-    e = _weight(reliability_exponent, beta, 0.1, 'reliability_exponent', 'beta', 'reliability_weights')
+    e = _current(reliability_exponent, 0.1, 'reliability_exponent', 'reliability_weights', beta=beta)
     p = F.softmax(as_float(t_adv.detach()), 1)
     return p.gather(1, y[:, None]).squeeze(1).pow(e)
 
@@ -76,28 +76,28 @@ def introspection_term(s_nat, s_adv, w):
     return ((1 - w) * kl(s_nat, s_adv, reduction='none')).mean()
 
 # %% ../nbs/08_losses.ipynb #58b10480
-def adaiad_loss(s_adv, t_adv, y, s_nat=None, epoch=0, tau=30., distill_weight=None, reliability_exponent=None, begin=60,
-                alpha=None, beta=None):
-    "AdaIAD: $\\lambda\\tau^2\\,\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i))$ $+\\,\\lambda\\mathcal I$ from epoch `begin` $+\\,(1-\\lambda)\\mathrm{CE}(S(x),y)$, $\\lambda$ = `distill_weight` (1)."
-    w = _weight(distill_weight, alpha, 1., 'distill_weight', 'alpha', 'adaiad_loss')
-    e = _weight(reliability_exponent, beta, 0.1, 'reliability_exponent', 'beta', 'adaiad_loss')
+def adaiad_loss(s_adv, t_adv, y, s_nat=None, epoch=0, tau=30., distill_share=None, reliability_exponent=None, begin=60,
+                alpha=None, beta=None, distill_weight=None):
+    "AdaIAD: $\\lambda\\tau^2\\,\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i))$ $+\\,\\lambda\\mathcal I$ from epoch `begin` $+\\,(1-\\lambda)\\mathrm{CE}(S(x),y)$, $\\lambda$ = `distill_share` (1)."
+    w = _current(distill_share, 1., 'distill_share', 'adaiad_loss', alpha=alpha, distill_weight=distill_weight)
+    e = _current(reliability_exponent, 0.1, 'reliability_exponent', 'adaiad_loss', beta=beta)
     loss = w * tau**2 * kl(t_adv, s_adv, tau, 'batchmean')
     if epoch >= begin:
         loss = loss + w * introspection_term(_need('s_nat', s_nat, 'from epoch `begin` on'), s_adv, reliability_weights(t_adv, y, e))
-    if w != 1: loss = loss + (1 - w) * F.cross_entropy(as_float(_need('s_nat', s_nat, 'when distill_weight != 1')), y)
+    if w != 1: loss = loss + (1 - w) * F.cross_entropy(as_float(_need('s_nat', s_nat, 'when distill_share != 1')), y)
     return loss
 
 # %% ../nbs/08_losses.ipynb #85a7d0f4
-def iad_loss(s_adv, t_nat, y, s_nat=None, t_adv=None, epoch=0, tau=1., distill_weight=None, reliability_exponent=None, begin=60,
-             alpha=None, beta=None):
-    "IAD-I: $\\alpha\\tau^2\\,\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(x_i)\\|S(\\tilde x_i))$ $+\\,\\alpha\\mathcal I$ from epoch `begin` $+\\,(1-\\alpha)\\mathrm{CE}(S(x),y)$, $\\alpha$ = `distill_weight` (1)."
-    w = _weight(distill_weight, alpha, 1., 'distill_weight', 'alpha', 'iad_loss')
-    e = _weight(reliability_exponent, beta, 0.1, 'reliability_exponent', 'beta', 'iad_loss')
+def iad_loss(s_adv, t_nat, y, s_nat=None, t_adv=None, epoch=0, tau=1., distill_share=None, reliability_exponent=None, begin=60,
+             alpha=None, beta=None, distill_weight=None):
+    "IAD-I: $\\alpha\\tau^2\\,\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(x_i)\\|S(\\tilde x_i))$ $+\\,\\alpha\\mathcal I$ from epoch `begin` $+\\,(1-\\alpha)\\mathrm{CE}(S(x),y)$, $\\alpha$ = `distill_share` (1)."
+    w = _current(distill_share, 1., 'distill_share', 'iad_loss', alpha=alpha, distill_weight=distill_weight)
+    e = _current(reliability_exponent, 0.1, 'reliability_exponent', 'iad_loss', beta=beta)
     loss = w * tau**2 * kl(t_nat, s_adv, tau, 'batchmean')
     if epoch >= begin:
         why = 'from epoch `begin` on'
         loss = loss + w * introspection_term(_need('s_nat', s_nat, why), s_adv, reliability_weights(_need('t_adv', t_adv, why), y, e))
-    if w != 1: loss = loss + (1 - w) * F.cross_entropy(as_float(_need('s_nat', s_nat, 'when distill_weight != 1')), y)
+    if w != 1: loss = loss + (1 - w) * F.cross_entropy(as_float(_need('s_nat', s_nat, 'when distill_share != 1')), y)
     return loss
 
 # %% ../nbs/08_losses.ipynb #f5d0f67d
@@ -107,16 +107,18 @@ def rslad_loss(s_adv, s_nat, t_nat):
     return 5 / 6 * m(s_adv) + 1 / 6 * m(s_nat)
 
 # %% ../nbs/08_losses.ipynb #7dccd9ba
-def akd_chen_loss(s_adv, t_adv, y, t_adv_st=None, tau=1., robust_kl_weight=None, standard_kl_weight=None, alpha=None, alpha2=None):
-    "Chen et al.'s AKD: $(1-\\alpha_1-\\alpha_2)\\mathrm{CE} + \\alpha_1\\tau^2\\mathrm{KL}_\\tau(T\\|S) + \\alpha_2\\tau^2\\mathrm{KL}_\\tau(T_{st}\\|S)$ at $\\tilde x$; $\\alpha_1, \\alpha_2$ = `robust_kl_weight` (0.5), `standard_kl_weight` (0.25)."
-    a1 = _weight(robust_kl_weight, alpha, 0.5, 'robust_kl_weight', 'alpha', 'akd_chen_loss')
-    a2 = _weight(standard_kl_weight, alpha2, 0.25, 'standard_kl_weight', 'alpha2', 'akd_chen_loss')
+def akd_chen_loss(s_adv, t_adv, y, t_adv_st=None, tau=1., robust_kl_share=None, standard_kl_share=None, alpha=None, alpha2=None,
+                  robust_kl_weight=None, standard_kl_weight=None):
+    "Chen et al.'s AKD: $(1-\\alpha_1-\\alpha_2)\\mathrm{CE} + \\alpha_1\\tau^2\\mathrm{KL}_\\tau(T\\|S) + \\alpha_2\\tau^2\\mathrm{KL}_\\tau(T_{st}\\|S)$ at $\\tilde x$; $\\alpha_1, \\alpha_2$ = `robust_kl_share` (0.5), `standard_kl_share` (0.25)."
+    a1 = _current(robust_kl_share, 0.5, 'robust_kl_share', 'akd_chen_loss', alpha=alpha, robust_kl_weight=robust_kl_weight)
+    a2 = _current(standard_kl_share, 0.25, 'standard_kl_share', 'akd_chen_loss', alpha2=alpha2,
+                  standard_kl_weight=standard_kl_weight)
     return ((1 - a1 - a2) * F.cross_entropy(as_float(s_adv), y) + a1 * tau**2 * kl(t_adv, s_adv, tau, 'batchmean')
             + a2 * tau**2 * kl(_need('t_adv_st', t_adv_st, "(the standard teacher's logits at x~)"), s_adv, tau, 'batchmean'))
 
-def akd_maroto_loss(s_adv, t_adv, y, tau=1., kl_weight=None, alpha=None):
-    "Our reading of Maroto et al.'s AKD: $(1-\\lambda)\\mathrm{CE}(S(\\tilde x),y) + \\lambda\\tau^2\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i))$, $\\lambda$ = `kl_weight` (0.5)."
-    w = _weight(kl_weight, alpha, 0.5, 'kl_weight', 'alpha', 'akd_maroto_loss')
+def akd_maroto_loss(s_adv, t_adv, y, tau=1., kl_share=None, alpha=None, kl_weight=None):
+    "Our reading of Maroto et al.'s AKD: $(1-\\lambda)\\mathrm{CE}(S(\\tilde x),y) + \\lambda\\tau^2\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i))$, $\\lambda$ = `kl_share` (0.5)."
+    w = _current(kl_share, 0.5, 'kl_share', 'akd_maroto_loss', alpha=alpha, kl_weight=kl_weight)
     return (1 - w) * F.cross_entropy(as_float(s_adv), y) + w * tau**2 * kl(t_adv, s_adv, tau, 'batchmean')
 
 # %% ../nbs/08_losses.ipynb #a746c6cf
@@ -147,11 +149,12 @@ def igdm_loss(base_loss, s_plus, s_minus, t_plus, t_minus, epoch=0, matching_wei
     return base_loss + matching_weight * igdm_ramp(epoch, ramp_epochs) * igdm_term(s_plus, s_minus, t_plus, t_minus)
 
 # %% ../nbs/08_losses.ipynb #217c9c0c
-def renyi_entropy(logits, order=1., eps=1e-12):
+def renyi_entropy(logits, order=1., floor=None, eps=None):
     "$H_\\gamma(p) = \\frac{1}{1-\\gamma}\\log\\sum_c p_c^\\gamma$ of $p = \\sigma(z)$ per example; Shannon's entropy at $\\gamma = 1$."
+    floor = _current(floor, 1e-12, 'floor', 'renyi_entropy', eps=eps)   # added inside the logs (not an attack radius)
     p = F.softmax(as_float(logits), 1)
-    if abs(order - 1) < 1e-6: return -(p * torch.log(p + eps)).sum(1)
-    return torch.log((p ** order).sum(1) + eps) / (1 - order)
+    if abs(order - 1) < 1e-6: return -(p * torch.log(p + floor)).sum(1)
+    return torch.log((p ** order).sum(1) + floor) / (1 - order)
 
 def saad_weights(t_adv, order=1., scale=5.):
     "SAAD's $(w, \\tilde w)$: $w_i$ = `scale` $(H_i - \\min_j H_j)$ from the teacher's entropy at $\\tilde x$, $\\tilde w$ rescaled to [0, 1]."
@@ -182,11 +185,13 @@ def peeraid_student_loss(s_adv, p_adv, y, s_nat=None, ce_weight=0., distill_weig
     return loss
 
 # %% ../nbs/08_losses.ipynb #92712dc6
-def class_weights(kappa, counts, exponent=2., low=5/6, high=5/2, offset=1e-5):
-    "Fair-ARD's class weights from per-class sums `kappa` of correct inner steps over `counts` examples (see above)."
+def class_weights(correct=None, counts=None, exponent=2., low=5/6, high=5/2, offset=1e-5, kappa=None):
+    "Fair-ARD's class weights from per-class sums `correct` of correct inner steps over `counts` examples (see above)."
+    correct = renamed_argument(kappa, correct, 'kappa', 'correct', 'class_weights')
+    if correct is None or counts is None: raise TypeError('class_weights needs correct and counts (per-class tensors)')
     seen = counts > 0
-    r = (kappa[seen] / counts[seen] + offset) ** -exponent
-    w = torch.ones_like(kappa)
+    r = (correct[seen] / counts[seen] + offset) ** -exponent
+    w = torch.ones_like(correct)
     w[seen] = (r * seen.sum() / r.sum()).clamp(low, high)
     return w
 

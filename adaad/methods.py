@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['BUDGET_KEYS', 'METHODS', 'ALIASES', 'Logits', 'InnerView', 'Method', 'register', 'known_methods', 'method_class',
-           'field_names', 'get_method', 'Natural', 'PGDAT', 'TRADES', 'ARD', 'IAD', 'RSLAD', 'AKD', 'AKDMaroto',
-           'AdaAD', 'AdaIAD', 'MMARD', 'Combo', 'inner_point', 'training_loss', 'BaseBudget', 'PlugIn', 'IGDM',
-           'FairARD', 'SAAD', 'PeerAiD']
+           'field_names', 'current_name', 'recorded_fields', 'get_method', 'Natural', 'PGDAT', 'TRADES', 'ARD', 'IAD',
+           'RSLAD', 'AKD', 'AKDMaroto', 'AdaAD', 'AdaIAD', 'MMARD', 'Combo', 'inner_point', 'training_loss',
+           'BaseBudget', 'PlugIn', 'IGDM', 'FairARD', 'SAAD', 'PeerAiD']
 
 # %% ../nbs/09_methods.ipynb #06fae0b5
 import dataclasses, math, numbers, types, typing, warnings
@@ -85,13 +85,17 @@ def _type_ok(value, annotation):
 
 def _between(lo, hi): return f'>= {lo:g}' if hi == math.inf else f'in [{lo:g}, {hi:g}]'
 
-_WEIGHT = lambda what, rest: (0., 1., f'the weight of {what}, 1 minus it the weight of {rest}')
+_SHARE = lambda what, rest: (0., 1., f'the share of {what}, 1 minus it the share of {rest}')
 _EXPONENT = (0., math.inf, "the exponent of the teacher's reliability p_T(x~)[y]^beta; 0 trusts the teacher fully")
 _BEGIN = (0, math.inf, 'the first epoch, 0-based, with the introspection term')
 _BEGIN_FRACTION = (0., 1., 'the share of the run before the introspection term, used when begin is None; official 60/200')
 
+class _FormerNames(type):
+    "Metaclass of `Method`: a former field name given to the constructor sets the field it became (a FutureWarning)."
+    def __call__(cls, *args, **kw): return super().__call__(*args, **_current_names(cls, kw, stacklevel=3))
+
 @dataclass(frozen=True)
-class Method:
+class Method(metaclass=_FormerNames):
     "A training method: the inner maximisation (`objective`, `budget`), the outer `loss`, the official defaults."
     name: ClassVar[str] = ''                       # registry key
     source: ClassVar[str] = ''                     # official repository and file
@@ -107,7 +111,7 @@ class Method:
     swa_fraction: ClassVar[float] = 0.5            # its first epoch, as a share of the run's epochs
     positive: ClassVar[tuple] = ()                 # fields that must be > 0 (temperatures)
     ranges: ClassVar[dict] = {}                    # field -> (low, high, meaning): the values the definition gives a sense
-    renamed: ClassVar[dict] = {}                   # former field name -> its name now (still accepted, with a FutureWarning)
+    renamed: ClassVar[dict] = {}                   # former field name -> its next name (still accepted, with a FutureWarning)
     dataset_defaults: ClassVar[dict] = {}          # field -> {dataset: official value}, taken where the field is None
     budget: Budget | None = Budget()               # the inner maximisation's budget; None: no inner problem
 
@@ -160,6 +164,7 @@ class Method:
         need = self.needs(epoch)
         return tuple(at for at in dict.fromkeys(self.passes(epoch)) if at in need)
     state_sums: ClassVar[tuple] = ()               # entries of the state summed over processes before `end_epoch`
+    renamed_state: ClassVar[dict] = {}             # former key of `new_state` -> its key now (read from older checkpoints)
     def peer_archs(self, student):
         "The networks trained beside the student (name -> architecture; `student` is the student's); none by default."
         return {}
@@ -216,14 +221,31 @@ def field_names(m):
 def _budget_of(m):
     return m.budget if isinstance(m, Method) else next(f.default for f in dataclasses.fields(m) if f.name == 'budget')
 
-def _current_names(m, kw):
+def current_name(m, name):
+    "The name now of field `name` of method `m` (class or instance): its former names (`renamed`) followed to the last."
+    seen = {name}
+    while name in m.renamed and m.renamed[name] not in seen: name = m.renamed[name]; seen.add(name)
+    return name
+
+def _current_names(m, kw, stacklevel=4):
     "`kw` with the former field names of method `m` replaced by their names now (a FutureWarning for each)."
-    for old, new in m.renamed.items():
-        if old not in kw: continue
+    for old in [k for k in kw if k in m.renamed]:
+        new = current_name(m, old)
         if new in kw: raise ValueError(f"{m.name}: {old} is the former name of {new}; pass {new} only")
-        warnings.warn(f'{m.name}: {old} is deprecated, use {new}', FutureWarning, stacklevel=4)
+        warnings.warn(f'{m.name}: {old} is deprecated, use {new}', FutureWarning, stacklevel=stacklevel)
         kw[new] = kw.pop(old)
     return kw
+
+def recorded_fields(method, inner, kw):
+    """Method fields `kw` recorded for `method` (with `inner`, or None) by an older adaad, under their names now (a run
+    folder's identity): a former name is the outer method's where it has it, else the inner's."""
+    ms = [method_class(n) for n in (method, inner) if n is not None]
+    def now(k):
+        for c in ms:
+            if k in field_names(c): return k
+            if k in c.renamed: return current_name(c, k)
+        return k
+    return {now(k): v for k, v in kw.items()}
 
 def _build(m, kw):
     "Method `m` (name, class or instance) with overrides `kw` (own fields and budget keys)."
@@ -243,7 +265,7 @@ def get_method(method, inner=None, **overrides):
         return _build(method, dict(overrides))
     outer = method if isinstance(method, Method) else _build(method, {})
     inner_m = inner if isinstance(inner, Method) else _build(inner, {})
-    overrides = _current_names(outer, dict(overrides))          # a former name of an outer field stays the outer's
+    overrides = _current_names(outer, dict(overrides), 3)       # a former name of an outer field stays the outer's
     own = {k: v for k, v in overrides.items() if k in field_names(outer) and k not in BUDGET_KEYS}
     rest = {k: v for k, v in overrides.items() if k not in own}
     return Combo(outer=_build(outer, own), inner=_build(inner_m, rest))
@@ -321,21 +343,21 @@ class ARD(Method):
     """ARD (Goldblum et al., AAAI 2020). Inner: $\\max \\sum_i \\mathrm{CE}(S(x'_i), y_i)$, uniform start, **train-mode** BN.
     Outer: $\\alpha\\tau^2\\,\\mathrm{KL}_{\\text{mean\\_all}}(\\sigma(T(x)/\\tau)\\|\\sigma(S(\\tilde x)/\\tau)) + (1-\\alpha)\\,\\mathrm{CE}(S(x), y)$."""
     name = 'ard'
-    renamed = dict(alpha='kl_weight')
+    renamed = dict(alpha='kl_weight', kl_weight='kl_share')
     source = 'goldblum/AdversariallyRobustDistillation main.py'
     weight_decay, single_decay = 2e-4, True
     batch_sizes = {'cifar10': 128, 'cifar100': 256}
     positive = ('tau',)
-    ranges = dict(kl_weight=_WEIGHT('the KL term', 'the clean cross-entropy'))
+    ranges = dict(kl_share=_SHARE('the KL term', 'the clean cross-entropy'))
     budget: Budget | None = Budget(init='uniform', attack_bn='train')
     tau: float = 30.                                # distillation temperature
-    kl_weight: float = 1.                           # weight of the KL term; 1 - kl_weight on the clean CE
+    kl_share: float = 1.                            # share of the KL term; 1 - kl_share on the clean CE
     def objective(self, lg, y): return ce_objective(lg.student, y, 'sum')
     def loss(self, lg, y, epoch):
         s_adv = lg.s_adv
-        return ard_loss(s_adv, lg.t_nat, y, lg.s_nat if self.kl_weight != 1 else None, self.tau, self.kl_weight)
+        return ard_loss(s_adv, lg.t_nat, y, lg.s_nat if self.kl_share != 1 else None, self.tau, self.kl_share)
     def passes(self, epoch): return ('adv', 'nat')
-    def needs(self, epoch): return {'adv'} | ({'nat'} if self.kl_weight != 1 else set())
+    def needs(self, epoch): return {'adv'} | ({'nat'} if self.kl_share != 1 else set())
 
 @register
 @dataclass(frozen=True)
@@ -343,25 +365,25 @@ class IAD(Method):
     """IAD-I (Zhu et al., ICLR 2022), ARD-based. Inner: ARD's. Outer: $\\alpha\\tau^2\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(x_i)\\|S(\\tilde x_i))$
     $+\\ \\alpha\\,\\mathcal I$ from epoch `begin` $+\\,(1-\\alpha)\\,\\mathrm{CE}(S(x), y)$, $\\mathcal I$ weighted by $1 - p_T(\\tilde x_i)[y_i]^\\beta$."""
     name = 'iad'
-    renamed = dict(alpha='distill_weight', beta='reliability_exponent')
+    renamed = dict(alpha='distill_weight', beta='reliability_exponent', distill_weight='distill_share')
     source = 'ZFancy/IAD IAD-I.py'
     weight_decay, single_decay = 2e-4, True
     positive = ('tau',)
-    ranges = dict(distill_weight=_WEIGHT('the teacher and introspection terms', 'the clean cross-entropy'), reliability_exponent=_EXPONENT, begin=_BEGIN,
+    ranges = dict(distill_share=_SHARE('the teacher and introspection terms', 'the clean cross-entropy'), reliability_exponent=_EXPONENT, begin=_BEGIN,
                   begin_fraction=_BEGIN_FRACTION)
     budget: Budget | None = Budget(init='uniform', attack_bn='train')
     tau: float = 1.                                 # distillation temperature
-    distill_weight: float = 1.                      # weight of the teacher and introspection terms; 1 - distill_weight on CE
+    distill_share: float = 1.                       # share of the teacher and introspection terms; 1 - distill_share on CE
     reliability_exponent: float = 0.1               # exponent of the teacher's reliability p_T(x~)[y]^beta
     begin: int | None = None                        # first epoch (0-based) with the introspection term; None: from begin_fraction
     begin_fraction: float = 0.3                     # begin = round(begin_fraction * epochs) of the run (official: 60 of 200)
     def objective(self, lg, y): return ce_objective(lg.student, y, 'sum')
     def loss(self, lg, y, epoch):
         s_adv, intro = lg.s_adv, epoch >= self.start
-        s_nat = lg.s_nat if intro or self.distill_weight != 1 else None
-        return iad_loss(s_adv, lg.t_nat, y, s_nat, lg.t_adv if intro else None, epoch, self.tau, self.distill_weight, self.reliability_exponent, self.start)
+        s_nat = lg.s_nat if intro or self.distill_share != 1 else None
+        return iad_loss(s_adv, lg.t_nat, y, s_nat, lg.t_adv if intro else None, epoch, self.tau, self.distill_share, self.reliability_exponent, self.start)
     def passes(self, epoch): return ('adv', 'nat') + (('nat',) if epoch >= self.start else ())
-    def needs(self, epoch): return {'adv'} | ({'nat'} if epoch >= self.start or self.distill_weight != 1 else set())
+    def needs(self, epoch): return {'adv'} | ({'nat'} if epoch >= self.start or self.distill_share != 1 else set())
     for_run, start = _introspection_for_run, property(_introspection_start)
 
 @register
@@ -386,20 +408,23 @@ class AKD(Method):
     $(1-\\alpha_1-\\alpha_2)\\mathrm{CE} + \\alpha_1\\tau^2\\mathrm{KL}_\\tau(T\\|S) + \\alpha_2\\tau^2\\mathrm{KL}_\\tau(T_{st}\\|S)$ with a
     naturally trained teacher $T_{st}$ (`standard_teacher=` of `train`)."""
     name = 'akd'
-    renamed = dict(alpha='robust_kl_weight', alpha2='standard_kl_weight')
+    renamed = dict(alpha='robust_kl_weight', alpha2='standard_kl_weight', robust_kl_weight='robust_kl_share',
+                   standard_kl_weight='standard_kl_share')
     source = 'ZFancy/IAD AKD2.py (standard teacher from pre_train/ST.py)'
     weight_decay, single_decay = 2e-4, True
     positive = ('tau',)
-    ranges = dict(robust_kl_weight=(0., 1., "alpha_1, the weight of the robust teacher's KL"), standard_kl_weight=(0., 1., "alpha_2, the weight of the standard teacher's KL"))
+    ranges = dict(robust_kl_share=(0., 1., "alpha_1, the share of the robust teacher's KL"),
+                  standard_kl_share=(0., 1., "alpha_2, the share of the standard teacher's KL"))
     budget: Budget | None = Budget(init='uniform', attack_bn='train')
     tau: float = 1.                                 # distillation temperature
-    robust_kl_weight: float = 0.5                   # alpha_1, weight of the robust teacher's KL
-    standard_kl_weight: float = 0.25                # alpha_2, weight of the standard teacher's KL
+    robust_kl_share: float = 0.5                    # alpha_1, share of the robust teacher's KL
+    standard_kl_share: float = 0.25                 # alpha_2, share of the standard teacher's KL; the CE gets 1 minus both
     robust_as_standard: bool = False                # True: the robust teacher stands in for T_st (another objective)
     def __post_init__(self):
         super().__post_init__()
-        if self.robust_kl_weight + self.standard_kl_weight > 1:
-            raise ValueError(f'akd: robust_kl_weight + standard_kl_weight must be <= 1 (the cross-entropy has weight 1 minus both), got {self.robust_kl_weight} + {self.standard_kl_weight}')
+        if self.robust_kl_share + self.standard_kl_share > 1:
+            raise ValueError(f'akd: robust_kl_share + standard_kl_share must be <= 1 (the cross-entropy has the share 1 minus '
+                             f'both), got {self.robust_kl_share} + {self.standard_kl_share}')
     @property
     def needs_standard_teacher(self): return not self.robust_as_standard
     def objective(self, lg, y): return ce_objective(lg.student, y, 'sum')
@@ -409,7 +434,7 @@ class AKD(Method):
                              "set robust_as_standard=True to let the robust teacher stand in (a different objective)")
         t_st = lg.t('adv', standard=True) if lg.teacher_st is not None else None
         s_adv, t_adv = lg.s_adv, lg.t_adv
-        return akd_chen_loss(s_adv, t_adv, y, t_adv if t_st is None else t_st, self.tau, self.robust_kl_weight, self.standard_kl_weight)
+        return akd_chen_loss(s_adv, t_adv, y, t_adv if t_st is None else t_st, self.tau, self.robust_kl_share, self.standard_kl_share)
 
 @register
 @dataclass(frozen=True)
@@ -417,15 +442,15 @@ class AKDMaroto(Method):
     """Our reading of Maroto et al.'s AKD (2022, abstract only), unverified. Inner: PGD-AT's. Outer:
     $(1-\\lambda)\\mathrm{CE}(S(\\tilde x), y) + \\lambda\\tau^2\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i))$."""
     name = 'akd-maroto'
-    renamed = dict(alpha='kl_weight')
+    renamed = dict(alpha='kl_weight', kl_weight='kl_share')
     source = 'our reading of Maroto et al., arXiv 2203.07159 (abstract only; no code found)'
     positive = ('tau',)
-    ranges = dict(kl_weight=_WEIGHT('the KL term (lambda)', 'the adversarial cross-entropy'))
+    ranges = dict(kl_share=_SHARE('the KL term (lambda)', 'the adversarial cross-entropy'))
     budget: Budget | None = Budget(init='gaussian_clipped')
     tau: float = 1.                                 # distillation temperature
-    kl_weight: float = 0.5                          # lambda, weight of the KL; 1 - lambda on CE
+    kl_share: float = 0.5                           # lambda, share of the KL; 1 - lambda on CE
     def objective(self, lg, y): return ce_objective(lg.student, y, 'mean')
-    def loss(self, lg, y, epoch): return akd_maroto_loss(lg.s_adv, lg.t_adv, y, self.tau, self.kl_weight)
+    def loss(self, lg, y, epoch): return akd_maroto_loss(lg.s_adv, lg.t_adv, y, self.tau, self.kl_share)
 
 # %% ../nbs/09_methods.ipynb #d58616ee
 @register
@@ -435,22 +460,22 @@ class AdaAD(Method):
     networks, eval-mode BN, gaussian start. Outer: $\\alpha\\,\\mathrm{KL}(p_T(\\tilde x)\\|p_S(\\tilde x)) + (1-\\alpha)\\,\\mathrm{KL}(p_T(x)\\|p_S(x))$,
     mean over $B\\cdot C$ on CIFAR-10 (batchmean on CIFAR-100)."""
     name = 'adaad'
-    renamed = dict(alpha='adv_weight')
+    renamed = dict(alpha='adv_weight', adv_weight='adv_share')
     source = 'boyellow/AdaAD AT_helper.py (adaad_inner_loss), main.py (method AdaAD)'
     teacher_in_inner = True
-    ranges = dict(adv_weight=_WEIGHT('the adversarial KL', 'the clean KL'))
-    adv_weight: float = 1.                          # weight of the adversarial KL; 1 - adv_weight on the clean KL
+    ranges = dict(adv_share=_SHARE('the adversarial KL', 'the clean KL'))
+    adv_share: float = 1.                           # share of the adversarial KL; 1 - adv_share on the clean KL
     reduction: str | None = None                    # KL reduction; None: official (mean_all on CIFAR-10, else batchmean)
     def __post_init__(self):
         super().__post_init__()
         if self.reduction is not None: check_choice('reduction', self.reduction, ('sum', 'batchmean', 'mean_all'))
     def objective(self, lg, y): return adaad_objective(lg.student, lg.teacher)
     def loss(self, lg, y, epoch):
-        nat = self.adv_weight != 1
+        nat = self.adv_share != 1
         s_nat = lg.s_nat if nat else None          # official order: S(x), then S(x~)
-        return adaad_loss(lg.s_adv, lg.t_adv, s_nat, lg.t_nat if nat else None, self.adv_weight, _reduction(self, lg))
+        return adaad_loss(lg.s_adv, lg.t_adv, s_nat, lg.t_nat if nat else None, self.adv_share, _reduction(self, lg))
     def passes(self, epoch): return ('nat', 'adv')
-    def needs(self, epoch): return {'adv'} | ({'nat'} if self.adv_weight != 1 else set())
+    def needs(self, epoch): return {'adv'} | ({'nat'} if self.adv_share != 1 else set())
 
 def _reduction(m, lg): return m.reduction or adaad_reduction(lg.num_classes or lg.s_adv.shape[1])
 
@@ -472,23 +497,23 @@ class AdaIAD(Method):
     """AdaIAD (Huang et al., CVPR 2023): AdaAD's inner with IAD-I's outer at $\\tilde x$:
     $\\lambda\\tau^2\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i)) + \\lambda\\,\\mathcal I$ from epoch `begin` $+\\,(1-\\lambda)\\mathrm{CE}(S(x), y)$."""
     name = 'adaiad'
-    renamed = dict(alpha='distill_weight', beta='reliability_exponent')
+    renamed = dict(alpha='distill_weight', beta='reliability_exponent', distill_weight='distill_share')
     source = 'boyellow/AdaAD main.py (method AdaAD_with_IAD1)'
     teacher_in_inner = True
     positive = ('tau',)
-    ranges = dict(distill_weight=_WEIGHT('the teacher and introspection terms (lambda)', 'the clean cross-entropy'), reliability_exponent=_EXPONENT,
+    ranges = dict(distill_share=_SHARE('the teacher and introspection terms (lambda)', 'the clean cross-entropy'), reliability_exponent=_EXPONENT,
                   begin=_BEGIN, begin_fraction=_BEGIN_FRACTION)
     tau: float = 30.                                # temperature (official default; IAD's own is 1)
-    distill_weight: float = 1.                      # lambda, weight of the teacher and introspection terms
+    distill_share: float = 1.                       # lambda, share of the teacher and introspection terms
     reliability_exponent: float = 0.1               # exponent of the teacher's reliability
     begin: int | None = None                        # first epoch (0-based) with the introspection term; None: from begin_fraction
     begin_fraction: float = 0.3                     # begin = round(begin_fraction * epochs) of the run (official: 60 of 200)
     def objective(self, lg, y): return adaad_objective(lg.student, lg.teacher)
     def loss(self, lg, y, epoch):
-        s_nat = lg.s_nat if epoch >= self.start or self.distill_weight != 1 else None
-        return adaiad_loss(lg.s_adv, lg.t_adv, y, s_nat, epoch, self.tau, self.distill_weight, self.reliability_exponent, self.start)
+        s_nat = lg.s_nat if epoch >= self.start or self.distill_share != 1 else None
+        return adaiad_loss(lg.s_adv, lg.t_adv, y, s_nat, epoch, self.tau, self.distill_share, self.reliability_exponent, self.start)
     def passes(self, epoch): return ('nat', 'adv') + (('nat',) if epoch >= self.start else ()) + ('nat',)
-    def needs(self, epoch): return {'adv'} | ({'nat'} if epoch >= self.start or self.distill_weight != 1 else set())
+    def needs(self, epoch): return {'adv'} | ({'nat'} if epoch >= self.start or self.distill_share != 1 else set())
     for_run, start = _introspection_for_run, property(_introspection_start)
 
 @register
@@ -657,9 +682,9 @@ class IGDM(PlugIn):
             f"pass ramp_epochs={epochs} to end at matching_weight",)
         return (*super().run_warnings(epochs), *mine)
 
-def _counting(objective, student, y, kappa):
-    "`objective`, also adding to `kappa[c]` the examples of class c the student classifies correctly at each point."
-    def hook(module, inputs, out): kappa.index_add_(0, y, (out.detach().argmax(1) == y).to(kappa.dtype))
+def _counting(objective, student, y, correct):
+    "`objective`, also adding to `correct[c]` the examples of class c the student classifies correctly at each point."
+    def hook(module, inputs, out): correct.index_add_(0, y, (out.detach().argmax(1) == y).to(correct.dtype))
     def counted(x_adv):
         h = student.register_forward_hook(hook)
         try: return objective(x_adv)
@@ -680,7 +705,8 @@ class FairARD(PlugIn):
     from the previous epoch's mean count $\\bar\\kappa_c$ of inner steps at which the student was right (1 in the first epoch)."""
     name = 'fair-ard'
     source = 'NISP-official/Fair-ARD Fair-ARD.py, Fair-IAD.py, Fair-RSLAD.py (AttackPGD / rslad_inner_loss Kappa, weight_assign, train)'
-    state_sums = ('kappa', 'count')
+    state_sums = ('correct', 'count')
+    renamed_state = dict(kappa='correct')
     ranges = dict(class_weight_exponent=(0., math.inf, "beta, the exponent of a class's difficulty in its weight; 0 weighs classes equally"),
                   min_class_weight=(0., math.inf, 'the smallest class weight (clip)'), max_class_weight=(0., math.inf, 'the largest class weight (clip)'))
     base: str = 'ard'                               # the method whose per-example loss is re-weighted by class
@@ -694,16 +720,16 @@ class FairARD(PlugIn):
         self.plug_in()
     def new_state(self, num_classes, device=None):
         z = lambda v: torch.full((num_classes,), v, dtype=torch.float32, device=device)
-        return dict(weights=z(1.), kappa=z(0.), count=z(0.))
+        return dict(weights=z(1.), correct=z(0.), count=z(0.))
     def end_epoch(self, state, epoch):
-        state['weights'].copy_(class_weights(state['kappa'], state['count'], self.class_weight_exponent,
+        state['weights'].copy_(class_weights(state['correct'], state['count'], self.class_weight_exponent,
                                              self.min_class_weight, self.max_class_weight))
-        state['kappa'].zero_(); state['count'].zero_()
+        state['correct'].zero_(); state['count'].zero_()
     def objective(self, lg, y):
         f = self._base.objective(lg, y)
         if lg.state is None: return f
         lg.state['count'].index_add_(0, y, torch.ones_like(y, dtype=lg.state['count'].dtype))
-        return _counting(f, lg.student, y, lg.state['kappa'])
+        return _counting(f, lg.student, y, lg.state['correct'])
     def loss(self, lg, y, epoch):
         full = self._base.loss(lg, y, epoch)        # the base's passes on the whole batch, in its order
         w = None if lg.state is None else lg.state['weights']
