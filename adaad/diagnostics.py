@@ -31,8 +31,8 @@ def _restore(net, buffers):
         for k, v in net.named_buffers(): v.copy_(buffers[k])
 
 def diagnose(student, teacher, data, method='adaad', seed=0, batch_size=500):
-    ("The distillation diagnostics of `student` and `teacher` on `data` at the inner points of `method` (name or "
-     "Method).")
+    ("The distillation diagnostics of `student` and `teacher` on `data` at the inner points of "
+     "`method` (name or Method).")
     method = get_method(method)
     buffers = {k: v.clone() for k, v in student.named_buffers()}
     was, tot, n = student.training, {}, len(data)

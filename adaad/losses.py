@@ -69,15 +69,15 @@ def ard_loss(s_adv, t_nat, y=None, s_nat=None, tau=30., kl_share=None, alpha=Non
 
 # %% ../nbs/08_losses.ipynb #67284c6e
 def reliability_weights(t_adv, y, reliability_exponent=None, beta=None):
-    ("IAD's $w_i = p_T(\\tilde x_i)[y_i]^\\beta$, $\\beta$ = `reliability_exponent` (0.1), detached (a constant for "
-     "the gradient).")
+    ("IAD's $w_i = p_T(\\tilde x_i)[y_i]^\\beta$, $\\beta$ = `reliability_exponent` (0.1), detached (a "
+     "constant for the gradient).")
     e = _current(reliability_exponent, 0.1, 'reliability_exponent', 'reliability_weights', beta=beta)
     p = F.softmax(as_float(t_adv.detach()), 1)
     return p.gather(1, y[:, None]).squeeze(1).pow(e)
 
 def introspection_term(s_nat, s_adv, w):
-    ("$\\frac1B\\sum_i (1-w_i)\\,\\mathrm{KL}(\\sigma(S(x_i))\\|\\sigma(S(\\tilde x_i)))$; the clean target is not "
-     "detached.")
+    ("$\\frac1B\\sum_i (1-w_i)\\,\\mathrm{KL}(\\sigma(S(x_i))\\|\\sigma(S(\\tilde x_i)))$; the clean "
+     "target is not detached.")
     return ((1 - w) * kl(s_nat, s_adv, reduction='none')).mean()
 
 # %% ../nbs/08_losses.ipynb #58b10480
@@ -112,8 +112,8 @@ def iad_loss(s_adv, t_nat, y, s_nat=None, t_adv=None, epoch=0, tau=1., distill_s
 
 # %% ../nbs/08_losses.ipynb #f5d0f67d
 def rslad_loss(s_adv, s_nat, t_nat):
-    ("$\\frac56 M(p_T(x), p_S(\\tilde x)) + \\frac16 M(p_T(x), p_S(x))$, $M$ = KL with $\\log(p_T+10^{-5})$ summed, "
-     "divided by $10B$.")
+    ("$\\frac56 M(p_T(x), p_S(\\tilde x)) + \\frac16 M(p_T(x), p_S(x))$, $M$ = KL with $\\log(p_T+10^{-5})$ "
+     "summed, divided by $10B$.")
     m = lambda s: kl(t_nat, s, reduction='batchmean', log_eps=1e-5) / 10
     return 5 / 6 * m(s_adv) + 1 / 6 * m(s_nat)
 
@@ -184,8 +184,8 @@ def saad_weights(t_adv, order=1., scale=5.):
 
 def saad_loss(s_adv, t_adv, s_minus, t_minus, s_nat=None, t_nat=None, epoch=0, matching_weight=1., ramp_epochs=200,
               clean_weight=0., entropy_order=1., entropy_scale=5.):
-    ("SAAD's outer loss (above): entropy-weighted KL and IGDM term at $\\tilde x$, plus $\\beta(1-\\tilde w_i)$ times "
-     "the clean KL.")
+    ("SAAD's outer loss (above): entropy-weighted KL and IGDM term at $\\tilde x$, plus "
+     "$\\beta(1-\\tilde w_i)$ times the clean KL.")
     w, w_norm = saad_weights(t_adv, entropy_order, entropy_scale)
     per = (kl(t_adv, s_adv, reduction='none')
            + matching_weight * igdm_ramp(epoch, ramp_epochs) * kl(t_adv - t_minus, s_adv - s_minus, reduction='none'))
@@ -224,8 +224,8 @@ def class_weights(correct=None, counts=None, exponent=2., low=5/6, high=5/2, off
     return w
 
 def classwise_weighted(loss_of_rows, y, weights):
-    ("$\\frac1B\\sum_i w_{y_i}\\ell_i$ for a batch-mean loss: $\\sum_c w_c\\frac{B_c}{B}L_c$, $L_c$ = `loss_of_rows(y "
-     "== c)`.")
+    ("$\\frac1B\\sum_i w_{y_i}\\ell_i$ for a batch-mean loss: $\\sum_c w_c\\frac{B_c}{B}L_c$, $L_c$ = "
+     "`loss_of_rows(y == c)`.")
     out = 0.
     for c in y.unique().tolist():
         keep = y == c

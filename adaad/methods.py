@@ -24,8 +24,8 @@ from .losses import (natural_loss, adaad_reduction, adaad_loss, adaiad_loss, iad
 
 # %% ../nbs/09_methods.ipynb #f33041e7
 class Logits:
-    ("The logits of one batch for the outer loss, each computed on first use and cached: student with a graph, "
-     "teachers without.")
+    ("The logits of one batch for the outer loss, each computed on first use and cached: student with a "
+     "graph, teachers without.")
     def __init__(self, student, teacher, x, x_adv=None, teacher_st=None, num_classes=None, state=None, peers=None):
         (self.student, self.teacher, self.teacher_st, self.x, self.x_adv,
          self.cache) = student, teacher, teacher_st, x, x_adv, {}
@@ -68,8 +68,8 @@ class Logits:
     t_adv = property(lambda self: self.t('adv'), doc="$T(\\tilde x)$")
 
 class InnerView(Logits):
-    ("""What an inner objective reads of a batch: the teachers' logits, shared with the loss (no graph either way), """
-     """and the
+    ("""What an inner objective reads of a batch: the teachers' logits, shared with the loss (no graph """
+     """either way), and the
     student's own passes, computed without a graph in the inner maximisation's BatchNorm mode and never handed to the
     loss (which computes its passes afresh, with a graph).""")
     def __init__(self, lg):
@@ -128,8 +128,8 @@ class Method(metaclass=_FormerNames):
     budget: Budget | None = Budget()               # the inner maximisation's budget; None: no inner problem
 
     def __init_subclass__(cls, **kw):
-        ("Refuse a subclass that annotates a class fact (`epochs: int = 50` would make the schedule a hyper-parameter "
-         "field).")
+        ("Refuse a subclass that annotates a class fact (`epochs: int = 50` would make the schedule a "
+         "hyper-parameter field).")
         super().__init_subclass__(**kw)
         facts = [k for k, a in Method.__annotations__.items() if typing.get_origin(a) is ClassVar]
         bad = [k for k, a in vars(cls).get('__annotations__', {}).items() if k in facts and 'ClassVar' not in str(a)]
@@ -150,15 +150,15 @@ class Method(metaclass=_FormerNames):
                 raise ValueError(f"{self.name}: {k} must be {_between(lo, hi)} ({meaning}), got {getattr(self, k)!r}")
 
     def objective(self, lg, y):
-        ("The function $x' \\mapsto L(x')$ the inner maximisation climbs; `lg` is an `InnerView` (student passes "
-         "without a graph).")
+        ("The function $x' \\mapsto L(x')$ the inner maximisation climbs; `lg` is an `InnerView` (student "
+         "passes without a graph).")
         raise NotImplementedError(f'method {self.name!r} defines no inner objective')
     def loss(self, lg, y, epoch):
         "The outer loss of one batch from the cached logits `lg`."
         raise NotImplementedError(f'method {self.name!r} defines no loss')
     def for_run(self, epochs):
-        ("This method with what depends on the run's length fixed for a run of `epochs` epochs (the trainer calls it "
-         "once).")
+        ("This method with what depends on the run's length fixed for a run of `epochs` epochs (the "
+         "trainer calls it once).")
         return self
     def for_dataset(self, dataset):
         ("This method with each None field of `dataset_defaults` set to its official value on `dataset` (the trainer "
@@ -170,8 +170,8 @@ class Method(metaclass=_FormerNames):
                                  f"{dataset!r}: pass {k}")
         return replace(self, **{k: v[dataset] for k, v in fill.items()}) if fill else self
     def run_warnings(self, epochs):
-        ("What a run of `epochs` epochs should be told about this method's settings (the trainer warns once each); "
-         "none by default.")
+        ("What a run of `epochs` epochs should be told about this method's settings (the trainer warns once "
+         "each); none by default.")
         return ()
     def passes(self, epoch):
         "The official sequence of student forward passes of one batch ('nat'/'adv'), repeats and dead passes included."
@@ -180,8 +180,8 @@ class Method(metaclass=_FormerNames):
         "The student passes the loss reads at `epoch` (default: every pass of `passes`)."
         return set(self.passes(epoch))
     def order(self, epoch):
-        ("The passes run before the loss when `faithful=False`: `passes` without repeats or dead ones (the BatchNorm "
-         "order).")
+        ("The passes run before the loss when `faithful=False`: `passes` without repeats or dead ones "
+         "(the BatchNorm order).")
         need = self.needs(epoch)
         return tuple(at for at in dict.fromkeys(self.passes(epoch)) if at in need)
     state_sums: ClassVar[tuple] = ()               # entries of the state summed over processes before `end_epoch`
@@ -191,8 +191,8 @@ class Method(metaclass=_FormerNames):
         "The networks trained beside the student (name -> architecture; `student` is the student's); none by default."
         return {}
     def new_state(self, num_classes, device=None):
-        ("The tensors this method carries across batches and epochs (None: none); the trainer keeps and checkpoints "
-         "them.")
+        ("The tensors this method carries across batches and epochs (None: none); the trainer keeps "
+         "and checkpoints them.")
         return None
     def end_epoch(self, state, epoch):
         "Update `state` after the last batch of epoch `epoch` (its `state_sums` entries summed over processes)."
@@ -282,8 +282,8 @@ def _build(m, kw):
     return out.with_budget(**budget) if budget else out
 
 def get_method(method, inner=None, **overrides):
-    ("The method `method` (name, alias, class or instance) with `overrides`; `inner=` pairs it with another method's "
-     "inner.")
+    ("The method `method` (name, alias, class or instance) with `overrides`; `inner=` pairs it with "
+     "another method's inner.")
     if inner is None:
         if isinstance(method, Method) and not overrides: return method
         return _build(method, dict(overrides))
@@ -331,8 +331,8 @@ class Natural(Method):
 @register
 @dataclass(frozen=True)
 class PGDAT(Method):
-    ("""Madry et al.'s PGD adversarial training as in the AdaAD repository. Inner: $\\max \\frac1B\\sum_i """
-     """\\mathrm{CE}(S(x'_i), y_i)$,
+    ("""Madry et al.'s PGD adversarial training as in the AdaAD repository. Inner: """
+     """$\\max \\frac1B\\sum_i \\mathrm{CE}(S(x'_i), y_i)$,
     eval-mode BN, clipped gaussian start. Outer: $\\frac1B\\sum_i \\mathrm{CE}(S(\\tilde x_i), y_i)$.""")
     name = 'pgd-at'
     source = 'boyellow/AdaAD AT_helper.py (Madry_PGD), main.py (Plain_Madry), README (110 epochs)'
@@ -347,8 +347,8 @@ class PGDAT(Method):
 @register
 @dataclass(frozen=True)
 class TRADES(Method):
-    ("""TRADES (Zhang et al. 2019). Inner: $\\max \\sum_i \\mathrm{KL}(p_S(x_i)\\|p_S(x'_i))$, $p_S(x)$ fixed, """
-     """eval-mode BN.
+    ("""TRADES (Zhang et al. 2019). Inner: $\\max \\sum_i \\mathrm{KL}(p_S(x_i)\\|p_S(x'_i))$, $p_S(x)$ """
+     """fixed, eval-mode BN.
     Outer: $\\mathrm{CE}(S(x), y) + \\beta\\,\\frac1B\\sum_i \\mathrm{KL}(p_S(x_i)\\|p_S(\\tilde x_i))$, the clean """
      """target not detached.""")
     name = 'trades'
@@ -369,8 +369,8 @@ class TRADES(Method):
 @register
 @dataclass(frozen=True)
 class ARD(Method):
-    ("""ARD (Goldblum et al., AAAI 2020). Inner: $\\max \\sum_i \\mathrm{CE}(S(x'_i), y_i)$, uniform start, """
-     """**train-mode** BN.
+    ("""ARD (Goldblum et al., AAAI 2020). Inner: $\\max \\sum_i \\mathrm{CE}(S(x'_i), y_i)$, uniform """
+     """start, **train-mode** BN.
     Outer: $\\alpha\\tau^2\\,\\mathrm{KL}_{\\text{mean\\_all}}(\\sigma(T(x)/\\tau)\\|\\sigma(S(\\tilde x)/\\tau)) + """
      """(1-\\alpha)\\,\\mathrm{CE}(S(x), y)$.""")
     name = 'ard'
@@ -427,8 +427,8 @@ class IAD(Method):
 @dataclass(frozen=True)
 class RSLAD(Method):
     ("""RSLAD (Zi et al., ICCV 2021). Inner: $\\max \\sum_i \\mathrm{KL}(p_T(x_i)\\|p_S(x'_i))$, $p_T(x)$ fixed. Outer:
-    $\\frac56 M(p_T(x), p_S(\\tilde x)) + \\frac16 M(p_T(x), p_S(x))$, $M$ = KL with $\\log(p_T + 10^{-5})$, divided """
-     """by $10B$.""")
+    $\\frac56 M(p_T(x), p_S(\\tilde x)) + \\frac16 M(p_T(x), p_S(x))$, $M$ = KL with $\\log(p_T + 10^{-5})$, """
+     """divided by $10B$.""")
     name = 'rslad'
     source = 'zibojia/RSLAD rslad_loss.py, resnet18_rslad_cifar10.py'
     teacher_in_inner = True
@@ -481,8 +481,8 @@ class AKD(Method):
 @dataclass(frozen=True)
 class AKDMaroto(Method):
     ("""Our reading of Maroto et al.'s AKD (2022, abstract only), unverified. Inner: PGD-AT's. Outer:
-    $(1-\\lambda)\\mathrm{CE}(S(\\tilde x), y) + \\lambda\\tau^2\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde """
-     """x_i)\\|S(\\tilde x_i))$.""")
+    $(1-\\lambda)\\mathrm{CE}(S(\\tilde x), y) + """
+     """\\lambda\\tau^2\\frac1B\\sum_i\\mathrm{KL}_\\tau(T(\\tilde x_i)\\|S(\\tilde x_i))$.""")
     name = 'akd-maroto'
     renamed = dict(alpha='kl_weight', kl_weight='kl_share')
     source = 'our reading of Maroto et al., arXiv 2203.07159 (abstract only; no code found)'
@@ -498,10 +498,10 @@ class AKDMaroto(Method):
 @register
 @dataclass(frozen=True)
 class AdaAD(Method):
-    ("""AdaAD (Huang et al., CVPR 2023). Inner: $\\max \\sum_i \\mathrm{KL}(p_T(x'_i)\\|p_S(x'_i))$, the gradient """
-     """through both
-    networks, eval-mode BN, gaussian start. Outer: $\\alpha\\,\\mathrm{KL}(p_T(\\tilde x)\\|p_S(\\tilde x)) + """
-     """(1-\\alpha)\\,\\mathrm{KL}(p_T(x)\\|p_S(x))$,
+    ("""AdaAD (Huang et al., CVPR 2023). Inner: $\\max \\sum_i \\mathrm{KL}(p_T(x'_i)\\|p_S(x'_i))$, the """
+     """gradient through both
+    networks, eval-mode BN, gaussian start. Outer: """
+     """$\\alpha\\,\\mathrm{KL}(p_T(\\tilde x)\\|p_S(\\tilde x)) + (1-\\alpha)\\,\\mathrm{KL}(p_T(x)\\|p_S(x))$,
     mean over $B\\cdot C$ on CIFAR-10 (batchmean on CIFAR-100).""")
     name = 'adaad'
     renamed = dict(alpha='adv_weight', adv_weight='adv_share')
@@ -528,8 +528,8 @@ from .data import DATASETS
 _DATASET_BY_CLASSES = {spec[-1]: name for name, spec in DATASETS.items()}   # number of classes -> dataset
 
 def _official(m, name, lg):
-    ("Field `name` of `m`, or where it is None its official value (`dataset_defaults`) for the batch's number of "
-     "classes.")
+    ("Field `name` of `m`, or where it is None its official value (`dataset_defaults`) for the "
+     "batch's number of classes.")
     if (v := getattr(m, name)) is not None: return v
     n, known = lg.num_classes or lg.s_adv.shape[1], m.dataset_defaults[name]
     if _DATASET_BY_CLASSES.get(n) not in known:
@@ -570,10 +570,10 @@ class AdaIAD(Method):
 @register
 @dataclass(frozen=True)
 class MMARD(Method):
-    ("""Our reading of MMARD (arXiv 2503.06559, abstract only). Inner: AdaAD's objective $+\\ """
-     """\\kappa\\sum_i\\mathrm{CE}(T(x'_i), y_i)$.
-    Outer: the `base` method's loss $+\\ \\gamma\\,[\\mathrm{KL}(p_T(\\tilde x)\\|p_S(x)) + """
-     """\\mathrm{KL}(p_S(x)\\|p_S(\\tilde x))]$.""")
+    ("""Our reading of MMARD (arXiv 2503.06559, abstract only). Inner: AdaAD's objective """
+     """$+\\ \\kappa\\sum_i\\mathrm{CE}(T(x'_i), y_i)$.
+    Outer: the `base` method's loss """
+     """$+\\ \\gamma\\,[\\mathrm{KL}(p_T(\\tilde x)\\|p_S(x)) + \\mathrm{KL}(p_S(x)\\|p_S(\\tilde x))]$.""")
     name = 'mmard'
     source = 'our reading of arXiv 2503.06559 (abstract only; no code found)'
     teacher_in_inner = True
@@ -625,16 +625,16 @@ class Combo(Method):
     def run_warnings(self, epochs): return self.outer.run_warnings(epochs)     # the loss is the outer method's
     def peer_archs(self, student): return {**self.inner.peer_archs(student), **self.outer.peer_archs(student)}
     def hparams(self):
-        ("The outer method's own fields, then the inner's with its budget's start and BatchNorm mode (those the inner "
-         "runs with).")
+        ("The outer method's own fields, then the inner's with its budget's start and BatchNorm mode (those "
+         "the inner runs with).")
         return {**self.inner.hparams(), **{k: v for k, v in self.outer.hparams().items() if k not in BUDGET_KEYS}}
 
 for _k in _SCHEDULE: setattr(Combo, _k, property(lambda self, _k=_k: getattr(self.outer, _k)))
 
 # %% ../nbs/09_methods.ipynb #6d43e64b
 def inner_point(method, lg, y):
-    ("$\\tilde x$ of `method` for the batch of `lg`: its objective (given an `InnerView`) climbed under its budget "
-     "($x$ without one).")
+    ("$\\tilde x$ of `method` for the batch of `lg`: its objective (given an `InnerView`) climbed under its "
+     "budget ($x$ without one).")
     if method.budget is None: return lg.x.detach()
     return find_inner(lambda: method.objective(InnerView(lg), y), lg.student, lg.teacher, lg.x, method.budget)
 
@@ -655,8 +655,8 @@ def _check_reads(m, lg, declared, epoch):
 
 def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, faithful=False, teacher_st=None,
                   inner=None, state=None, peers=None, **overrides):
-    ("""One batch of `method`: inner maximisation, student in train mode, outer loss; returns `(loss, logs)`. """
-     """`state`: the
+    ("""One batch of `method`: inner maximisation, student in train mode, outer loss; """
+     """returns `(loss, logs)`. `state`: the
     method's `new_state`; `peers`: the networks it trains beside the student (`peer_archs`), by name.""")
     m = get_method(method, inner, **overrides)
     if m.budget is not None and m.budget.steps < 1:
@@ -743,8 +743,8 @@ class IGDM(PlugIn):
         return igdm_loss(base, lg.s_adv, s_minus, lg.t_adv, t_minus, epoch, self.matching_weight, self.ramp_epochs)
     def needs(self, epoch): return self._base.needs(epoch) | {'adv'}
     def run_warnings(self, epochs):
-        ("The base's warnings, and one when the ramp and the run differ in length (the term ends below or above "
-         "`matching_weight`).")
+        ("The base's warnings, and one when the ramp and the run differ in length (the term ends below or "
+         "above `matching_weight`).")
         mine = () if self.ramp_epochs == epochs else (
             f"igdm: ramp_epochs={self.ramp_epochs} differs from the run's {epochs} epochs, so the weight of the "
             f"gradient-matching term ends at {epochs}/{self.ramp_epochs} of matching_weight (igdm.py ramps as "
@@ -770,12 +770,12 @@ def _rows(lg, keep):
 @register
 @dataclass(frozen=True)
 class FairARD(PlugIn):
-    ("""Fair-ARD (Yue et al., NeurIPS 2023) on a `base` method: $\\frac1B\\sum_i w_{y_i}\\ell_i$ with the base's """
-     """per-example loss
+    ("""Fair-ARD (Yue et al., NeurIPS 2023) on a `base` method: $\\frac1B\\sum_i w_{y_i}\\ell_i$ with the """
+     """base's per-example loss
     $\\ell_i$ and $w_c = \\mathrm{clip}(C\\,(\\bar\\kappa_c+10^{-5})^{-\\beta} / """
      """\\sum_{c'}(\\bar\\kappa_{c'}+10^{-5})^{-\\beta}, \\frac56, \\frac52)$
-    from the previous epoch's mean count $\\bar\\kappa_c$ of inner steps at which the student was right (1 in the """
-     """first epoch).""")
+    from the previous epoch's mean count $\\bar\\kappa_c$ of inner steps at which the student was right (1 in """
+     """the first epoch).""")
     name = 'fair-ard'
     source = ('NISP-official/Fair-ARD Fair-ARD.py, Fair-IAD.py, Fair-RSLAD.py (AttackPGD / rslad_inner_loss Kappa, '
               'weight_assign, train)')
@@ -820,8 +820,8 @@ for _k in _SCHEDULE[:5]:
 @register
 @dataclass(frozen=True)
 class SAAD(Method):
-    ("""SAAD (Lee and Chung, TMLR 2026). Inner: `saad_objective` (the teacher's true-class logit linearised at $x$). """
-     """Outer:
+    ("""SAAD (Lee and Chung, TMLR 2026). Inner: `saad_objective` (the teacher's true-class logit """
+     """linearised at $x$). Outer:
     $\\frac1B\\sum_i w_i[\\mathrm{KL}_i(\\tilde x) + \\gamma\\frac tE\\mathrm{KL}_i^{\\text{IGDM}}] + """
      """\\beta(1-\\tilde w_i)\\mathrm{KL}_i(x)$,
     $w_i$ from the teacher's entropy at $\\tilde x_i$ (`saad_loss`).""")
