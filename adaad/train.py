@@ -44,7 +44,7 @@ class TrainConfig:
     method: str = _f('adaad', 'training method, a registered name (adaad.methods.known_methods())')
     inner: str | None = _f(None, "train on this method's inner maximisation (objective and budget) "
                                  "with `method`'s loss")
-    method_kwargs: dict = _f({}, "the method's own fields, e.g. {'kl_weight': 0.5, 'tau': 1.0}; "
+    method_kwargs: dict = _f({}, "the method's own fields, e.g. {'kl_share': 0.5, 'tau': 1.0}; "
                                  "the budget's init and attack_bn too")
     student: str = _f('resnet18', 'student architecture (adaad.models.model_names())')
     dataset: str = _f('cifar10', "'cifar10' or 'cifar100'")
@@ -243,6 +243,8 @@ def _with_new_defaults(old, new):
     for k, v in defaults.items():
         if k not in cfg and ncfg.get(k) == v: cfg[k] = v
     mk, nmk = dict(cfg.get('method_kwargs', {})), ncfg.get('method_kwargs', {})
+    try: mk = M.recorded_fields(cfg.get('method'), cfg.get('inner'), mk)      # former field names -> names now
+    except ValueError: pass
     try: fresh = M.get_method(ncfg['method'], ncfg.get('inner')).hparams()
     except ValueError: fresh = {}
     mk.update({k: v for k, v in nmk.items() if k not in mk and k in fresh and plain(fresh[k]) == v})
@@ -495,7 +497,7 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
         run.epoch, run.step, run.best = st['epoch'], st['step'], st['best']
         run.epoch_losses = _resumed_losses(st, out, device)
         set_rng_state(st['rng'])
-        for k, v in (st.get('method_state') or {}).items(): run.method_state[k].copy_(v)
+        for k, v in (st.get('method_state') or {}).items(): run.method_state[method.renamed_state.get(k, k)].copy_(v)
         if run.swa is not None: run.swa.load_state_dict(st['swa'])
         for k, p in peers.items(): p.load_state_dict(st['peers'][k])
     else: torch.manual_seed(cfg.seed + 1)

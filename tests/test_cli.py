@@ -55,7 +55,7 @@ def test_eval_help_documents_every_option_with_default():
     (['train', '--eps', 'abc'], '--eps: .*not a number'),
     (['train', '--steps', '0'], '--steps: .*must be an integer >= 1'),
     (['train', '--lr', '0'], '--lr: .*must be a number > 0'),
-    (['train', '--method', 'adaad', '--set', 'adv_weight=0.5', '--teacher', 'x.pt', '--teacher-arch', 'wrn-10-1'], 'checkpoint not found'),
+    (['train', '--method', 'adaad', '--set', 'adv_share=0.5', '--teacher', 'x.pt', '--teacher-arch', 'wrn-10-1'], 'checkpoint not found'),
     (['train', '--method', 'adaad'], '--method adaad needs --teacher'),
     (['train', '--teacher', 'x.pt'], 'exactly one of --teacher-arch or --teacher-robustbench'),
     (['teacher', '--method', 'adaad'], r"--method for a teacher must be a method that reads no teacher: one of \[.*'pgd-at', 'trades'.*\], got 'adaad'"),
@@ -138,11 +138,11 @@ def test_every_field_reaches_the_config():
     "Options of fields the old command line lacked (val_steps, drop_last, momentum, single_decay, inner, eps schedule)."
     from adaad.cli import config_from_args
     a = parser().parse_args(['train', '--val-steps', '3', '--drop-last', '--momentum', '0.5', '--single-decay', '--inner', 'trades',
-                             '--eps', '16/255', '--eps-start', '4/255', '--eps-ramp-epochs', '5', '--set', 'adv_weight=0.5', '--batch-size', '64'])
+                             '--eps', '16/255', '--eps-start', '4/255', '--eps-ramp-epochs', '5', '--set', 'adv_share=0.5', '--batch-size', '64'])
     c = config_from_args(a)
     assert (c.val_steps, c.drop_last, c.momentum, c.single_decay, c.inner, c.eps, c.eps_start, c.eps_ramp_epochs) == \
            (3, True, 0.5, True, 'trades', 16 / 255, 4 / 255, 5)
-    assert c.method_kwargs == {'adv_weight': 0.5} and c.batch_size == 64
+    assert c.method_kwargs == {'adv_share': 0.5} and c.batch_size == 64
 
 
 def test_eval_in_pieces_resumes_and_exports_model_info(tmp_path, data_root, capsys):

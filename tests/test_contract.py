@@ -100,11 +100,11 @@ def test_introspection_starts_at_a_fraction_of_the_run(name):
     with pytest.raises(ValueError, match=rf'{name}: begin_fraction must be in \[0, 1\]'): get_method(name, begin_fraction=1.5)
 
 
-@pytest.mark.parametrize('name,old,new', [('trades', 'beta', 'kl_weight'), ('ard', 'alpha', 'kl_weight'),
-                                          ('iad', 'alpha', 'distill_weight'), ('iad', 'beta', 'reliability_exponent'),
-                                          ('akd', 'alpha', 'robust_kl_weight'), ('akd', 'alpha2', 'standard_kl_weight'),
-                                          ('akd-maroto', 'alpha', 'kl_weight'), ('adaad', 'alpha', 'adv_weight'),
-                                          ('adaiad', 'alpha', 'distill_weight'), ('adaiad', 'beta', 'reliability_exponent')])
+@pytest.mark.parametrize('name,old,new', [('trades', 'beta', 'kl_weight'), ('ard', 'alpha', 'kl_share'),
+                                          ('iad', 'alpha', 'distill_share'), ('iad', 'beta', 'reliability_exponent'),
+                                          ('akd', 'alpha', 'robust_kl_share'), ('akd', 'alpha2', 'standard_kl_share'),
+                                          ('akd-maroto', 'alpha', 'kl_share'), ('adaad', 'alpha', 'adv_share'),
+                                          ('adaiad', 'alpha', 'distill_share'), ('adaiad', 'beta', 'reliability_exponent')])
 def test_loss_weights_are_named_for_what_they_weigh_and_the_former_names_still_work(name, old, new):
     "A former field name sets the new field with a FutureWarning naming both; passing both is refused."
     with pytest.warns(FutureWarning, match=rf'{name}: {old} is deprecated, use {new}'):
@@ -118,8 +118,8 @@ def test_the_command_line_takes_a_former_name_with_a_warning():
     from adaad.cli import config_from_args, parser
     from adaad.train import resolve
     a = parser().parse_args(['train', '--method', 'adaad', '--set', 'alpha=0.5'])
-    with pytest.warns(FutureWarning, match='adaad: alpha is deprecated, use adv_weight'):
-        assert resolve(config_from_args(a)).method_kwargs['adv_weight'] == 0.5
+    with pytest.warns(FutureWarning, match='adaad: alpha is deprecated, use adv_share'):
+        assert resolve(config_from_args(a)).method_kwargs['adv_share'] == 0.5
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def test_the_batchnorm_order_follows_the_declaration_not_the_reading(declared):
 
 
 def test_a_former_name_of_the_outer_method_stays_with_it_in_a_combo():
-    "With another method's inner, `alpha` still sets the outer AdaAD's `adv_weight` (with the warning), not the inner's."
-    with pytest.warns(FutureWarning, match='adaad: alpha is deprecated, use adv_weight'):
+    "With another method's inner, `alpha` still sets the outer AdaAD's `adv_share` (with the warning), not the inner's."
+    with pytest.warns(FutureWarning, match='adaad: alpha is deprecated, use adv_share'):
         m = get_method('adaad', inner='trades', alpha=0.3)
-    assert m.outer.adv_weight == 0.3
+    assert m.outer.adv_share == 0.3

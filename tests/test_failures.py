@@ -201,12 +201,12 @@ def test_eval_of_a_nan_checkpoint_names_the_file(tmp_path, capsys):
 # ---- values a method gives no meaning ------------------------------------------------------------------------------
 @pytest.mark.parametrize('method, kw, msg', [
     ('trades', dict(kl_weight=-6.), r"trades: kl_weight must be >= 0 \(the weight of the robustness KL term"),
-    ('adaad', dict(adv_weight=-1.), r'adaad: adv_weight must be in \[0, 1\] \(the weight of the adversarial KL'),
-    ('ard', dict(kl_weight=2.), r'ard: kl_weight must be in \[0, 1\] \(the weight of the KL term'),
+    ('adaad', dict(adv_share=-1.), r'adaad: adv_share must be in \[0, 1\] \(the share of the adversarial KL'),
+    ('ard', dict(kl_share=2.), r'ard: kl_share must be in \[0, 1\] \(the share of the KL term'),
     ('iad', dict(reliability_exponent=-0.1), r"iad: reliability_exponent must be >= 0 \(the exponent of the teacher's reliability"),
     ('adaiad', dict(begin=-2), r'adaiad: begin must be >= 0 \(the first epoch'),
-    ('akd', dict(robust_kl_weight=0.9, standard_kl_weight=0.2), r'akd: robust_kl_weight \+ standard_kl_weight must be <= 1'),
-    ('akd-maroto', dict(kl_weight=1.5), r'akd-maroto: kl_weight must be in \[0, 1\]'),
+    ('akd', dict(robust_kl_share=0.9, standard_kl_share=0.2), r'akd: robust_kl_share \+ standard_kl_share must be <= 1'),
+    ('akd-maroto', dict(kl_share=1.5), r'akd-maroto: kl_share must be in \[0, 1\]'),
     ('mmard', dict(triangle_weight=-1.), r'mmard: triangle_weight must be >= 0'),
     ('igdm', dict(matching_weight=-1.), r'igdm: matching_weight must be >= 0 \(gamma, the weight of the gradient-matching term'),
     ('fair-ard', dict(class_weight_exponent=-2.), r"fair-ard: class_weight_exponent must be >= 0 \(beta"),

@@ -209,10 +209,10 @@ def test_fair_ard_two_steps_match_fair_ard_py(batch):
     torch.manual_seed(3); theirs, kappa = official_fair_ard_step(s2, T, x, y, torch.ones(10))
     ours.backward(); theirs.backward()
     assert rel(ours, theirs) < 1e-10 and rel(grads(s1), grads(s2)) < 1e-9
-    assert torch.equal(st['kappa'], kappa) and torch.equal(st['count'], torch.full((10,), 2.))
+    assert torch.equal(st['correct'], kappa) and torch.equal(st['count'], torch.full((10,), 2.))
     assert torch.allclose(s1[1].running_mean, s2[1].running_mean)
     m.end_epoch(st, 0)
-    assert torch.allclose(st['weights'], official_weight_assign(kappa, 20 / 10, 2.)) and st['kappa'].sum() == 0
+    assert torch.allclose(st['weights'], official_weight_assign(kappa, 20 / 10, 2.)) and st['correct'].sum() == 0
     w = torch.linspace(5 / 6, 5 / 2, 10)                                    # weights that surely differ per class
     st['weights'].copy_(w)
     s1, s2 = copy.deepcopy(S), copy.deepcopy(S)
@@ -491,3 +491,29 @@ def test_fair_ard_resumes_exactly(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     ca, cb = (read_checkpoint(tmp_path / d / 'last.pt')['method_state'] for d in 'ab')
     assert all(torch.equal(ca[k], cb[k]) for k in ca) and ca['weights'].unique().numel() > 1   # weights that differ by class
+
+
+def test_renyi_floor_and_fair_ard_counts_keep_their_former_names():
+    "renyi_entropy's `eps` (a constant in the logs, not a radius) is `floor`; class_weights' `kappa` is `correct`: both warn."
+    z, correct, counts = torch.randn(4, 10, dtype=torch.float64), torch.tensor([9., 0., 4.]), torch.tensor([1., 1., 1.])
+    with pytest.warns(FutureWarning, match='renyi_entropy: eps is deprecated, use floor'):
+        assert torch.equal(renyi_entropy(z, 2., eps=1e-3), renyi_entropy(z, 2., floor=1e-3))
+    assert not torch.equal(renyi_entropy(z, 2., floor=1e-3), renyi_entropy(z, 2.))
+    with pytest.warns(FutureWarning, match='class_weights: kappa is deprecated, use correct'):
+        assert torch.equal(class_weights(kappa=correct, counts=counts), class_weights(correct, counts))
+
+
+def test_fair_ard_resumes_a_checkpoint_with_the_former_state_key(tmp_path):
+    "A Fair-ARD checkpoint whose per-class counts are stored as 'kappa' (an older adaad's) resumes to the same weights."
+    from adaad.checkpoint import atomic_save
+    cfg = TrainConfig(method='fair-ard', student='wrn-10-1', epochs=2, batch_size=16, steps=2, val_n=8, val_steps=1, milestones=(1,))
+    torch.manual_seed(5); teacher = create_model('wrn-10-1').eval()
+    run = lambda d, **k: train(cfg, teacher=teacher, out_dir=tmp_path / d, device='cpu', progress=False, data=_data(), **k)
+    a = run('a')
+    assert run('b', time_limit=1e-9)['status'] != 'done'                   # paused after a step, mid-epoch
+    f = tmp_path / 'b' / 'last.pt'; st = read_checkpoint(f)
+    assert st['method_state']['correct'].sum() > 0                          # counts of the epoch so far
+    st['method_state']['kappa'] = st['method_state'].pop('correct'); atomic_save(st, f, checksum=True)
+    b = run('b')
+    sa, sb = a['model'].state_dict(), b['model'].state_dict()
+    assert b['status'] == 'done' and all(torch.equal(sa[k], sb[k]) for k in sa)

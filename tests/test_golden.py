@@ -55,7 +55,7 @@ CASES = {
     'adaad': (dict(method='adaad'), True),
     'adaiad': (dict(method='adaiad', method_kwargs=dict(begin=1)), True),
     'mmard': (dict(method='mmard'), True),
-    'adaad-alpha0.5': (dict(method='adaad', method_kwargs=dict(adv_weight=0.5)), True),   # named for the official --AdaAD_alpha
+    'adaad-alpha0.5': (dict(method='adaad', method_kwargs=dict(adv_share=0.5)), True),   # named for the official --AdaAD_alpha
     'rslad-inner-adaad': (dict(method='rslad', inner='adaad'), True),
     'mmard-base-rslad': (dict(method='mmard', method_kwargs=dict(base='rslad')), True),
     'adaad-faithful': (dict(method='adaad', faithful=True), True),

@@ -64,10 +64,10 @@ def test_adaad_scales(L, C):
     scale = 1 / (B * 10) if C == 10 else 1 / B
     assert adaad_reduction(C) == ('mean_all' if C == 10 else 'batchmean')
     assert close(adaad_loss(sa, ta), scale * ksum(ta, sa))
-    assert close(adaad_loss(sa, ta, sn, tn, adv_weight=0.7), scale * (0.7 * ksum(ta, sa) + 0.3 * ksum(tn, sn)))
+    assert close(adaad_loss(sa, ta, sn, tn, adv_share=0.7), scale * (0.7 * ksum(ta, sa) + 0.3 * ksum(tn, sn)))
     assert close(adaad_loss(sa, ta, reduction='sum'), ksum(ta, sa))
     with pytest.raises(ValueError, match='s_nat'):
-        adaad_loss(sa, ta, adv_weight=0.5, t_nat=tn)
+        adaad_loss(sa, ta, adv_share=0.5, t_nat=tn)
 
 
 def test_pgd_at(L):
@@ -93,7 +93,7 @@ def test_ard(L, C):
     sa, sn, tn, y = L['s_adv'], L['s_nat'], L['t_nat'], L['y']
     assert close(ard_loss(sa, tn), 900 / (B * C) * ksum(tn, sa, 30.))
     if C == 10: assert close(ard_loss(sa, tn), 90 * kl(tn, sa, 30., 'batchmean'))
-    assert close(ard_loss(sa, tn, y, sn, tau=2., kl_weight=0.8), 0.8 * 4 / (B * C) * ksum(tn, sa, 2.) + 0.2 * ce_mean(sn, y))
+    assert close(ard_loss(sa, tn, y, sn, tau=2., kl_share=0.8), 0.8 * 4 / (B * C) * ksum(tn, sa, 2.) + 0.2 * ce_mean(sn, y))
 
 
 def test_reliability_weights_by_hand():
@@ -122,7 +122,7 @@ def test_adaiad(L, epoch):
     sa, sn, ta, y = L['s_adv'], L['s_nat'], L['t_adv'], L['y']
     assert close(adaiad_loss(sa, ta, y, sn, epoch), adaiad_ref(L, epoch))
     assert close(adaiad_loss(sa, ta, y, sn, epoch, tau=1.), adaiad_ref(L, epoch, tau=1.))
-    assert close(adaiad_loss(sa, ta, y, sn, epoch, distill_weight=0.6, reliability_exponent=0.5, begin=10), adaiad_ref(L, epoch, alpha=0.6, beta=0.5, begin=10))
+    assert close(adaiad_loss(sa, ta, y, sn, epoch, distill_share=0.6, reliability_exponent=0.5, begin=10), adaiad_ref(L, epoch, alpha=0.6, beta=0.5, begin=10))
 
 
 def test_adaiad_warmup_switch(L):
@@ -159,7 +159,7 @@ def test_iad_i(L, epoch):
     assert close(iad_loss(sa, tn, y, sn, ta, epoch), ref)
     ref2 = 0.5 * 9 / B * ksum(tn, sa, 3.) + (0.5 / B * sum((1 - softmax(t)[yi] ** 0.1) * kl1(a, b) for t, yi, a, b in
                                                          zip(rows(ta), y.tolist(), rows(sn), rows(sa))) if epoch >= 60 else 0) + 0.5 * ce_mean(sn, y)
-    assert close(iad_loss(sa, tn, y, sn, ta, epoch, tau=3., distill_weight=0.5), ref2)
+    assert close(iad_loss(sa, tn, y, sn, ta, epoch, tau=3., distill_share=0.5), ref2)
 
 
 def test_rslad(L, C):
@@ -182,13 +182,13 @@ def test_akd_chen(L):
     assert close(akd_chen_loss(sa, ta, y, ta), 0.25 * ce_mean(sa, y) + 0.75 / B * ksum(ta, sa))   # the robust teacher as T_st
     with pytest.raises(ValueError, match='t_adv_st'): akd_chen_loss(sa, ta, y)                     # no silent stand-in
     ref_vita = 0.3 * ce_mean(sa, y) + 0.6 * 4 / B * ksum(ta, sa, 2.) + 0.1 * 4 / B * ksum(tst, sa, 2.)
-    assert close(akd_chen_loss(sa, ta, y, tst, tau=2., robust_kl_weight=0.6, standard_kl_weight=0.1), ref_vita)
+    assert close(akd_chen_loss(sa, ta, y, tst, tau=2., robust_kl_share=0.6, standard_kl_share=0.1), ref_vita)
 
 
 def test_akd_maroto(L):
     sa, ta, y = L['s_adv'], L['t_adv'], L['y']
     assert close(akd_maroto_loss(sa, ta, y), 0.5 * ce_mean(sa, y) + 0.5 / B * ksum(ta, sa))
-    assert close(akd_maroto_loss(sa, ta, y, tau=4., kl_weight=0.9), 0.1 * ce_mean(sa, y) + 0.9 * 16 / B * ksum(ta, sa, 4.))
+    assert close(akd_maroto_loss(sa, ta, y, tau=4., kl_share=0.9), 0.1 * ce_mean(sa, y) + 0.9 * 16 / B * ksum(ta, sa, 4.))
 
 
 def test_mmard_triangle(L, C):
@@ -210,12 +210,39 @@ def test_bad_arguments(L):
         iad_loss(q, p, L['y'], L['s_nat'], None, epoch=60)
 
 
-@pytest.mark.parametrize('fn,old,new', [(adaad_loss, 'alpha', 'adv_weight'), (trades_loss, 'beta', 'kl_weight'), (ard_loss, 'alpha', 'kl_weight'),
-                                        (akd_maroto_loss, 'alpha', 'kl_weight')])
+@pytest.mark.parametrize('fn,old,new', [(adaad_loss, 'alpha', 'adv_share'), (adaad_loss, 'adv_weight', 'adv_share'),
+                                        (trades_loss, 'beta', 'kl_weight'), (ard_loss, 'alpha', 'kl_share'),
+                                        (ard_loss, 'kl_weight', 'kl_share'), (akd_maroto_loss, 'alpha', 'kl_share'),
+                                        (akd_maroto_loss, 'kl_weight', 'kl_share'), (iad_loss, 'distill_weight', 'distill_share'),
+                                        (adaiad_loss, 'distill_weight', 'distill_share'),
+                                        (akd_chen_loss, 'robust_kl_weight', 'robust_kl_share'),
+                                        (akd_chen_loss, 'standard_kl_weight', 'standard_kl_share')])
 def test_loss_weights_keep_their_former_names_with_a_warning(L, fn, old, new):
     "A loss function's weight under its former name gives the same loss with a FutureWarning; both names at once is refused."
     sa, ta, sn, tn, y = L['s_adv'], L['t_adv'], L['s_nat'], L['t_nat'], L['y']
-    args = {adaad_loss: (sa, ta, sn, tn), trades_loss: (sa, sn, y), ard_loss: (sa, tn, y, sn), akd_maroto_loss: (sa, ta, y)}[fn]
+    args = {adaad_loss: (sa, ta, sn, tn), trades_loss: (sa, sn, y), ard_loss: (sa, tn, y, sn), akd_maroto_loss: (sa, ta, y),
+            iad_loss: (sa, tn, y, sn), adaiad_loss: (sa, ta, y, sn), akd_chen_loss: (sa, ta, y, tn)}[fn]
     with pytest.warns(FutureWarning, match=rf'{fn.__name__}: {old} is deprecated, use {new}'):
         assert close(fn(*args, **{old: 0.4}), float(fn(*args, **{new: 0.4})))
     with pytest.raises(TypeError, match=rf'give {new} only'): fn(*args, **{old: 0.4, new: 0.4})
+
+
+def test_shares_and_weights_are_named_apart(L):
+    "A share gives 1 minus itself to the other term (ARD, AKD); a weight adds its term (TRADES): the names say which."
+    sa, tn, sn, ta, y = L['s_adv'], L['t_nat'], L['s_nat'], L['t_adv'], L['y']
+    assert close(ard_loss(sa, tn, y, sn, tau=1., kl_share=0.), ce_mean(sn, y))            # all to the clean CE
+    assert close(trades_loss(sa, sn, y, kl_weight=0.), ce_mean(sn, y))                     # no KL added
+    assert close(akd_chen_loss(sa, ta, y, tn, robust_kl_share=0.5, standard_kl_share=0.5),
+                 0.5 / B * ksum(ta, sa) + 0.5 / B * ksum(tn, sa))                           # nothing left for the CE
+
+
+@pytest.mark.parametrize('fn,new', [(ard_loss, 'kl_share'), (akd_maroto_loss, 'kl_share'), (adaad_loss, 'adv_share')])
+def test_a_chain_of_former_names_ends_at_the_name_now(L, fn, new):
+    "`alpha` (the first name) and `*_weight` (the second) both set the share, each with a warning naming the share."
+    sa, ta, sn, tn, y = L['s_adv'], L['t_adv'], L['s_nat'], L['t_nat'], L['y']
+    args = {ard_loss: (sa, tn, y, sn), akd_maroto_loss: (sa, ta, y), adaad_loss: (sa, ta, sn, tn)}[fn]
+    second = {'kl_share': 'kl_weight', 'adv_share': 'adv_weight'}[new]
+    with pytest.warns(FutureWarning, match=rf'{fn.__name__}: alpha is deprecated, use {new}'): a = fn(*args, alpha=0.3)
+    with pytest.warns(FutureWarning, match=rf'{fn.__name__}: {second} is deprecated, use {new}'): b = fn(*args, **{second: 0.3})
+    assert close(a, float(fn(*args, **{new: 0.3}))) and close(b, float(a))
+    with pytest.raises(TypeError, match=rf'give {new} only'), pytest.warns(FutureWarning): fn(*args, alpha=0.3, **{second: 0.3})

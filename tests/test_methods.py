@@ -190,10 +190,10 @@ def test_registry_defaults():
     for n in ('ard', 'iad', 'akd'):
         assert (M[n].weight_decay, M[n].epochs, M[n].single_decay, M[n].budget.attack_bn, M[n].budget.init) == (2e-4, 200, True, 'train', 'uniform')
     assert M['trades'].weight_decay == 2e-4 and M['trades'].kl_weight == 6. and M['trades'].budget.eps == 0.031
-    assert (M['adaad'].adv_weight, M['adaad'].reduction) == (1., None) and not hasattr(M['adaad'], 'tau')
-    assert (M['adaiad'].tau, M['adaiad'].distill_weight, M['adaiad'].reliability_exponent, M['adaiad'].start) == (30., 1., 0.1, 60)
-    assert (M['iad'].tau, M['iad'].distill_weight, M['iad'].reliability_exponent, M['iad'].start) == (1., 1., 0.1, 60)   # epoch 60 of the official 200
-    assert (M['ard'].tau, M['ard'].kl_weight) == (30., 1.) and (M['akd'].robust_kl_weight, M['akd'].standard_kl_weight, M['akd'].tau) == (0.5, 0.25, 1.)
+    assert (M['adaad'].adv_share, M['adaad'].reduction) == (1., None) and not hasattr(M['adaad'], 'tau')
+    assert (M['adaiad'].tau, M['adaiad'].distill_share, M['adaiad'].reliability_exponent, M['adaiad'].start) == (30., 1., 0.1, 60)
+    assert (M['iad'].tau, M['iad'].distill_share, M['iad'].reliability_exponent, M['iad'].start) == (1., 1., 0.1, 60)   # epoch 60 of the official 200
+    assert (M['ard'].tau, M['ard'].kl_share) == (30., 1.) and (M['akd'].robust_kl_share, M['akd'].standard_kl_share, M['akd'].tau) == (0.5, 0.25, 1.)
     assert M['pgd-at'].budget.init == 'gaussian_clipped' and not M['pgd-at'].uses_teacher and not M['trades'].uses_teacher
     for n in ('adaad', 'adaiad', 'rslad', 'trades', 'pgd-at', 'mmard'):
         assert M[n].budget.attack_bn == 'eval'
@@ -234,7 +234,7 @@ def test_errors(setup):
         training_loss('adad', S, T, x, y)
     with pytest.raises(ValueError, match='eps'):
         training_loss('adaad', S, T, x, y, eps=8)
-    with pytest.raises(ValueError, match='takes no tau; accepted: .*adv_weight'):
+    with pytest.raises(ValueError, match='takes no tau; accepted: .*adv_share'):
         training_loss('adaad', S, T, x, y, tau=2.)
     with pytest.raises(ValueError, match='needs a teacher'):
         training_loss('adaad', S, None, x, y)
@@ -248,8 +248,8 @@ def test_errors(setup):
         get_method('ard', attack_bn='frozen')
     with pytest.raises(ValueError, match='tau must be > 0'):
         get_method('ard', tau=0.)
-    with pytest.raises(ValueError, match="adv_weight must be <class 'float'>"):
-        get_method('adaad', adv_weight='1')
+    with pytest.raises(ValueError, match="adv_share must be <class 'float'>"):
+        get_method('adaad', adv_share='1')
     with pytest.raises(ValueError, match='reduction'):
         get_method('adaad', reduction='mean')
     with pytest.raises(ValueError, match='epoch'):
@@ -292,3 +292,83 @@ def test_bf16_autocast_keeps_kl_losses_in_float32(setup, name):
 def test_combo_refuses_non_methods():
     with pytest.raises(ValueError, match='Combo needs two Method instances'):
         Combo(outer='adaad', inner=get_method('ard'))
+
+
+# ---- shares and weights: one name, one meaning; the former names still work ----------------------------------------
+FORMER = [('ard', 'kl_weight', 'kl_share'), ('ard', 'alpha', 'kl_share'), ('akd-maroto', 'kl_weight', 'kl_share'),
+          ('akd-maroto', 'alpha', 'kl_share'), ('adaad', 'adv_weight', 'adv_share'), ('adaad', 'alpha', 'adv_share'),
+          ('iad', 'distill_weight', 'distill_share'), ('iad', 'alpha', 'distill_share'),
+          ('adaiad', 'distill_weight', 'distill_share'), ('adaiad', 'alpha', 'distill_share'),
+          ('akd', 'robust_kl_weight', 'robust_kl_share'), ('akd', 'alpha', 'robust_kl_share'),
+          ('akd', 'standard_kl_weight', 'standard_kl_share'), ('akd', 'alpha2', 'standard_kl_share')]
+
+
+@pytest.mark.parametrize('name,old,new', FORMER)
+def test_a_former_name_sets_the_share_with_a_warning(name, old, new):
+    "`get_method`, the class itself and `--set` take a former name (the first or the second) for the share, warning."
+    from adaad.cli import config_from_args, parser
+    from adaad.methods import method_class
+    want = get_method(name, **{new: 0.2})
+    with pytest.warns(FutureWarning, match=rf'{name}: {old} is deprecated, use {new}'):
+        assert get_method(name, **{old: 0.2}) == want
+    with pytest.warns(FutureWarning, match=rf'{name}: {old} is deprecated, use {new}'):
+        assert method_class(name)(**{old: 0.2}) == want
+    a = parser().parse_args(['train', '--method', name, '--set', f'{old}=0.2'])
+    with pytest.warns(FutureWarning, match=rf'{name}: {old} is deprecated, use {new}'):
+        kw = resolve(config_from_args(a)).method_kwargs
+    assert kw[new] == 0.2 and old not in kw
+    with pytest.raises(ValueError, match=rf'{name}: {old} is the former name of {new}; pass {new} only'):
+        method_class(name)(**{old: 0.2, new: 0.2})
+
+
+def test_added_weights_keep_their_names():
+    "TRADES' `kl_weight` and PeerAiD's `distill_weight` are added weights, not shares: no warning, no [0, 1] bound."
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert get_method('trades', kl_weight=8.).kl_weight == 8. and get_method('peeraid', distill_weight=3.).distill_weight == 3.
+    with pytest.raises(ValueError, match=r'ard: kl_share must be in \[0, 1\] \(the share of the KL term'):
+        get_method('ard', kl_share=1.5)
+
+
+def test_former_names_in_a_record_map_to_the_outer_method_first():
+    "A recorded former name is the outer method's field where it has it (the older record kept the outer's value)."
+    from adaad.methods import recorded_fields
+    assert recorded_fields('ard', None, dict(kl_weight=0.5, tau=30.)) == dict(kl_share=0.5, tau=30.)
+    assert recorded_fields('trades', 'ard', dict(kl_weight=6.)) == dict(kl_weight=6.)          # TRADES' own field
+    assert recorded_fields('ard', 'trades', dict(kl_weight=1.)) == dict(kl_share=1.)           # ARD's, as the outer
+    assert recorded_fields('adaiad', None, dict(alpha=1., beta=0.1)) == dict(distill_share=1., reliability_exponent=0.1)
+
+
+def _run_data():
+    from adaad.data import CifarSplit
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (48, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(48) % 10
+    return CifarSplit(x[:32], y[:32], 10, split='train'), CifarSplit(x[32:], y[32:], 10, split='test')
+
+
+def _as_older(folder, renames):
+    "Rewrite the identity and config of run `folder` with the method fields under their former names (an older adaad's)."
+    import json
+    f = folder / 'identity.json'; d = json.loads(f.read_text())
+    d['config']['method_kwargs'] = {renames.get(k, k): v for k, v in d['config']['method_kwargs'].items()}
+    f.write_text(json.dumps(d)); return d
+
+
+def test_a_run_folder_written_under_former_names_is_the_same_run(tmp_path):
+    "A finished ARD run recorded with `kl_weight` is reused by a call with `kl_share` (or `kl_weight`); another value is refused."
+    from adaad.models import create_model
+    from adaad.train import train
+    cfg = TrainConfig(method='ard', student='wrn-10-1', epochs=1, batch_size=16, steps=1, val_n=8, val_steps=1,
+                      method_kwargs=dict(kl_share=0.5))
+    torch.manual_seed(0); teacher = create_model('wrn-10-1').eval()
+    run = lambda c: train(c, teacher=teacher, out_dir=tmp_path, device='cpu', progress=False, data=_run_data())
+    assert run(cfg)['status'] == 'done'
+    assert 'kl_weight' in _as_older(tmp_path, {'kl_share': 'kl_weight'})['config']['method_kwargs']
+    r = run(cfg)
+    assert r['status'] == 'done' and r['wall_s'] == 0.                                       # reused, not trained again
+    with pytest.warns(FutureWarning, match='ard: kl_weight is deprecated, use kl_share'):
+        r = run(TrainConfig(**{**cfg.__dict__, 'method_kwargs': dict(kl_weight=0.5)}))
+    assert r['status'] == 'done' and r['wall_s'] == 0.
+    with pytest.raises(ValueError, match=r'holds another run: config\.method_kwargs\.kl_share: 0\.5 \(folder\) != 0\.25'):
+        run(TrainConfig(**{**cfg.__dict__, 'method_kwargs': dict(kl_share=0.25)}))
