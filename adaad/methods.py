@@ -797,3 +797,6 @@ class PeerAiD(Method):
                 + peeraid_student_loss(s_adv, p_adv, y, s_nat, self.ce_weight, self.distill_weight, self.clean_weight, self.tau))
     def passes(self, epoch): return ('adv', 'adv', 'nat')
     def needs(self, epoch): return {'adv'} | ({'nat'} if self.clean_weight else set())
+
+# %% ../nbs/09_methods.ipynb #a2024reg
+from . import methods_2024  # noqa: E402,F401  DGAD and ABSLD (notebook 16) register themselves on import
