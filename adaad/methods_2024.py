@@ -61,7 +61,7 @@ def absld_targets(t_nat, y, temp_adv, temp_nat, temperatures='product'):
     "ABSLD's targets $(z^{adv}, z^{nat})$: $T(x)$ divided by the temperatures of each example's class."
     check_choice('temperatures', temperatures, ABSLD_TEMPERATURES)
     ta, tn = temp_adv[y, None], temp_nat[y, None]
-    if temperatures == 'product': return t_nat / (ta * tn), t_nat / (ta * tn)
+    if temperatures == 'product': return t_nat / ta / tn, t_nat / ta / tn      # in the script's order of division
     return t_nat / ta, t_nat / tn
 
 def absld_loss(s_adv, s_nat, target_adv, target_nat):
