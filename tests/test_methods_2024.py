@@ -58,7 +58,8 @@ def official_adaad_inner(model, teacher, x_natural, step_size=2 / 255, steps=10,
     for _ in range(steps):
         x_adv.requires_grad_()
         with torch.enable_grad():
-            loss_kl = nn.KLDivLoss(reduction='none')(F.log_softmax(model(x_adv), dim=1), F.softmax(teacher(x_adv), dim=1))
+            loss_kl = nn.KLDivLoss(reduction='none')(F.log_softmax(model(x_adv), dim=1),
+                                                     F.softmax(teacher(x_adv), dim=1))
             loss_kl = torch.sum(loss_kl)
         grad = torch.autograd.grad(loss_kl, [x_adv])[0]
         x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
@@ -69,7 +70,7 @@ def official_adaad_inner(model, teacher, x_natural, step_size=2 / 255, steps=10,
 
 def official_dgad_step(net, teacher_net, inputs, targets, alp_beta=1., epsilon=8 / 255, step_size=2 / 255):
     """kunsaram01/DGAD main.py, method 'DGAD' (lines 390-447) with --alp on, a student other than mobilenetV2 and a full
-    batch (--bs = the batch's size). Returns the loss and the two swap masks (clean: teacher wrong on x; adversarial)."""
+    batch (--bs = the batch's size). Returns the loss and the two swap masks (on x: the teacher wrong; on x~)."""
     bs = len(inputs)
     adv_inputs = official_adaad_inner(net, teacher_net, inputs, step_size=step_size, epsilon=epsilon)
     net.train()
@@ -104,7 +105,7 @@ def official_dgad_step(net, teacher_net, inputs, targets, alp_beta=1., epsilon=8
 
 
 def test_swap_true_top_is_the_scripts_two_swaps():
-    "main.py swaps on x where argmax T(x) != y (lines 416-419) and on x~ where the true logit is below another (422-427)."
+    "main.py swaps on x where argmax T(x) != y (lines 416-419), on x~ where the true logit is below another (422-427)."
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(50, 10, generator=g, dtype=torch.float64), torch.randint(0, 10, (50,), generator=g)
     z[0, 3] = z[0, y[0]] = z[0].max() + 1                                  # a tie at the top: nothing to swap
@@ -118,15 +119,16 @@ def test_swap_true_top_is_the_scripts_two_swaps():
     assert torch.equal(got.sort(1).values, z.sort(1).values)               # a permutation of each row's logits
 
 
-@pytest.mark.parametrize('kw', [{}, dict(consistency_weight=0.), dict(consistency_weight=3., eps=64 / 255, step_size=16 / 255)])
+@pytest.mark.parametrize('kw', [{}, dict(consistency_weight=0.),
+                                dict(consistency_weight=3., eps=64 / 255, step_size=16 / 255)])
 def test_dgad_one_step_matches_main_py(batch, kw):
     "Inner point, loss, student gradient and BatchNorm statistics equal to main.py's DGAD step at the same start."
     S, T, x, y = batch
     s1, s2 = copy.deepcopy(S), copy.deepcopy(S)
     torch.manual_seed(7); ours, _ = training_loss(get_method('dgad', **kw), s1, T, x, y, num_classes=10)
     torch.manual_seed(7)
-    theirs, clean_wrong, adv_wrong = official_dgad_step(s2, T, x, y, kw.get('consistency_weight', 1.), kw.get('eps', 8 / 255),
-                                                        kw.get('step_size', 2 / 255))
+    theirs, clean_wrong, adv_wrong = official_dgad_step(s2, T, x, y, kw.get('consistency_weight', 1.),
+                                                        kw.get('eps', 8 / 255), kw.get('step_size', 2 / 255))
     ours.backward(); theirs.backward()
     assert rel(ours, theirs) < 1e-10 and rel(grads(s1), grads(s2)) < 1e-9, (ours.item(), theirs.item())
     assert torch.allclose(s1[1].running_mean, s2[1].running_mean, atol=1e-12)   # S(x), then S(x~), as the script
@@ -150,8 +152,8 @@ def test_dgad_partitions_and_swaps():
 # ---- ABSLD ---------------------------------------------------------------------------------------------------------
 def official_absld_inner_loss(model, teacher_logits, x_natural, y, optimizer, step_size=2 / 255, epsilon=8 / 255,
                               perturb_steps=10):
-    """zhaoshiji123/ABSLD absld_loss.py absld_inner_loss (lines 26-59): eval-mode student, start x + 0.001 N (drawn in the
-    batch's dtype, on the CPU), sign steps on sum KL(softmax(target) || S); returns the student's train-mode logits at x~."""
+    """zhaoshiji123/ABSLD absld_loss.py absld_inner_loss (lines 26-59): eval-mode student, start x + 0.001 N (drawn in
+    the batch's dtype, on the CPU), sign steps on sum KL(softmax(target) || S); returns S(x~) in train mode."""
     criterion_kl = nn.KLDivLoss(reduction='none')
     model.eval()
     x_adv = x_natural.detach() + 0.001 * torch.randn(x_natural.shape, dtype=x_natural.dtype)
@@ -263,7 +265,8 @@ def test_absld_readings_differ_once_temperatures_do():
     loss = {}
     for t in ('product', 'separate'):
         torch.manual_seed(3)
-        loss[t] = training_loss(get_method('absld', temperatures=t), copy.deepcopy(S), T, x, y, state=copy.deepcopy(st))[0]
+        m = get_method('absld', temperatures=t)
+        loss[t] = training_loss(m, copy.deepcopy(S), T, x, y, state=copy.deepcopy(st))[0]
     torch.manual_seed(3); plain = training_loss('rslad', copy.deepcopy(S), T, x, y)[0]
     assert rel(loss['product'], loss['separate']) > 1e-3 and rel(loss['separate'], plain) > 1e-3
 
@@ -271,7 +274,8 @@ def test_absld_readings_differ_once_temperatures_do():
 def test_absld_step_follows_the_learning_rate():
     "resnet18_absld_cifar10.py lines 173-176: the step is x0.1 with the LR, before the update of epochs 215, 260, 285."
     m = ABSLD()
-    assert [m.step_at(e) for e in (0, 213, 214, 258, 259, 284, 299)] == pytest.approx([.1, .1, .01, .01, 1e-3, 1e-4, 1e-4])
+    steps = [m.step_at(e) for e in (0, 213, 214, 258, 259, 284, 299)]
+    assert steps == pytest.approx([.1, .1, .01, .01, 1e-3, 1e-4, 1e-4])
     assert [ABSLD(step_milestones=[2]).step_at(e) for e in (0, 1, 2)] == pytest.approx([.1, .01, .01])
     t = absld_update(torch.ones(3), torch.tensor([4., 1., 1.]), 0.1)
     assert torch.allclose(t, torch.tensor([0.9, 1.05, 1.05]))
@@ -301,9 +305,11 @@ def test_registered_with_the_registry_and_recorded():
     subprocess.run([sys.executable, '-c', code], check=True)
     cfg = resolve(TrainConfig(method='absld', epochs=20, method_kwargs=dict(step_milestones=[15])))
     assert (cfg.epochs, cfg.milestones, cfg.weight_decay) == (20, (215, 260, 285), 2e-4)
-    assert get_method('absld', **json.loads(json.dumps(cfg.method_kwargs))) == get_method('absld', step_milestones=(15,))
+    recorded = json.loads(json.dumps(cfg.method_kwargs))                   # as config.json holds it
+    assert get_method('absld', **recorded) == get_method('absld', step_milestones=(15,))
     d = resolve(TrainConfig(method='dgad'))
-    assert (d.epochs, d.milestones, d.weight_decay, d.batch_size, d.method_kwargs['consistency_weight']) == (200, (100, 150), 5e-4, 128, 1.)
+    assert (d.epochs, d.milestones, d.weight_decay, d.batch_size) == (200, (100, 150), 5e-4, 128)
+    assert d.method_kwargs == dict(consistency_weight=1., init='gaussian', attack_bn='eval')
 
 
 # ---- through train -------------------------------------------------------------------------------------------------
