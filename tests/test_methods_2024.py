@@ -252,7 +252,7 @@ def test_absld_two_epochs_match_the_script(temperatures):
         assert torch.allclose(st['temp_adv'], ta, atol=1e-6) and torch.allclose(st['temp_nat'], tn, atol=1e-6)
         ta, tn = st['temp_adv'].clone(), st['temp_nat'].clone()   # the float32 class sums round apart by ~1 ulp
         assert st['loss_adv'].sum() == 0 and st['loss_nat'].sum() == 0
-    assert rel(params(s1), params(s2)) < 1e-9
+    assert rel(params(s1), params(s2)) < 1e-9 and torch.allclose(s1[1].running_mean, s2[1].running_mean, atol=1e-12)
     assert (st['temp_adv'] - 1).abs().max() > 0.05 and st['temp_adv'].unique().numel() > 2
 
 
@@ -307,6 +307,10 @@ def test_registered_with_the_registry_and_recorded():
     assert (cfg.epochs, cfg.milestones, cfg.weight_decay) == (20, (215, 260, 285), 2e-4)
     recorded = json.loads(json.dumps(cfg.method_kwargs))                   # as config.json holds it
     assert get_method('absld', **recorded) == get_method('absld', step_milestones=(15,))
+    a = get_method('absld')
+    assert (a.temperatures, a.temperature_step, a.min_temperature, a.max_temperature, a.step_milestones) == ('product', .1, .5, 5., None)
+    assert (a.epochs, a.milestones, a.weight_decay, a.budget.eps, a.budget.step_size, a.budget.init) == (
+        300, (215, 260, 285), 2e-4, 8 / 255, 2 / 255, 'gaussian')
     d = resolve(TrainConfig(method='dgad'))
     assert (d.epochs, d.milestones, d.weight_decay, d.batch_size) == (200, (100, 150), 5e-4, 128)
     assert d.method_kwargs == dict(consistency_weight=1., init='gaussian', attack_bn='eval')
