@@ -914,3 +914,6 @@ class PeerAiD(Method):
                                        self.tau))
     def passes(self, epoch): return ('adv', 'adv', 'nat')
     def needs(self, epoch): return {'adv'} | ({'nat'} if self.clean_weight else set())
+
+# %% ../nbs/09_methods.ipynb #a2024reg
+from . import methods_2024  # noqa: E402,F401  DGAD and ABSLD (notebook 16) register themselves on import
