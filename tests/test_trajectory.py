@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.usefixtures('one_thread'),
               pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")]   # the scripts' nn.KLDivLoss() default
 
 RTOL, ATOL = 1e-10, 1e-13
-NESTEROV = 'Fair-ARD.py:160, Fair-IAD.py:214 and Fair-RSLAD.py:85 build SGD with nesterov=True; the trainer\'s SGD has none'
+NESTEROV = ("Fair-ARD.py:160, Fair-IAD.py:214 and Fair-RSLAD.py:85 build SGD with nesterov=True; the trainer's SGD "
+            "(train._setup) has no Nesterov momentum")
 
 
 # ---- the two sides --------------------------------------------------------------------------------------------------
@@ -44,18 +45,19 @@ def recording(monkeypatch, module, name):
 def snapshot(student, peers=None, x_adv=None, kappa=None):
     "Copies of what the trajectories compare: state dicts (weights and BatchNorm buffers), x~, Fair-ARD's counts."
     nets = {'student': student, **(peers or {})}
-    out = {f'{n}.{k}': v.detach().clone() for n, net in nets.items() for k, v in net.state_dict().items()}
-    if x_adv is not None: out['x_adv'] = x_adv.detach().clone()
+    out = {} if x_adv is None else {'x_adv': x_adv.detach().clone()}          # first: a different x~ explains the rest
     if kappa is not None: out['kappa'] = kappa.clone()
-    return out
+    return {**out, **{f'{n}.{k}': v.detach().clone() for n, net in nets.items() for k, v in net.state_dict().items()}}
 
 
 def library_run(monkeypatch, method, S, T, batches, epoch=0, peers=None, weights=None, **cfg):
-    """The library's snapshots after each step, run as `train_epoch` runs a batch: method and schedule from `resolve_run`,
-    the teacher as `_prepare` hands it over (`prepare_teacher`, folded), one SGD over student and peers, `faithful=True`."""
+    """The library's snapshots after each step, run as `train_epoch` runs a batch: method and schedule from
+    `resolve_run`, the teacher as `_prepare` hands it over (`prepare_teacher`, folded), one SGD over student and peers,
+    `faithful=True`."""
     cfg, m = resolve_run(TrainConfig(method=method, faithful=cfg.pop('faithful', True), **cfg))
     m = method_at(m, cfg, epoch)
-    teacher = None if T is None else prepare_teacher(copy.deepcopy(T).eval().requires_grad_(False), fold_bn=cfg.fold_teacher)
+    frozen = None if T is None else copy.deepcopy(T).eval().requires_grad_(False)
+    teacher = None if T is None else prepare_teacher(frozen, fold_bn=cfg.fold_teacher)
     groups = [{'params': n.parameters()} for n in (S, *peers.values())] if peers else S.parameters()   # as train._setup
     opt = torch.optim.SGD(groups, lr=lr_at(epoch, cfg.lr, cfg.milestones, cfg.single_decay), momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
@@ -178,15 +180,15 @@ def trades_step(S, beta=6., eps=0.031, step_size=0.007):
 
 
 def ard_step(S, T, temp=30., alpha=1.):
-    "goldblum/AdversariallyRobustDistillation main.py:117-129: AttackPGD (train mode), S(x~), T(x), S(x), the KL 'mean'."
+    "goldblum/AdversariallyRobustDistillation main.py:117-129: AttackPGD (train mode), S(x~), T(x), S(x), KL 'mean'."
     def step(x, y):
         S.train()
         xa, _ = train_mode_pgd(S, x, y)
         outputs = S(xa)
         teacher_outputs = T(x)
         basic_outputs = S(x)
-        loss = alpha * temp * temp * kl_mean_all(outputs, teacher_outputs, temp) + (1.0 - alpha) * F.cross_entropy(basic_outputs, y)
-        return loss, xa
+        kl = kl_mean_all(outputs, teacher_outputs, temp)
+        return alpha * temp * temp * kl + (1.0 - alpha) * F.cross_entropy(basic_outputs, y), xa
     return step
 
 
@@ -208,8 +210,8 @@ def iad_step(S, T, epoch, temp=1., alpha=1., beta=0.1, begin=60):
 
 
 def rslad_step(S, T):
-    """zibojia/RSLAD resnet18_rslad_cifar10.py:47-65 with rslad_loss.py:26-59: T(x), eval-mode ascent on sum KL(T(x) || S(x')),
-    then S(x~), S(x); kl_loss (line 38) averaged over all B*C elements."""
+    """zibojia/RSLAD resnet18_rslad_cifar10.py:47-65 with rslad_loss.py:26-59: T(x), eval-mode ascent on
+    sum KL(T(x) || S(x')), then S(x~), S(x); kl_loss (line 38) averaged over all B*C elements."""
     def kl_loss(a, b): return -a * b + torch.log(b + 1e-5) * b
     def step(x, y, eps=8 / 255, step_size=2 / 255):
         S.train()
@@ -219,21 +221,22 @@ def rslad_step(S, T):
         for _ in range(10):
             xa.requires_grad_()
             with torch.enable_grad():
-                loss_kl = F.kl_div(F.log_softmax(S(xa), dim=1), F.softmax(teacher_logits, dim=1), reduction='none').sum()
+                loss_kl = F.kl_div(F.log_softmax(S(xa), dim=1), F.softmax(teacher_logits, dim=1), reduction='none')
+                loss_kl = torch.sum(loss_kl)
             xa = sign_step(xa, torch.autograd.grad(loss_kl, [xa])[0], x, step_size, eps)
         S.train()
         xa = torch.clamp(xa, 0.0, 1.0)
         adv_logits = S(xa)
         nat_logits = S(x)
         pt = F.softmax(teacher_logits.detach(), dim=1)
-        loss = 5 / 6.0 * kl_loss(F.log_softmax(adv_logits, dim=1), pt).mean() + 1 / 6.0 * kl_loss(F.log_softmax(nat_logits, dim=1), pt).mean()
-        return loss, xa
+        m = lambda s: kl_loss(F.log_softmax(s, dim=1), pt).mean()
+        return 5 / 6.0 * m(adv_logits) + 1 / 6.0 * m(nat_logits), xa
     return step
 
 
 def adaad_step(S, T, alpha=1.):
-    """boyellow/AdaAD main.py:326-353 (method AdaAD, CIFAR-10) with AT_helper.py:8-48 (adaad_inner_loss, the same code as
-    HongsinLee/saad attacks.py's): S(x) then S(x~), the KLs' 'mean' over all B*C elements."""
+    """boyellow/AdaAD main.py:326-353 (method AdaAD, CIFAR-10) with AT_helper.py:8-48 (adaad_inner_loss, the same code
+    as HongsinLee/saad attacks.py's): S(x) then S(x~), the KLs' 'mean' over all B*C elements."""
     def step(x, y):
         xa = official_adaad_inner(S, T, x, step_size=2 / 255, epsilon=8 / 255)
         S.train()
@@ -245,8 +248,8 @@ def adaad_step(S, T, alpha=1.):
 
 
 def adaiad_step(S, T, epoch, temp=30., alpha=1., beta=0.1, begin=60):
-    """boyellow/AdaAD main.py:355-381 (method AdaAD_with_IAD1): S(x), S(x~), T(x~) as guide and target, then the loss with
-    S(x) in the introspection term (from `begin` on) and S(x) in the CE term."""
+    """boyellow/AdaAD main.py:355-381 (method AdaAD_with_IAD1): S(x), S(x~), T(x~) as guide and target, then the loss
+    with S(x) in the introspection term (from `begin` on) and S(x) in the CE term."""
     def step(x, y):
         xa = official_adaad_inner(S, T, x, step_size=2 / 255, epsilon=8 / 255)
         S.train()
@@ -261,8 +264,8 @@ def adaiad_step(S, T, epoch, temp=30., alpha=1., beta=0.1, begin=60):
 
 
 def fair_iad_step(S, T, epoch, reweight, temp=1., alpha=1., beta_iad=0.1, begin=60):
-    """NISP-official/Fair-ARD Fair-IAD.py:155-202: T(x), AttackPGD with Kappa (train mode), S(x), the dead S(x~) `basicop`
-    (line 170), T(x~); each example's terms weighted by reweight[y_i] (the CE term reads S(x~), line 185)."""
+    """NISP-official/Fair-ARD Fair-IAD.py:155-202: T(x), AttackPGD with Kappa (train mode), S(x), the dead S(x~)
+    `basicop` (line 170), T(x~); each example's terms weighted by reweight[y_i] (the CE term reads S(x~), line 185)."""
     def step(x, y):
         S.train()
         teacher_outputs = T(x)
@@ -274,14 +277,16 @@ def fair_iad_step(S, T, epoch, reweight, temp=1., alpha=1., beta_iad=0.1, begin=
         w = reweight[y].to(x.dtype)
         loss = alpha * temp * temp * (kl_rows(outputs, teacher_outputs, temp) * w).mean()
         if epoch >= begin:
-            loss = (loss + alpha * (kl_rows(outputs, basic_net_outputs) * (1 - reliability(guide, y, beta_iad)) * w).mean()
+            intro = kl_rows(outputs, basic_net_outputs) * (1 - reliability(guide, y, beta_iad))
+            loss = (loss + alpha * (intro * w).mean()
                     + (1.0 - alpha) * (F.cross_entropy(outputs, y, reduction='none') * w).mean())
         return loss, xa, torch.zeros(10).index_add_(0, y, kappa)
     return step
 
 
 def fair_rslad_step(S, T, reweight, eps=8 / 255, step_size=2 / 255):
-    """NISP-official/Fair-ARD Fair-RSLAD.py:110-140 with its rslad_inner_loss (lines 40-79: Kappa at each eval-mode pass),
+    """NISP-official/Fair-ARD Fair-RSLAD.py:110-140 with its rslad_inner_loss (lines 40-79: Kappa at each eval-mode
+    pass),
     the per-example kl_loss (line 86) weighted by reweight[y_i], summed, / B, averaged over classes."""
     def kl_loss(a, b): return -a * b + torch.log(b + 1e-5) * b
     def step(x, y):
@@ -317,28 +322,35 @@ def first_train_input_after(net, n):
     return kept, seen
 
 
-# ---- the cases --------------------------------------------------------------------------------------------------------
-WEIGHTS = torch.linspace(5 / 6, 5 / 2, 10)                           # Fair-ARD's class weights, unequal (float32 as the state's)
+# ---- the cases ------------------------------------------------------------------------------------------------------
+WEIGHTS = torch.linspace(5 / 6, 5 / 2, 10)                   # Fair-ARD's class weights: unequal, float32 as the state's
 
 
 def xfail(reason): return pytest.mark.xfail(strict=True, reason=reason)
+
+
+IAD_DEAD = ("IAD-I.py:169 runs the student at x~ a second time (basicop = basic_net(pert_inputs).detach(), never "
+            "read) right after the loss's S(x~) (line 166); IAD.passes has no such dead 'adv' pass, so the BatchNorm "
+            "buffers differ")
+FAIR_IAD_DEAD = ("Fair-IAD.py:164-170 run S(x~), S(x), then a dead S(x~) (basicop, never read) at every epoch, the "
+                 "introspection term reading that one S(x); on base 'iad' the library runs IAD's passes ('adv', 'nat', "
+                 "and a second 'nat' from begin on), so the BatchNorm buffers differ")
 
 
 CASES = [
     pytest.param('pgd-at', 0, {}, id='pgd-at'),
     pytest.param('trades', 0, {}, id='trades'),
     pytest.param('ard', 0, {}, id='ard'),
-    pytest.param('iad', 0, {}, id='iad-before-begin', marks=xfail(
-        'IAD-I.py:169 runs the student at x~ once more (basicop = basic_net(pert_inputs).detach(), never read) after the '
-        "loss's S(x~); IAD.passes lacks that dead 'adv' pass, so the BatchNorm buffers differ")),
-    pytest.param('iad', 60, {}, id='iad-introspection', marks=xfail('IAD-I.py:169: the dead S(x~) pass, as above')),
+    pytest.param('iad', 0, {}, id='iad-before-begin', marks=xfail(IAD_DEAD)),
+    pytest.param('iad', 60, {}, id='iad-introspection', marks=xfail(IAD_DEAD)),
     pytest.param('rslad', 0, {}, id='rslad'),
     pytest.param('adaad', 0, {}, id='adaad'),
     pytest.param('adaiad', 0, {}, id='adaiad-before-begin'),
     pytest.param('adaiad', 60, {}, id='adaiad-introspection'),
 ]
-STEPS = {'pgd-at': lambda S, T, e: pgd_at_step(S), 'trades': lambda S, T, e: trades_step(S), 'ard': lambda S, T, e: ard_step(S, T),
-         'iad': iad_step, 'rslad': lambda S, T, e: rslad_step(S, T), 'adaad': lambda S, T, e: adaad_step(S, T), 'adaiad': adaiad_step}
+STEPS = {'pgd-at': lambda S, T, e: pgd_at_step(S), 'trades': lambda S, T, e: trades_step(S),
+         'ard': lambda S, T, e: ard_step(S, T), 'iad': iad_step, 'rslad': lambda S, T, e: rslad_step(S, T),
+         'adaad': lambda S, T, e: adaad_step(S, T), 'adaiad': adaiad_step}
 
 
 @pytest.mark.parametrize('name, epoch, cfg', CASES)
@@ -406,19 +418,16 @@ FAIR = [
     pytest.param('ard', 0, False, id='fair-ard-without-nesterov'),
     pytest.param('rslad', 0, True, id='fair-rslad', marks=xfail(NESTEROV)),
     pytest.param('rslad', 0, False, id='fair-rslad-without-nesterov'),
-    pytest.param('iad', 0, False, id='fair-iad-before-begin-without-nesterov', marks=xfail(
-        "Fair-IAD.py:170 runs the student at x~ every step (basicop = basic_net(pert_inputs).detach(), never read) after "
-        "S(x); the library's passes on the IAD base are IAD's ('adv', 'nat'), so the BatchNorm buffers differ")),
-    pytest.param('iad', 60, False, id='fair-iad-introspection-without-nesterov', marks=xfail(
-        "Fair-IAD.py:165,170 run S(x) once (read by the introspection term) then the dead S(x~); the library runs IAD's "
-        "('adv', 'nat', 'nat') from begin on, so the BatchNorm buffers differ")),
+    pytest.param('iad', 0, True, id='fair-iad', marks=xfail(f'{FAIR_IAD_DEAD}; {NESTEROV}')),
+    pytest.param('iad', 0, False, id='fair-iad-before-begin-without-nesterov', marks=xfail(FAIR_IAD_DEAD)),
+    pytest.param('iad', 60, False, id='fair-iad-introspection-without-nesterov', marks=xfail(FAIR_IAD_DEAD)),
 ]
 
 
 @pytest.mark.parametrize('base, epoch, nesterov', FAIR)
 def test_fair_ard_three_steps_match_the_official_scripts(batch, monkeypatch, base, epoch, nesterov):
-    """NISP-official/Fair-ARD on each base, with unequal class weights: the per-class Kappa counts too. The scripts' SGD is
-    Nesterov's; the cases without it check everything else against the same loop with plain momentum."""
+    """NISP-official/Fair-ARD on each base, with unequal class weights: the per-class Kappa counts too. The scripts'
+    SGD is Nesterov's; the cases without it check everything else against the same loop with plain momentum."""
     S, T, _, y = batch
     xy = step_batches(y)
     s1, s2 = copy.deepcopy(S), copy.deepcopy(S)
