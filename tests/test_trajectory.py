@@ -5,6 +5,7 @@ After every step the student's (and peer's) weights and BatchNorm buffers and th
 Where the library departs from the official script the case is a strict xfail naming the file and lines, so that it
 flips once the library follows the script."""
 import copy
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -312,135 +313,139 @@ def fair_rslad_step(S, T, reweight, eps=8 / 255, step_size=2 / 255):
 
 
 def first_train_input_after(net, n):
-    "A forward pre-hook that keeps the input of `net`'s train-mode call number `n` (0-based) in the list it returns."
+    "A forward pre-hook that keeps the input of `net`'s train-mode call number `n` (0-based) of each step in `kept`."
     seen, kept = [0], []
     def hook(module, inputs):
         if module.training:
             if seen[0] == n: kept.append(inputs[0].detach().clone())
             seen[0] += 1
     net.register_forward_pre_hook(hook)
-    return kept, seen
+    def new_step(): kept.clear(); seen[0] = 0
+    return kept, new_step
+
+
+def fair_ard_step(S, T, reweight):
+    "NISP-official/Fair-ARD Fair-ARD.py:127-150 (`official_fair_ard_step`); x~ read as the input of S after AttackPGD."
+    kept, new_step = first_train_input_after(S, 10)                  # after AttackPGD's 10 train-mode passes: S(x~)
+    def step(x, y):
+        new_step()
+        loss, kappa = official_fair_ard_step(S, T, x, y, reweight)
+        return loss, kept[0], kappa
+    return step
+
+
+def peeraid_step(S, P):
+    """jaewonalive/PeerAiD main.py:315-404 (`official_peeraid_step`, the CIFAR-10 settings); x~ read as the peer's first
+    train-mode input. Its two SGDs (lines 219-220) have the same lr (configs/PeerAiD_resnet18_cifar10.json)."""
+    kept, new_step = first_train_input_after(P, 0)
+    P.train()
+    def step(x, y):
+        new_step()
+        return official_peeraid_step(S, P, x, y), kept[0]
+    return step
+
+
+def igdm_step(S, T, P, mp, epoch):
+    "HongsinLee/saad igdm.py:45-61 (`official_igdm_step`, its budget of line 49); x~ from its adaad_inner_loss."
+    inner = recording(mp, test_field_methods, 'official_adaad_inner')
+    return lambda x, y: (official_igdm_step(S, T, x, epoch + 1, step_size=8 / 255, epsilon=2 / 255), inner[-1])
+
+
+def saad_step(S, T, P, mp, epoch, epochs=200):
+    "HongsinLee/saad saad.py:48-86 (`official_saad_step`, main.sh's settings); x~ from its saad_inner_loss."
+    inner = recording(mp, test_field_methods, 'official_saad_inner')
+    return lambda x, y: (official_saad_step(S, T, x, y, epoch + 1, epochs), inner[-1])
 
 
 # ---- the cases ------------------------------------------------------------------------------------------------------
 WEIGHTS = torch.linspace(5 / 6, 5 / 2, 10)                   # Fair-ARD's class weights: unequal, float32 as the state's
-
-
-def xfail(reason): return pytest.mark.xfail(strict=True, reason=reason)
-
-
 IAD_DEAD = ("IAD-I.py:169 runs the student at x~ a second time (basicop = basic_net(pert_inputs).detach(), never "
             "read) right after the loss's S(x~) (line 166); IAD.passes has no such dead 'adv' pass, so the BatchNorm "
             "buffers differ")
 FAIR_IAD_DEAD = ("Fair-IAD.py:164-170 run S(x~), S(x), then a dead S(x~) (basicop, never read) at every epoch, the "
                  "introspection term reading that one S(x); on base 'iad' the library runs IAD's passes ('adv', 'nat', "
                  "and a second 'nat' from begin on), so the BatchNorm buffers differ")
+IGDM_CLEAN = ("igdm.py:55-56 runs S(x+delta) and S(x-delta) only; with faithful=True IGDM replays its base AdaAD's "
+              "passes (IGDM.passes is AdaAD.passes: 'nat', 'adv'), whose S(x) igdm.py never runs, so the BatchNorm "
+              "buffers (and the next x~) differ")
+SAAD_ORDER = ("saad.py:64-66 runs S(x~), S(x - delta), S(x) in this order; SAAD.passes ('adv', 'nat') replayed before "
+              "the loss and the mirror pass inside SAAD.loss (_mirror_logits) run S(x~), S(x), S(x - delta), so the "
+              "BatchNorm buffers (and the next x~) differ")
+OFFICIAL_IGDM = dict(eps=2 / 255, step_size=8 / 255)         # igdm.py:49 passes step_size=8/255, epsilon=2/255
 
 
-CASES = [
-    pytest.param('pgd-at', 0, {}, id='pgd-at'),
-    pytest.param('trades', 0, {}, id='trades'),
-    pytest.param('ard', 0, {}, id='ard'),
-    pytest.param('iad', 0, {}, id='iad-before-begin', marks=xfail(IAD_DEAD)),
-    pytest.param('iad', 60, {}, id='iad-introspection', marks=xfail(IAD_DEAD)),
-    pytest.param('rslad', 0, {}, id='rslad'),
-    pytest.param('adaad', 0, {}, id='adaad'),
-    pytest.param('adaiad', 0, {}, id='adaiad-before-begin'),
-    pytest.param('adaiad', 60, {}, id='adaiad-introspection'),
-]
-STEPS = {'pgd-at': lambda S, T, e: pgd_at_step(S), 'trades': lambda S, T, e: trades_step(S),
-         'ard': lambda S, T, e: ard_step(S, T), 'iad': iad_step, 'rslad': lambda S, T, e: rslad_step(S, T),
-         'adaad': lambda S, T, e: adaad_step(S, T), 'adaiad': adaiad_step}
+@dataclass
+class Case:
+    "A method as the library runs it (`cfg`: TrainConfig fields) and the official loop it should follow."
+    method: str
+    reference: object                                        # (S, T, P, monkeypatch, epoch) -> step(x, y)
+    cfg: dict = field(default_factory=dict)
+    epoch: int = 0
+    nesterov: bool = False                                   # the reference's SGD
+    deviation: str = ''                                      # where the library departs from the script (xfail)
+    peer: bool = False
+    weights: object = None                                   # Fair-ARD's class weights in the method's state
 
 
-@pytest.mark.parametrize('name, epoch, cfg', CASES)
-def test_three_steps_match_the_official_loop(batch, monkeypatch, name, epoch, cfg):
-    "The paper's methods and their baselines: three steps of the trainer's batch against the official script's."
+CASES = dict(
+    pgd_at=Case('pgd-at', lambda S, T, P, mp, e: pgd_at_step(S)),
+    trades=Case('trades', lambda S, T, P, mp, e: trades_step(S)),
+    ard=Case('ard', lambda S, T, P, mp, e: ard_step(S, T)),
+    iad=Case('iad', lambda S, T, P, mp, e: iad_step(S, T, e), deviation=IAD_DEAD),
+    iad_introspection=Case('iad', lambda S, T, P, mp, e: iad_step(S, T, e, begin=0),
+                           dict(method_kwargs=dict(begin=0)), deviation=IAD_DEAD),
+    rslad=Case('rslad', lambda S, T, P, mp, e: rslad_step(S, T)),
+    adaad=Case('adaad', lambda S, T, P, mp, e: adaad_step(S, T)),
+    adaiad=Case('adaiad', lambda S, T, P, mp, e: adaiad_step(S, T, e)),
+    adaiad_introspection=Case('adaiad', lambda S, T, P, mp, e: adaiad_step(S, T, e, begin=0),
+                              dict(method_kwargs=dict(begin=0))),
+    igdm=Case('igdm', igdm_step, OFFICIAL_IGDM, deviation=IGDM_CLEAN),
+    igdm_lean=Case('igdm', igdm_step, dict(OFFICIAL_IGDM, faithful=False)),
+    saad=Case('saad', saad_step, deviation=SAAD_ORDER),
+    peeraid=Case('peeraid', lambda S, T, P, mp, e: peeraid_step(S, P), peer=True),
+    fair_ard=Case('fair-ard', lambda S, T, P, mp, e: fair_ard_step(S, T, WEIGHTS), nesterov=True, deviation=NESTEROV,
+                  weights=WEIGHTS),
+    fair_ard_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e: fair_ard_step(S, T, WEIGHTS), weights=WEIGHTS),
+    fair_rslad=Case('fair-ard', lambda S, T, P, mp, e: fair_rslad_step(S, T, WEIGHTS),
+                    dict(method_kwargs=dict(base='rslad')), nesterov=True, deviation=NESTEROV, weights=WEIGHTS),
+    fair_rslad_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e: fair_rslad_step(S, T, WEIGHTS),
+                                     dict(method_kwargs=dict(base='rslad')), weights=WEIGHTS),
+    fair_iad=Case('fair-ard', lambda S, T, P, mp, e: fair_iad_step(S, T, e, WEIGHTS),
+                  dict(method_kwargs=dict(base='iad')), nesterov=True, deviation=f'{FAIR_IAD_DEAD}; {NESTEROV}',
+                  weights=WEIGHTS),
+    fair_iad_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e: fair_iad_step(S, T, e, WEIGHTS),
+                                   dict(method_kwargs=dict(base='iad')), deviation=FAIR_IAD_DEAD, weights=WEIGHTS),
+    fair_iad_introspection_without_nesterov=Case(                   # fair-ard takes no `begin`: epoch 60 of 200
+        'fair-ard', lambda S, T, P, mp, e: fair_iad_step(S, T, e, WEIGHTS), dict(method_kwargs=dict(base='iad')),
+        epoch=60, deviation=FAIR_IAD_DEAD, weights=WEIGHTS),
+)
+
+
+def xfail(reason):
+    "A strict xfail on a mismatch (an AssertionError) only: any other error fails the test."
+    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
+
+
+def cases(where):
+    "The cases as pytest parameters, the deviating ones strict xfails; `where='trainer'`: those at epoch 0."
+    return [pytest.param(c, id=k.replace('_', '-'), marks=[xfail(c.deviation)] if c.deviation else [])
+            for k, c in CASES.items() if where != 'trainer' or c.epoch == 0]
+
+
+@pytest.mark.parametrize('case', cases('loss'))
+def test_three_steps_match_the_official_loop(batch, monkeypatch, case):
+    """`training_loss` and the trainer's SGD, as `train_epoch` runs them, against the official loop: weights, BatchNorm
+    buffers, x~ (and Fair-ARD's counts) after each of three steps."""
     S, T, _, y = batch
     xy = step_batches(y)
     s1, s2 = copy.deepcopy(S), copy.deepcopy(S)
-    teacher = None if name in ('pgd-at', 'trades') else T
-    torch.manual_seed(7); ours, sgd = library_run(monkeypatch, name, s1, teacher, xy, epoch, **cfg)
-    torch.manual_seed(7); theirs = official_run(STEPS[name](s2, T, epoch), s2, xy, sgd)
-    assert_same_trajectory(ours, theirs)
-
-
-@pytest.mark.parametrize('faithful', [pytest.param(True, marks=xfail(
-    "igdm.py:49-56 runs S(x+delta) and S(x-delta) only; with faithful=True IGDM replays its base AdaAD's passes "
-    "(AdaAD.passes: 'nat', 'adv'), whose S(x) igdm.py never runs, so the BatchNorm buffers (and the next x~) differ")),
-    False])
-def test_igdm_three_steps_match_igdm_py(batch, monkeypatch, faithful):
-    "HongsinLee/saad igdm.py:45-61 (its swapped budget eps=2/255, step 8/255, line 49); faithful=False runs its passes."
-    S, T, _, y = batch
-    xy, epoch = step_batches(y), 37
-    s1, s2 = copy.deepcopy(S), copy.deepcopy(S)
+    p1, p2 = ({'peer': tiny(seed=3).double()} for _ in range(2)) if case.peer else (None, None)
+    teacher = T if M.get_method(case.method, **case.cfg.get('method_kwargs', {})).uses_teacher else None
     torch.manual_seed(7)
-    ours, sgd = library_run(monkeypatch, 'igdm', s1, T, xy, epoch, eps=2 / 255, step_size=8 / 255, faithful=faithful)
-    inner = recording(monkeypatch, test_field_methods, 'official_adaad_inner')
-    step = lambda x, y: (official_igdm_step(s2, T, x, epoch + 1, step_size=8 / 255, epsilon=2 / 255), inner[-1])
-    torch.manual_seed(7); theirs = official_run(step, s2, xy, sgd)
-    assert_same_trajectory(ours, theirs)
-
-
-@xfail("saad.py:64-66 runs S(x~), S(x - delta), S(x) in this order; SAAD.passes ('adv', 'nat') then the mirror pass in "
-       "SAAD.loss run S(x~), S(x), S(x - delta), so the BatchNorm buffers (and the next x~) differ")
-def test_saad_three_steps_match_saad_py(batch, monkeypatch):
-    "HongsinLee/saad saad.py:48-86 with attacks.py saad_inner_loss, main.sh's settings, epoch 38 of 200."
-    S, T, _, y = batch
-    xy, epoch = step_batches(y), 37
-    s1, s2 = copy.deepcopy(S), copy.deepcopy(S)
-    torch.manual_seed(7); ours, sgd = library_run(monkeypatch, 'saad', s1, T, xy, epoch)
-    inner = recording(monkeypatch, test_field_methods, 'official_saad_inner')
-    step = lambda x, y: (official_saad_step(s2, T, x, y, epoch + 1, 200), inner[-1])
-    torch.manual_seed(7); theirs = official_run(step, s2, xy, sgd)
-    assert_same_trajectory(ours, theirs)
-
-
-def test_peeraid_three_steps_match_main_py(batch, monkeypatch):
-    """jaewonalive/PeerAiD main.py:315-404 (train_kd) with the CIFAR-10 settings: two SGDs of equal lr (lines 219-220,
-    configs/PeerAiD_resnet18_cifar10.json) against the trainer's one SGD over both networks; student, peer and x~."""
-    S, _, _, y = batch
-    P = tiny(seed=3).double()
-    xy = step_batches(y)
-    s1, s2, p1, p2 = copy.deepcopy(S), copy.deepcopy(S), copy.deepcopy(P), copy.deepcopy(P)
-    torch.manual_seed(7); ours, sgd = library_run(monkeypatch, 'peeraid', s1, None, xy, 0, peers={'peer': p1})
-    kept, seen = first_train_input_after(p2, 0)                       # the peer's first train-mode input is x~
-    def step(x, y):
-        kept.clear(); seen[0] = 0
-        return official_peeraid_step(s2, p2, x, y), kept[0]
-    p2.train()
-    torch.manual_seed(7); theirs = official_run(step, s2, xy, sgd, peers={'peer': p2})
-    assert_same_trajectory(ours, theirs)
-
-
-FAIR = [
-    pytest.param('ard', 0, True, id='fair-ard', marks=xfail(NESTEROV)),
-    pytest.param('ard', 0, False, id='fair-ard-without-nesterov'),
-    pytest.param('rslad', 0, True, id='fair-rslad', marks=xfail(NESTEROV)),
-    pytest.param('rslad', 0, False, id='fair-rslad-without-nesterov'),
-    pytest.param('iad', 0, True, id='fair-iad', marks=xfail(f'{FAIR_IAD_DEAD}; {NESTEROV}')),
-    pytest.param('iad', 0, False, id='fair-iad-before-begin-without-nesterov', marks=xfail(FAIR_IAD_DEAD)),
-    pytest.param('iad', 60, False, id='fair-iad-introspection-without-nesterov', marks=xfail(FAIR_IAD_DEAD)),
-]
-
-
-@pytest.mark.parametrize('base, epoch, nesterov', FAIR)
-def test_fair_ard_three_steps_match_the_official_scripts(batch, monkeypatch, base, epoch, nesterov):
-    """NISP-official/Fair-ARD on each base, with unequal class weights: the per-class Kappa counts too. The scripts'
-    SGD is Nesterov's; the cases without it check everything else against the same loop with plain momentum."""
-    S, T, _, y = batch
-    xy = step_batches(y)
-    s1, s2 = copy.deepcopy(S), copy.deepcopy(S)
-    torch.manual_seed(7)
-    ours, sgd = library_run(monkeypatch, 'fair-ard', s1, T, xy, epoch, weights=WEIGHTS, method_kwargs=dict(base=base))
-    if base == 'ard':
-        kept, seen = first_train_input_after(s2, 10)                  # after AttackPGD's 10 train-mode passes: S(x~)
-        def step(x, y):
-            kept.clear(); seen[0] = 0
-            loss, kappa = official_fair_ard_step(s2, T, x, y, WEIGHTS)
-            return loss, kept[0], kappa
-    else: step = fair_rslad_step(s2, T, WEIGHTS) if base == 'rslad' else fair_iad_step(s2, T, epoch, WEIGHTS)
-    torch.manual_seed(7); theirs = official_run(step, s2, xy, sgd, nesterov=nesterov)
+    ours, sgd = library_run(monkeypatch, case.method, s1, teacher, xy, case.epoch, peers=p1, weights=case.weights,
+                            **copy.deepcopy(case.cfg))
+    step = case.reference(s2, T, p2 and p2['peer'], monkeypatch, case.epoch)
+    torch.manual_seed(7); theirs = official_run(step, s2, xy, sgd, case.nesterov, peers=p2)
     assert_same_trajectory(ours, theirs)
 
 
