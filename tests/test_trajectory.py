@@ -1,9 +1,9 @@
-"""Three SGD steps of every method with official code, in float64 from one start: the library as its trainer runs it
-(`resolve_run`, `method_at`, `lr_at`, `training_loss(faithful=True)`, the teacher from `prepare_teacher` with its
-BatchNorm folded, the trainer's SGD) against a loop written from the official training script each reference names.
-After every step the student's (and peer's) weights and BatchNorm buffers and the inner point x~ agree to rounding.
-Where the library departs from the official script the case is a strict xfail naming the file and lines, so that it
-flips once the library follows the script."""
+"""Three SGD steps of every method with official code, in float64 from one start, against a loop written from the
+official training script each reference names. The library runs as a user runs it, `faithful=True`, two ways:
+`training_loss` with the trainer's SGD and its folded teacher (`prepare_teacher`), as `train_epoch` runs a batch,
+compared after each step on the student's (and peer's) weights, BatchNorm buffers and the inner point x~; and `train`
+itself, paused and resumed after each batch, compared on what its checkpoint holds. Where the library departs from the
+official script the case is a strict xfail naming the file and lines, so that it flips once the library follows it."""
 import copy
 from dataclasses import dataclass, field
 
@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import adaad.methods as M
+from adaad.checkpoint import read_checkpoint
+from adaad.data import CifarSplit, batches
 from adaad.fast import prepare_teacher
-from adaad.train import TrainConfig, lr_at, method_at, resolve_run
+from adaad.train import TrainConfig, lr_at, method_at, resolve, resolve_run, train
 from test_field_methods import (batch, official_adaad_inner, official_fair_ard_step, official_igdm_step,  # noqa: F401
                                 official_peeraid_step, official_saad_step, tiny)
 import test_field_methods
@@ -329,7 +331,9 @@ def fair_ard_step(S, T, reweight):
     kept, new_step = first_train_input_after(S, 10)                  # after AttackPGD's 10 train-mode passes: S(x~)
     def step(x, y):
         new_step()
-        loss, kappa = official_fair_ard_step(S, T, x, y, reweight)
+        old = torch.get_default_dtype(); torch.set_default_dtype(torch.float32)   # it counts in float32 zeros
+        try: loss, kappa = official_fair_ard_step(S, T, x, y, reweight)
+        finally: torch.set_default_dtype(old)
         return loss, kept[0], kappa
     return step
 
@@ -345,13 +349,13 @@ def peeraid_step(S, P):
     return step
 
 
-def igdm_step(S, T, P, mp, epoch):
+def igdm_step(S, T, P, mp, epoch, w=None):
     "HongsinLee/saad igdm.py:45-61 (`official_igdm_step`, its budget of line 49); x~ from its adaad_inner_loss."
     inner = recording(mp, test_field_methods, 'official_adaad_inner')
     return lambda x, y: (official_igdm_step(S, T, x, epoch + 1, step_size=8 / 255, epsilon=2 / 255), inner[-1])
 
 
-def saad_step(S, T, P, mp, epoch, epochs=200):
+def saad_step(S, T, P, mp, epoch, w=None, epochs=200):
     "HongsinLee/saad saad.py:48-86 (`official_saad_step`, main.sh's settings); x~ from its saad_inner_loss."
     inner = recording(mp, test_field_methods, 'official_saad_inner')
     return lambda x, y: (official_saad_step(S, T, x, y, epoch + 1, epochs), inner[-1])
@@ -378,7 +382,7 @@ OFFICIAL_IGDM = dict(eps=2 / 255, step_size=8 / 255)         # igdm.py:49 passes
 class Case:
     "A method as the library runs it (`cfg`: TrainConfig fields) and the official loop it should follow."
     method: str
-    reference: object                                        # (S, T, P, monkeypatch, epoch) -> step(x, y)
+    reference: object                                        # (S, T, P, monkeypatch, epoch, weights) -> step(x, y)
     cfg: dict = field(default_factory=dict)
     epoch: int = 0
     nesterov: bool = False                                   # the reference's SGD
@@ -388,35 +392,35 @@ class Case:
 
 
 CASES = dict(
-    pgd_at=Case('pgd-at', lambda S, T, P, mp, e: pgd_at_step(S)),
-    trades=Case('trades', lambda S, T, P, mp, e: trades_step(S)),
-    ard=Case('ard', lambda S, T, P, mp, e: ard_step(S, T)),
-    iad=Case('iad', lambda S, T, P, mp, e: iad_step(S, T, e), deviation=IAD_DEAD),
-    iad_introspection=Case('iad', lambda S, T, P, mp, e: iad_step(S, T, e, begin=0),
+    pgd_at=Case('pgd-at', lambda S, T, P, mp, e, w: pgd_at_step(S)),
+    trades=Case('trades', lambda S, T, P, mp, e, w: trades_step(S)),
+    ard=Case('ard', lambda S, T, P, mp, e, w: ard_step(S, T)),
+    iad=Case('iad', lambda S, T, P, mp, e, w: iad_step(S, T, e), deviation=IAD_DEAD),
+    iad_introspection=Case('iad', lambda S, T, P, mp, e, w: iad_step(S, T, e, begin=0),
                            dict(method_kwargs=dict(begin=0)), deviation=IAD_DEAD),
-    rslad=Case('rslad', lambda S, T, P, mp, e: rslad_step(S, T)),
-    adaad=Case('adaad', lambda S, T, P, mp, e: adaad_step(S, T)),
-    adaiad=Case('adaiad', lambda S, T, P, mp, e: adaiad_step(S, T, e)),
-    adaiad_introspection=Case('adaiad', lambda S, T, P, mp, e: adaiad_step(S, T, e, begin=0),
+    rslad=Case('rslad', lambda S, T, P, mp, e, w: rslad_step(S, T)),
+    adaad=Case('adaad', lambda S, T, P, mp, e, w: adaad_step(S, T)),
+    adaiad=Case('adaiad', lambda S, T, P, mp, e, w: adaiad_step(S, T, e)),
+    adaiad_introspection=Case('adaiad', lambda S, T, P, mp, e, w: adaiad_step(S, T, e, begin=0),
                               dict(method_kwargs=dict(begin=0))),
     igdm=Case('igdm', igdm_step, OFFICIAL_IGDM, deviation=IGDM_CLEAN),
     igdm_lean=Case('igdm', igdm_step, dict(OFFICIAL_IGDM, faithful=False)),
     saad=Case('saad', saad_step, deviation=SAAD_ORDER),
-    peeraid=Case('peeraid', lambda S, T, P, mp, e: peeraid_step(S, P), peer=True),
-    fair_ard=Case('fair-ard', lambda S, T, P, mp, e: fair_ard_step(S, T, WEIGHTS), nesterov=True, deviation=NESTEROV,
+    peeraid=Case('peeraid', lambda S, T, P, mp, e, w: peeraid_step(S, P), peer=True),
+    fair_ard=Case('fair-ard', lambda S, T, P, mp, e, w: fair_ard_step(S, T, w), nesterov=True, deviation=NESTEROV,
                   weights=WEIGHTS),
-    fair_ard_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e: fair_ard_step(S, T, WEIGHTS), weights=WEIGHTS),
-    fair_rslad=Case('fair-ard', lambda S, T, P, mp, e: fair_rslad_step(S, T, WEIGHTS),
+    fair_ard_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e, w: fair_ard_step(S, T, w), weights=WEIGHTS),
+    fair_rslad=Case('fair-ard', lambda S, T, P, mp, e, w: fair_rslad_step(S, T, w),
                     dict(method_kwargs=dict(base='rslad')), nesterov=True, deviation=NESTEROV, weights=WEIGHTS),
-    fair_rslad_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e: fair_rslad_step(S, T, WEIGHTS),
+    fair_rslad_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e, w: fair_rslad_step(S, T, w),
                                      dict(method_kwargs=dict(base='rslad')), weights=WEIGHTS),
-    fair_iad=Case('fair-ard', lambda S, T, P, mp, e: fair_iad_step(S, T, e, WEIGHTS),
+    fair_iad=Case('fair-ard', lambda S, T, P, mp, e, w: fair_iad_step(S, T, e, w),
                   dict(method_kwargs=dict(base='iad')), nesterov=True, deviation=f'{FAIR_IAD_DEAD}; {NESTEROV}',
                   weights=WEIGHTS),
-    fair_iad_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e: fair_iad_step(S, T, e, WEIGHTS),
+    fair_iad_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e, w: fair_iad_step(S, T, e, w),
                                    dict(method_kwargs=dict(base='iad')), deviation=FAIR_IAD_DEAD, weights=WEIGHTS),
     fair_iad_introspection_without_nesterov=Case(                   # fair-ard takes no `begin`: epoch 60 of 200
-        'fair-ard', lambda S, T, P, mp, e: fair_iad_step(S, T, e, WEIGHTS), dict(method_kwargs=dict(base='iad')),
+        'fair-ard', lambda S, T, P, mp, e, w: fair_iad_step(S, T, e, w), dict(method_kwargs=dict(base='iad')),
         epoch=60, deviation=FAIR_IAD_DEAD, weights=WEIGHTS),
 )
 
@@ -444,9 +448,67 @@ def test_three_steps_match_the_official_loop(batch, monkeypatch, case):
     torch.manual_seed(7)
     ours, sgd = library_run(monkeypatch, case.method, s1, teacher, xy, case.epoch, peers=p1, weights=case.weights,
                             **copy.deepcopy(case.cfg))
-    step = case.reference(s2, T, p2 and p2['peer'], monkeypatch, case.epoch)
+    step = case.reference(s2, T, p2 and p2['peer'], monkeypatch, case.epoch, case.weights)
     torch.manual_seed(7); theirs = official_run(step, s2, xy, sgd, case.nesterov, peers=p2)
     assert_same_trajectory(ours, theirs)
+
+
+# ---- the same steps through the trainer -----------------------------------------------------------------------------
+@pytest.fixture
+def float64_default():
+    "torch's default dtype float64 for one test: the trainer's images (`to_float`) and networks are then float64."
+    old = torch.get_default_dtype(); torch.set_default_dtype(torch.float64)
+    try: yield
+    finally: torch.set_default_dtype(old)
+
+
+def toy(name=None, num_classes=10, **kw):
+    "The `tiny` network for any architecture name, its seed drawn from the global RNG (which the trainer seeds)."
+    seed = torch.randint(2 ** 31, (), device='cpu')           # on the CPU also where `validate` builds it on 'meta'
+    return tiny(num_classes, seed=int(seed))
+
+
+def trainer_data(n=48, val=8):
+    "A split of `n` random uint8 images (three batches of 16, every class present) and `val` validation images."
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (n + val, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n + val) % 10
+    return CifarSplit(x[:n], y[:n], 10, split='train'), CifarSplit(x[n:], y[n:], 10, split='test')
+
+
+def trainer_run(tmp_path, case, teacher, data, steps=3):
+    """`train` itself, paused after every batch (`time_limit`) and resumed, for `steps` batches; the weights, BatchNorm
+    buffers (student's and peers') and Fair-ARD's counts its `last.pt` holds after each."""
+    cfg = TrainConfig(method=case.method, student='toy', batch_size=16, val_n=8, **{'faithful': True, **case.cfg})
+    out = []
+    for _ in range(steps):
+        r = train(cfg, teacher=teacher, out_dir=tmp_path, device='cpu', progress=False, data=data, time_limit=1e-9)
+        assert r['status'] == 'paused'
+        st = read_checkpoint(tmp_path / 'last.pt')
+        snap = {} if st.get('method_state') is None else {'kappa': st['method_state']['kappa'].double()}
+        for n, sd in (('student', st['state_dict']), *(st.get('peers') or {}).items()):
+            snap.update({f'{n}.{k}': v for k, v in sd.items()})
+        out.append(snap)
+    return out, resolve(cfg)
+
+
+@pytest.mark.parametrize('case', cases('trainer'))
+def test_the_trainer_takes_the_official_steps(tmp_path, monkeypatch, float64_default, case):
+    """`train` (its method, schedule, folded teacher, SGD, batches, RNG, pause and resume) with the toy network as its
+    architecture, on CIFAR-shaped uint8 images, against the official loop on the same augmented batches: weights,
+    BatchNorm buffers (and Fair-ARD's counts) after each of three steps. Fair-ARD starts from equal class weights."""
+    import adaad.train
+    monkeypatch.setattr(adaad.train, 'create_model', toy)
+    T = tiny(seed=1).eval()
+    data = trainer_data()
+    uses_teacher = M.get_method(case.method, **case.cfg.get('method_kwargs', {})).uses_teacher
+    ours, cfg = trainer_run(tmp_path, case, T if uses_teacher else None, data)
+    torch.manual_seed(cfg.seed); S = toy(); P = toy() if case.peer else None   # as train._setup draws them
+    step = case.reference(S, T, P, monkeypatch, 0, torch.ones(10))
+    xy = list(batches(data[0], cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, epoch=0))
+    torch.manual_seed(cfg.seed + 1)                                          # a fresh run's training RNG
+    theirs = official_run(step, S, xy, (cfg.lr, cfg.momentum, cfg.weight_decay), case.nesterov,
+                          peers=None if P is None else {'peer': P})
+    assert_same_trajectory(ours, [{k: v for k, v in t.items() if k != 'x_adv'} for t in theirs])
 
 
 # ---- the comparison itself ------------------------------------------------------------------------------------------
