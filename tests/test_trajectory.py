@@ -56,7 +56,7 @@ def snapshot(student, peers=None, x_adv=None, kappa=None):
 def library_run(monkeypatch, method, S, T, batches, epoch=0, peers=None, weights=None, **cfg):
     """The library's snapshots after each step, run as `train_epoch` runs a batch: method and schedule from
     `resolve_run`, the teacher as `_prepare` hands it over (`prepare_teacher`, folded), one SGD over student and peers,
-    `faithful=True`."""
+    `faithful=True` unless `cfg` says otherwise."""
     cfg, m = resolve_run(TrainConfig(method=method, faithful=cfg.pop('faithful', True), **cfg))
     m = method_at(m, cfg, epoch)
     frozen = None if T is None else copy.deepcopy(T).eval().requires_grad_(False)
@@ -74,13 +74,14 @@ def library_run(monkeypatch, method, S, T, batches, epoch=0, peers=None, weights
                                   peers=peers)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         out.append(snapshot(S, peers, points[-1], None if state is None else state['kappa'].double()))
-    return out, (cfg.lr, cfg.momentum, cfg.weight_decay)
+    return out
 
 
-def official_run(step, S, batches, sgd, nesterov=False, peers=None):
+def official_run(step, S, batches, wd, nesterov=False, peers=None):
     """Snapshots after each step of the official loop: `step(x, y)` returns (loss, x~[, per-class Kappa]); one SGD per
-    network as the scripts build it (lr, momentum, weight decay `sgd` as the library's, `nesterov` as the script's)."""
-    lr, momentum, wd = sgd
+    network as the scripts build it: lr 0.1 (its value in the first epoch in every script), momentum 0.9, weight decay
+    `wd`, Nesterov's momentum where `nesterov`."""
+    lr, momentum = 0.1, 0.9
     opts = [torch.optim.SGD(n.parameters(), lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov)
             for n in (S, *(peers or {}).values())]
     kappa, out = None, []
@@ -124,7 +125,7 @@ def sign_step(xa, grad, x, step_size, eps):
     return torch.clamp(torch.min(torch.max(xa, x - eps), x + eps), 0.0, 1.0)
 
 
-def train_mode_pgd(S, x, y, eps=8 / 255, step_size=2 / 255, steps=10, kappa=False):
+def train_mode_pgd(S, x, y, eps=8 / 255, step_size=2 / 255, steps=10):
     """goldblum/AdversariallyRobustDistillation main.py:68-79 (AttackPGD.forward; ZFancy/IAD IAD-I.py:95-106, and with
     Kappa NISP-official/Fair-ARD Fair-IAD.py:76-94): uniform start, train-mode student, summed CE; returns x~ and the
     per-example count of steps at which the student was right."""
@@ -272,7 +273,7 @@ def fair_iad_step(S, T, epoch, reweight, temp=1., alpha=1., beta_iad=0.1, begin=
     def step(x, y):
         S.train()
         teacher_outputs = T(x)
-        xa, kappa = train_mode_pgd(S, x, y, kappa=True)
+        xa, kappa = train_mode_pgd(S, x, y)
         outputs = S(xa)
         basic_net_outputs = S(x)
         S(xa).detach()                                              # basicop: never read
@@ -387,22 +388,23 @@ class Case:
     epoch: int = 0
     nesterov: bool = False                                   # the reference's SGD
     deviation: str = ''                                      # where the library departs from the script (xfail)
+    weight_decay: float = 2e-4                               # the script's (5e-4: boyellow/AdaAD main.py:64)
     peer: bool = False
     weights: object = None                                   # Fair-ARD's class weights in the method's state
 
 
 CASES = dict(
-    pgd_at=Case('pgd-at', lambda S, T, P, mp, e, w: pgd_at_step(S)),
+    pgd_at=Case('pgd-at', lambda S, T, P, mp, e, w: pgd_at_step(S), weight_decay=5e-4),
     trades=Case('trades', lambda S, T, P, mp, e, w: trades_step(S)),
     ard=Case('ard', lambda S, T, P, mp, e, w: ard_step(S, T)),
     iad=Case('iad', lambda S, T, P, mp, e, w: iad_step(S, T, e), deviation=IAD_DEAD),
     iad_introspection=Case('iad', lambda S, T, P, mp, e, w: iad_step(S, T, e, begin=0),
                            dict(method_kwargs=dict(begin=0)), deviation=IAD_DEAD),
     rslad=Case('rslad', lambda S, T, P, mp, e, w: rslad_step(S, T)),
-    adaad=Case('adaad', lambda S, T, P, mp, e, w: adaad_step(S, T)),
-    adaiad=Case('adaiad', lambda S, T, P, mp, e, w: adaiad_step(S, T, e)),
+    adaad=Case('adaad', lambda S, T, P, mp, e, w: adaad_step(S, T), weight_decay=5e-4),
+    adaiad=Case('adaiad', lambda S, T, P, mp, e, w: adaiad_step(S, T, e), weight_decay=5e-4),
     adaiad_introspection=Case('adaiad', lambda S, T, P, mp, e, w: adaiad_step(S, T, e, begin=0),
-                              dict(method_kwargs=dict(begin=0))),
+                              dict(method_kwargs=dict(begin=0)), weight_decay=5e-4),
     igdm=Case('igdm', igdm_step, OFFICIAL_IGDM, deviation=IGDM_CLEAN),
     igdm_lean=Case('igdm', igdm_step, dict(OFFICIAL_IGDM, faithful=False)),
     saad=Case('saad', saad_step, deviation=SAAD_ORDER),
@@ -446,10 +448,10 @@ def test_three_steps_match_the_official_loop(batch, monkeypatch, case):
     p1, p2 = ({'peer': tiny(seed=3).double()} for _ in range(2)) if case.peer else (None, None)
     teacher = T if M.get_method(case.method, **case.cfg.get('method_kwargs', {})).uses_teacher else None
     torch.manual_seed(7)
-    ours, sgd = library_run(monkeypatch, case.method, s1, teacher, xy, case.epoch, peers=p1, weights=case.weights,
-                            **copy.deepcopy(case.cfg))
+    ours = library_run(monkeypatch, case.method, s1, teacher, xy, case.epoch, peers=p1, weights=case.weights,
+                       **copy.deepcopy(case.cfg))
     step = case.reference(s2, T, p2 and p2['peer'], monkeypatch, case.epoch, case.weights)
-    torch.manual_seed(7); theirs = official_run(step, s2, xy, sgd, case.nesterov, peers=p2)
+    torch.manual_seed(7); theirs = official_run(step, s2, xy, case.weight_decay, case.nesterov, peers=p2)
     assert_same_trajectory(ours, theirs)
 
 
@@ -506,8 +508,7 @@ def test_the_trainer_takes_the_official_steps(tmp_path, monkeypatch, float64_def
     step = case.reference(S, T, P, monkeypatch, 0, torch.ones(10))
     xy = list(batches(data[0], cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, epoch=0))
     torch.manual_seed(cfg.seed + 1)                                          # a fresh run's training RNG
-    theirs = official_run(step, S, xy, (cfg.lr, cfg.momentum, cfg.weight_decay), case.nesterov,
-                          peers=None if P is None else {'peer': P})
+    theirs = official_run(step, S, xy, case.weight_decay, case.nesterov, peers=None if P is None else {'peer': P})
     assert_same_trajectory(ours, [{k: v for k, v in t.items() if k != 'x_adv'} for t in theirs])
 
 
@@ -524,8 +525,8 @@ def test_a_missing_dead_pass_or_another_optimiser_is_seen(batch, monkeypatch):
     "The comparison fails when the reference drops PGD-AT's dead S(x) pass (buffers) or uses Nesterov (weights)."
     S, _, _, y = batch
     xy = step_batches(y)
-    torch.manual_seed(7); ours, sgd = library_run(monkeypatch, 'pgd-at', copy.deepcopy(S), None, xy)
+    torch.manual_seed(7); ours = library_run(monkeypatch, 'pgd-at', copy.deepcopy(S), None, xy)
     for kw, nesterov, seen in ((dict(dead_pass=False), False, 'running_mean'), ({}, True, r'student\.0\.weight')):
         s2 = copy.deepcopy(S)
-        torch.manual_seed(7); theirs = official_run(pgd_at_step(s2, **kw), s2, xy, sgd, nesterov=nesterov)
+        torch.manual_seed(7); theirs = official_run(pgd_at_step(s2, **kw), s2, xy, 5e-4, nesterov=nesterov)
         with pytest.raises(AssertionError, match=seen): assert_same_trajectory(ours, theirs)
