@@ -514,7 +514,7 @@ def test_the_trainer_takes_the_official_steps(tmp_path, monkeypatch, float64_def
 
 # ---- the comparison itself ------------------------------------------------------------------------------------------
 def test_folding_the_teacher_is_exact_in_float64(batch):
-    "The trainer's folded teacher (prepare_teacher): the toy teacher's logits to about 2e-16 in float64 (2e-7 in float32)."
+    "prepare_teacher's folded teacher gives the toy teacher's logits to 2e-16 in float64 (2e-7 in float32)."
     _, T, x, _ = batch
     folded = prepare_teacher(copy.deepcopy(T))
     with torch.no_grad(): a, b = T.eval()(x), folded(x)
