@@ -74,7 +74,7 @@ def library_run(monkeypatch, method, S, T, batches, epoch=0, peers=None, weights
         loss, _ = M.training_loss(m, S, teacher, x, y, epoch=epoch, num_classes=10, faithful=cfg.faithful, state=state,
                                   peers=peers)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        out.append(snapshot(S, peers, points[-1], None if state is None else state['kappa'].double()))
+        out.append(snapshot(S, peers, points[-1], None if state is None else state['correct'].double()))
     return out
 
 
@@ -487,7 +487,7 @@ def trainer_run(tmp_path, case, teacher, data, steps=3):
         r = train(cfg, teacher=teacher, out_dir=tmp_path, device='cpu', progress=False, data=data, time_limit=1e-9)
         assert r['status'] == 'paused'
         st = read_checkpoint(tmp_path / 'last.pt')
-        snap = {} if st.get('method_state') is None else {'kappa': st['method_state']['kappa'].double()}
+        snap = {} if st.get('method_state') is None else {'kappa': st['method_state']['correct'].double()}
         for n, sd in (('student', st['state_dict']), *(st.get('peers') or {}).items()):
             snap.update({f'{n}.{k}': v for k, v in sd.items()})
         out.append(snap)
