@@ -181,6 +181,16 @@ PRESETS = {
         # each new row against PGD-AT and AdaAD (IGDM's base), Fair-ARD against its base ARD, SAAD
         # against IGDM (whose term it weights); PeerAiD's own base, a student with no teacher, is PGD-AT
         family=dict(references=('pgd-at', 'adaad'), pairs=(('fair-ard', 'ard'), ('saad', 'igdm')), attacks=('aa',))),
+    'cpu-strong-field2': dict(_STRONG,
+        scale='reduced scale (the cpu-strong teacher, students and settings; DGAD, MTARD, ABSLD and TRADES-AWP '
+              'beside PGD-AT and AdaAD; 3 seeds; reduced AutoAttack): not comparable to the paper',
+        methods=('pgd-at', 'trades-awp', 'adaad', 'dgad', 'mtard', 'absld'), variants={},
+        # ABSLD lowers its temperature step with the learning rate: at this preset's milestone, not the script's
+        method_kwargs={'absld': dict(step_milestones=(6,))},
+        # every row against the teacher-free baselines (PGD-AT, and TRADES-AWP, the strongest training without a
+        # teacher) and against AdaAD (the inner maximisation DGAD builds on): what a teacher adds, and what each
+        # method adds to AdaAD
+        family=dict(references=('pgd-at', 'trades-awp', 'adaad'), pairs=(), attacks=('aa',))),
     'paper': dict(
         scale='paper scale (official settings)',
         teacher=dict(source='robustbench', name='Chen2021LTD_WRN34_20',
