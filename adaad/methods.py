@@ -34,10 +34,10 @@ class Logits:
         self.peers = peers or {}                             # networks trained beside the student (Method.peer_archs)
 
     def input(self, at):
-        "$x$ for `at='nat'`, $\\tilde x$ for `at='adv'`."
-        check_choice('at', at, ('nat', 'adv'))
-        if at == 'adv' and self.x_adv is None: raise ValueError("x_adv is not set: run the inner maximisation first")
-        return self.x if at == 'nat' else self.x_adv
+        "$x$ for `at='nat'`, $\\tilde x$ for 'adv', the mirror point $x-\\delta$ ($\\delta=\\tilde x-x$) for 'mirror'."
+        check_choice('at', at, ('nat', 'adv', 'mirror'))
+        if at != 'nat' and self.x_adv is None: raise ValueError("x_adv is not set: run the inner maximisation first")
+        return self.x if at == 'nat' else self.x_adv if at == 'adv' else mirror_point(self.x, self.x_adv)
 
     def s(self, at):
         "The student's logits $S(x)$ or $S(\\tilde x)$, with a graph."
@@ -56,7 +56,8 @@ class Logits:
         return self.cache[key]
 
     def replay(self, passes):
-        "Run the student on `passes` ('nat'/'adv') in order; repeated passes run without a graph (BN statistics only)."
+        ("Run the student on `passes` ('nat'/'adv'/'mirror') in order; repeated passes run without a graph (BatchNorm "
+         "statistics only).")
         for at in passes:
             if ('s', at) in self.cache:
                 with torch.no_grad(): self.student(self.input(at))
@@ -116,6 +117,7 @@ class Method(metaclass=_FormerNames):
     milestones: ClassVar[tuple] = (100, 150)
     single_decay: ClassVar[bool] = False
     weight_decay: ClassVar[float] = 5e-4
+    nesterov: ClassVar[bool] = False               # the official SGD takes Nesterov momentum (trainer default)
     batch_sizes: ClassVar[dict] = {'cifar10': 128, 'cifar100': 128}
     swa: ClassVar[bool] = False                    # the official run reports a weight average (SWA; trainer default)
     swa_fraction: ClassVar[float] = 0.5            # its first epoch, as a share of the run's epochs
@@ -174,7 +176,8 @@ class Method(metaclass=_FormerNames):
          "each); none by default.")
         return ()
     def passes(self, epoch):
-        "The official sequence of student forward passes of one batch ('nat'/'adv'), repeats and dead passes included."
+        ("The official sequence of student forward passes of one batch ('nat'/'adv'/'mirror'), repeats and dead passes "
+         "included.")
         return ('adv',)
     def needs(self, epoch):
         "The student passes the loss reads at `epoch` (default: every pass of `passes`)."
@@ -419,7 +422,9 @@ class IAD(Method):
         s_nat = lg.s_nat if intro or self.distill_share != 1 else None
         return iad_loss(s_adv, lg.t_nat, y, s_nat, lg.t_adv if intro else None, epoch, self.tau, self.distill_share,
                         self.reliability_exponent, self.start)
-    def passes(self, epoch): return ('adv', 'nat') + (('nat',) if epoch >= self.start else ())
+    def passes(self, epoch):
+        "IAD-I.py's: S(x~), a dead S(x~) (line 169), S(x) for the CE, and from `begin` on S(x) for the introspection."
+        return ('adv', 'adv', 'nat') + (('nat',) if epoch >= self.start else ())
     def needs(self, epoch): return {'adv'} | ({'nat'} if epoch >= self.start or self.distill_share != 1 else set())
     for_run, start = _introspection_for_run, property(_introspection_start)
 
@@ -599,7 +604,7 @@ class MMARD(Method):
 
 # %% ../nbs/09_methods.ipynb #80cf7aaf
 _SCHEDULE = ('epochs', 'milestones', 'single_decay', 'weight_decay', 'batch_sizes', 'needs_teacher',
-             'needs_standard_teacher', 'swa', 'swa_fraction')
+             'needs_standard_teacher', 'swa', 'swa_fraction', 'nesterov')
 
 @dataclass(frozen=True)
 class Combo(Method):
@@ -709,11 +714,8 @@ class PlugIn(Method):
     for_run, for_dataset, run_warnings = _base_for_run, _base_for_dataset, _base_run_warnings
 
 def _mirror_logits(lg):
-    "$S(x-\\delta)$ with a graph and $T(x-\\delta)$ without, for $\\delta = \\tilde x - x$ (not cached)."
-    xm = mirror_point(lg.x, lg.input('adv'))
-    s = lg.student(xm)
-    with torch.no_grad(), frozen_eval(lg.teacher): t = lg.teacher(xm)
-    return s, t
+    "$S(x-\\delta)$ with a graph and $T(x-\\delta)$ without, for $\\delta = \\tilde x - x$: the pass 'mirror'."
+    return lg.s('mirror'), lg.t('mirror')
 
 @register
 @dataclass(frozen=True)
@@ -741,7 +743,12 @@ class IGDM(PlugIn):
         base = self._base.loss(lg, y, epoch)
         s_minus, t_minus = _mirror_logits(lg)
         return igdm_loss(base, lg.s_adv, s_minus, lg.t_adv, t_minus, epoch, self.matching_weight, self.ramp_epochs)
-    def needs(self, epoch): return self._base.needs(epoch) | {'adv'}
+    def passes(self, epoch):
+        ("igdm.py's S(x+delta), S(x-delta) on AdaAD (then S(x) where its loss reads it); on another base, the base's "
+         "passes, then S(x-delta).")
+        if type(self._base) is AdaAD: return ('adv', 'mirror') + (('nat',) if 'nat' in self._base.needs(epoch) else ())
+        return self._base.passes(epoch) + ('mirror',)
+    def needs(self, epoch): return self._base.needs(epoch) | {'adv', 'mirror'}
     def run_warnings(self, epochs):
         ("The base's warnings, and one when the ramp and the run differ in length (the term ends below or "
          "above `matching_weight`).")
@@ -779,6 +786,7 @@ class FairARD(PlugIn):
     name = 'fair-ard'
     source = ('NISP-official/Fair-ARD Fair-ARD.py, Fair-IAD.py, Fair-RSLAD.py (AttackPGD / rslad_inner_loss Kappa, '
               'weight_assign, train)')
+    nesterov = True                                 # Fair-ARD.py:160, Fair-IAD.py:214, Fair-RSLAD.py:85
     state_sums = ('correct', 'count')
     renamed_state = dict(kappa='correct')
     ranges = dict(class_weight_exponent=(0., math.inf, "beta, the exponent of a class's difficulty in its weight; "
@@ -812,6 +820,9 @@ class FairARD(PlugIn):
         w = None if lg.state is None else lg.state['weights']
         if w is None or bool((w == 1).all()): return full
         return classwise_weighted(lambda keep: self._base.loss(_rows(lg, keep), y[keep], epoch), y, w)
+    def passes(self, epoch):
+        "The base's passes; on IAD, Fair-IAD.py's (lines 164-170): S(x~), S(x), then a dead S(x~), at every epoch."
+        return ('adv', 'nat', 'adv') if isinstance(self._base, IAD) else self._base.passes(epoch)
 
 for _k in _SCHEDULE[:5]:
     setattr(FairARD, _k, property(lambda self, _k=_k: getattr(self._base, _k)))
@@ -856,8 +867,8 @@ class SAAD(Method):
         return saad_loss(s_adv, lg.t_adv, s_minus, t_minus, lg.s_nat if clean else None, lg.t_nat if clean else None,
                          epoch, _official(self, 'matching_weight', lg), self.ramp_epochs or type(self).epochs,
                          self.clean_weight, self.entropy_order, self.entropy_scale)
-    def passes(self, epoch): return ('adv', 'nat')
-    def needs(self, epoch): return {'adv'} | ({'nat'} if self.clean_weight != 0 else set())
+    def passes(self, epoch): return ('adv', 'mirror', 'nat')      # saad.py:64-66, S(x) run whatever beta
+    def needs(self, epoch): return {'adv', 'mirror'} | ({'nat'} if self.clean_weight != 0 else set())
     def for_run(self, epochs): return self if self.ramp_epochs is not None else replace(self, ramp_epochs=epochs)
 
 # %% ../nbs/09_methods.ipynb #87351db5

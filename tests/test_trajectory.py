@@ -365,18 +365,6 @@ def saad_step(S, T, P, mp, epoch, w=None, epochs=200):
 
 # ---- the cases ------------------------------------------------------------------------------------------------------
 WEIGHTS = torch.linspace(5 / 6, 5 / 2, 10)                   # Fair-ARD's class weights: unequal, float32 as the state's
-IAD_DEAD = ("IAD-I.py:169 runs the student at x~ a second time (basicop = basic_net(pert_inputs).detach(), never "
-            "read) right after the loss's S(x~) (line 166); IAD.passes has no such dead 'adv' pass, so the BatchNorm "
-            "buffers differ")
-FAIR_IAD_DEAD = ("Fair-IAD.py:164-170 run S(x~), S(x), then a dead S(x~) (basicop, never read) at every epoch, the "
-                 "introspection term reading that one S(x); on base 'iad' the library runs IAD's passes ('adv', 'nat', "
-                 "and a second 'nat' from begin on), so the BatchNorm buffers differ")
-IGDM_CLEAN = ("igdm.py:55-56 runs S(x+delta) and S(x-delta) only; with faithful=True IGDM replays its base AdaAD's "
-              "passes (IGDM.passes is AdaAD.passes: 'nat', 'adv'), whose S(x) igdm.py never runs, so the BatchNorm "
-              "buffers (and the next x~) differ")
-SAAD_ORDER = ("saad.py:64-66 runs S(x~), S(x - delta), S(x) in this order; SAAD.passes ('adv', 'nat') replayed before "
-              "the loss and the mirror pass inside SAAD.loss (_mirror_logits) run S(x~), S(x), S(x - delta), so the "
-              "BatchNorm buffers (and the next x~) differ")
 OFFICIAL_IGDM = dict(eps=2 / 255, step_size=8 / 255)         # igdm.py:49 passes step_size=8/255, epsilon=2/255
 
 
@@ -398,17 +386,17 @@ CASES = dict(
     pgd_at=Case('pgd-at', lambda S, T, P, mp, e, w: pgd_at_step(S), weight_decay=5e-4),
     trades=Case('trades', lambda S, T, P, mp, e, w: trades_step(S)),
     ard=Case('ard', lambda S, T, P, mp, e, w: ard_step(S, T)),
-    iad=Case('iad', lambda S, T, P, mp, e, w: iad_step(S, T, e), deviation=IAD_DEAD),
+    iad=Case('iad', lambda S, T, P, mp, e, w: iad_step(S, T, e)),
     iad_introspection=Case('iad', lambda S, T, P, mp, e, w: iad_step(S, T, e, begin=0),
-                           dict(method_kwargs=dict(begin=0)), deviation=IAD_DEAD),
+                           dict(method_kwargs=dict(begin=0))),
     rslad=Case('rslad', lambda S, T, P, mp, e, w: rslad_step(S, T)),
     adaad=Case('adaad', lambda S, T, P, mp, e, w: adaad_step(S, T), weight_decay=5e-4),
     adaiad=Case('adaiad', lambda S, T, P, mp, e, w: adaiad_step(S, T, e), weight_decay=5e-4),
     adaiad_introspection=Case('adaiad', lambda S, T, P, mp, e, w: adaiad_step(S, T, e, begin=0),
                               dict(method_kwargs=dict(begin=0)), weight_decay=5e-4),
-    igdm=Case('igdm', igdm_step, OFFICIAL_IGDM, deviation=IGDM_CLEAN),
+    igdm=Case('igdm', igdm_step, OFFICIAL_IGDM),
     igdm_lean=Case('igdm', igdm_step, dict(OFFICIAL_IGDM, faithful=False)),
-    saad=Case('saad', saad_step, deviation=SAAD_ORDER),
+    saad=Case('saad', saad_step),
     peeraid=Case('peeraid', lambda S, T, P, mp, e, w: peeraid_step(S, P), peer=True),
     fair_ard=Case('fair-ard', lambda S, T, P, mp, e, w: fair_ard_step(S, T, w), nesterov=True, deviation=NESTEROV,
                   weights=WEIGHTS),
@@ -418,13 +406,13 @@ CASES = dict(
     fair_rslad_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e, w: fair_rslad_step(S, T, w),
                                      dict(method_kwargs=dict(base='rslad')), weights=WEIGHTS),
     fair_iad=Case('fair-ard', lambda S, T, P, mp, e, w: fair_iad_step(S, T, e, w),
-                  dict(method_kwargs=dict(base='iad')), nesterov=True, deviation=f'{FAIR_IAD_DEAD}; {NESTEROV}',
+                  dict(method_kwargs=dict(base='iad')), nesterov=True, deviation=NESTEROV,
                   weights=WEIGHTS),
     fair_iad_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e, w: fair_iad_step(S, T, e, w),
-                                   dict(method_kwargs=dict(base='iad')), deviation=FAIR_IAD_DEAD, weights=WEIGHTS),
+                                   dict(method_kwargs=dict(base='iad')), weights=WEIGHTS),
     fair_iad_introspection_without_nesterov=Case(                   # fair-ard takes no `begin`: epoch 60 of 200
         'fair-ard', lambda S, T, P, mp, e, w: fair_iad_step(S, T, e, w), dict(method_kwargs=dict(base='iad')),
-        epoch=60, deviation=FAIR_IAD_DEAD, weights=WEIGHTS),
+        epoch=60, weights=WEIGHTS),
 )
 
 
