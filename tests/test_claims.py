@@ -43,10 +43,12 @@ def test_bf16_autocast_keeps_the_attack_as_strong(robust_zoo, cifar_test):
     assert 0.9 <= r['sign_agreement'] < 1, r
 
 
-@pytest.mark.parametrize('fold', [True, False])
-def test_the_trainer_folds_the_teacher_only_when_asked(tmp_path, fold):
-    """`fold_teacher=True` gives the run a teacher without BatchNorms (folded into its convolutions), `False` keeps them;
-    either way the teacher's logits are the same (an ignored flag would leave the count unchanged in one case)."""
+@pytest.mark.parametrize('fold,faithful,folded', [(True, False, True), (False, False, False), (None, False, True),
+                                                  (None, True, False), (True, True, True)])
+def test_the_trainer_folds_the_teacher_only_when_asked(tmp_path, fold, faithful, folded):
+    """`fold_teacher=True` gives the run a teacher without BatchNorms (folded into its convolutions), `False` keeps them,
+    None folds unless `faithful` (the official code's teacher is unfolded); either way the teacher's logits are the same
+    (an ignored flag would leave the count unchanged in one case)."""
     from adaad.data import CifarSplit
     from adaad.fast import count_batchnorms
     from adaad.train import TrainConfig, start_run
@@ -59,8 +61,8 @@ def test_the_trainer_folds_the_teacher_only_when_asked(tmp_path, fold):
         for m in t.modules():
             if isinstance(m, torch.nn.BatchNorm2d): m.running_mean.uniform_(-.2, .2); m.running_var.uniform_(.5, 2.)
     t.eval()
-    run = start_run(TrainConfig(method='adaad', student='wrn-10-1', epochs=1, fold_teacher=fold, val_n=8), teacher=t,
-                    out_dir=tmp_path, device='cpu', progress=False, data=data)
-    assert (count_batchnorms(run.teacher) < count_batchnorms(t)) == fold
+    run = start_run(TrainConfig(method='adaad', student='wrn-10-1', epochs=1, fold_teacher=fold, faithful=faithful,
+                                val_n=8), teacher=t, out_dir=tmp_path, device='cpu', progress=False, data=data)
+    assert (count_batchnorms(run.teacher) < count_batchnorms(t)) == folded == run.cfg.fold_teacher
     xb = x[:8].float() / 255
     with torch.no_grad(): torch.testing.assert_close(run.teacher(xb), t(xb), rtol=1e-4, atol=1e-4)

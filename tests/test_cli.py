@@ -125,7 +125,8 @@ def test_console_script_installed():
     assert '--eps-ramp-epochs' in out.stdout and '--standard-teacher' in out.stdout
 
 
-@pytest.mark.parametrize('flags, compile_, fold', [([], False, True), (['--compile', '--no-fold-teacher'], True, False)])
+@pytest.mark.parametrize('flags, compile_, fold', [([], False, None), (['--compile', '--no-fold-teacher'], True, False),
+                                                  (['--fold-teacher'], False, True)])
 def test_speed_flags_reach_the_config(flags, compile_, fold):
     from adaad.cli import config_from_args
     a = parser().parse_args(['train', '--method', 'adaad', '--student', 'wrn-10-1', '--teacher', 't.pt',

@@ -221,6 +221,46 @@ def test_new_fields_with_defaults_do_not_orphan_old_runs(tmp_path):
         check_identity(tmp_path, run_identity(_cfg(eps_start=1 / 255, eps_ramp_epochs=2), data=_identity_data()))
 
 
+@pytest.mark.parametrize('method,kw,nesterov', [('fair-ard', {}, True), ('fair-ard', dict(method_kwargs=dict(base='iad')), True),
+                                                ('ard', {}, False), ('fair-ard', dict(nesterov=False), False),
+                                                ('ard', dict(nesterov=True), True), ('ard', dict(inner='fair-ard'), False),
+                                                ('fair-ard', dict(inner='ard'), True)])
+def test_nesterov_is_the_methods_official_choice_and_reaches_the_sgd(tmp_path, method, kw, nesterov):
+    "None resolves to the method's fact (Fair-ARD's scripts use Nesterov; a combination the outer method's); the run's SGD takes it."
+    from adaad.train import resolve, start_run
+    cfg = _cfg(method=method, **kw)
+    assert resolve(cfg).nesterov is nesterov
+    teacher = create_model('wrn-10-1').eval() if method != 'pgd-at' else None
+    run = start_run(cfg, teacher=teacher, out_dir=tmp_path, device='cpu', progress=False, data=_identity_data())
+    assert run.opt.param_groups[0]['nesterov'] is nesterov and run.cfg.nesterov is nesterov
+    run.close()
+
+
+@pytest.mark.parametrize('kw,official', [(dict(method='fair-ard'), True), (dict(method='ard', nesterov=True), False)])
+def test_nesterov_without_momentum_is_refused(kw, official):
+    from adaad.train import resolve
+    with pytest.raises(ValueError, match='nesterov=True needs momentum > 0' + ('.*official choice of fair-ard' if official else '')):
+        resolve(_cfg(momentum=0., **kw))
+    assert resolve(_cfg(momentum=0., **{**kw, 'nesterov': False})).nesterov is False
+
+
+@pytest.mark.parametrize('method', ['pgd-at', 'fair-ard'])
+def test_folders_from_before_nesterov_hold_runs_without_it(tmp_path, method):
+    """An identity written before `nesterov` existed is a run without Nesterov's momentum: the same run as now for every
+    method whose official SGD has none; for Fair-ARD the same run as nesterov=False, and not the official (Nesterov) one."""
+    import json as _json
+    from adaad.train import check_identity, run_identity
+    t = create_model('wrn-10-1').eval()
+    ident = lambda **kw: run_identity(_cfg(method=method, **kw), teacher=t, data=_identity_data())
+    old = _json.loads(_json.dumps(ident(nesterov=False))); del old['config']['nesterov']
+    (tmp_path / 'identity.json').write_text(_json.dumps(old)); (tmp_path / 'last.pt').touch()
+    check_identity(tmp_path, ident(nesterov=False))                      # recognised as what it holds
+    if method == 'pgd-at': check_identity(tmp_path, ident())           # the default run, as before
+    else:
+        with pytest.raises(ValueError, match=r'config\.nesterov: False \(folder\) != True \(now\)'):
+            check_identity(tmp_path, ident())
+
+
 def test_eps_ramp_reaches_the_inner_maximisation(tmp_path):
     "With a ramp the logged radius grows epoch by epoch to eps, and the method each epoch trains with has that radius."
     import json as _json

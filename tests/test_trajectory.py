@@ -1,6 +1,6 @@
 """Three SGD steps of every method with official code, in float64 from one start, against a loop written from the
 official training script each reference names. The library runs as a user runs it, `faithful=True`, two ways:
-`training_loss` with the trainer's SGD and its folded teacher (`prepare_teacher`), as `train_epoch` runs a batch,
+`training_loss` with the trainer's SGD and its teacher (`prepare_teacher`, unfolded), as `train_epoch` runs a batch,
 compared after each step on the student's (and peer's) weights, BatchNorm buffers and the inner point x~; and `train`
 itself, paused and resumed after each batch, compared on what its checkpoint holds. Where the library departs from the
 official script the case is a strict xfail naming the file and lines, so that it flips once the library follows it."""
@@ -25,8 +25,6 @@ pytestmark = [pytest.mark.usefixtures('one_thread'),
               pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")]   # the scripts' nn.KLDivLoss() default
 
 RTOL, ATOL = 1e-10, 1e-13
-NESTEROV = ("Fair-ARD.py:160, Fair-IAD.py:214 and Fair-RSLAD.py:85 build SGD with nesterov=True; the trainer's SGD "
-            "(train._setup) has no Nesterov momentum")
 
 
 # ---- the two sides --------------------------------------------------------------------------------------------------
@@ -56,15 +54,15 @@ def snapshot(student, peers=None, x_adv=None, kappa=None):
 
 def library_run(monkeypatch, method, S, T, batches, epoch=0, peers=None, weights=None, **cfg):
     """The library's snapshots after each step, run as `train_epoch` runs a batch: method and schedule from
-    `resolve_run`, the teacher as `_prepare` hands it over (`prepare_teacher`, folded), one SGD over student and peers,
-    `faithful=True` unless `cfg` says otherwise."""
+    `resolve_run`, the teacher as `_prepare` hands it over (`prepare_teacher`, folded unless faithful), one SGD over
+    student and peers (Nesterov's momentum as resolved), `faithful=True` unless `cfg` says otherwise."""
     cfg, m = resolve_run(TrainConfig(method=method, faithful=cfg.pop('faithful', True), **cfg))
     m = method_at(m, cfg, epoch)
     frozen = None if T is None else copy.deepcopy(T).eval().requires_grad_(False)
     teacher = None if T is None else prepare_teacher(frozen, fold_bn=cfg.fold_teacher)
     groups = [{'params': n.parameters()} for n in (S, *peers.values())] if peers else S.parameters()   # as train._setup
     opt = torch.optim.SGD(groups, lr=lr_at(epoch, cfg.lr, cfg.milestones, cfg.single_decay), momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     state = m.new_state(10)
     if state is not None and weights is not None: state['weights'].copy_(weights)
     points, out = recording(monkeypatch, M, 'inner_point'), []
@@ -365,6 +363,7 @@ def saad_step(S, T, P, mp, epoch, w=None, epochs=200):
 
 # ---- the cases ------------------------------------------------------------------------------------------------------
 WEIGHTS = torch.linspace(5 / 6, 5 / 2, 10)                   # Fair-ARD's class weights: unequal, float32 as the state's
+NO_NESTEROV = dict(nesterov=False)                           # Fair-ARD's scripts' SGD without Nesterov's momentum
 OFFICIAL_IGDM = dict(eps=2 / 255, step_size=8 / 255)         # igdm.py:49 passes step_size=8/255, epsilon=2/255
 
 
@@ -398,20 +397,20 @@ CASES = dict(
     igdm_lean=Case('igdm', igdm_step, dict(OFFICIAL_IGDM, faithful=False)),
     saad=Case('saad', saad_step),
     peeraid=Case('peeraid', lambda S, T, P, mp, e, w: peeraid_step(S, P), peer=True),
-    fair_ard=Case('fair-ard', lambda S, T, P, mp, e, w: fair_ard_step(S, T, w), nesterov=True, deviation=NESTEROV,
-                  weights=WEIGHTS),
-    fair_ard_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e, w: fair_ard_step(S, T, w), weights=WEIGHTS),
+    fair_ard=Case('fair-ard', lambda S, T, P, mp, e, w: fair_ard_step(S, T, w), nesterov=True, weights=WEIGHTS),
+    fair_ard_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e, w: fair_ard_step(S, T, w), NO_NESTEROV,
+                                   weights=WEIGHTS),
     fair_rslad=Case('fair-ard', lambda S, T, P, mp, e, w: fair_rslad_step(S, T, w),
-                    dict(method_kwargs=dict(base='rslad')), nesterov=True, deviation=NESTEROV, weights=WEIGHTS),
+                    dict(method_kwargs=dict(base='rslad')), nesterov=True, weights=WEIGHTS),
     fair_rslad_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e, w: fair_rslad_step(S, T, w),
-                                     dict(method_kwargs=dict(base='rslad')), weights=WEIGHTS),
+                                     dict(NO_NESTEROV, method_kwargs=dict(base='rslad')), weights=WEIGHTS),
     fair_iad=Case('fair-ard', lambda S, T, P, mp, e, w: fair_iad_step(S, T, e, w),
-                  dict(method_kwargs=dict(base='iad')), nesterov=True, deviation=NESTEROV,
-                  weights=WEIGHTS),
+                  dict(method_kwargs=dict(base='iad')), nesterov=True, weights=WEIGHTS),
     fair_iad_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e, w: fair_iad_step(S, T, e, w),
-                                   dict(method_kwargs=dict(base='iad')), weights=WEIGHTS),
+                                   dict(NO_NESTEROV, method_kwargs=dict(base='iad')), weights=WEIGHTS),
     fair_iad_introspection_without_nesterov=Case(                   # fair-ard takes no `begin`: epoch 60 of 200
-        'fair-ard', lambda S, T, P, mp, e, w: fair_iad_step(S, T, e, w), dict(method_kwargs=dict(base='iad')),
+        'fair-ard', lambda S, T, P, mp, e, w: fair_iad_step(S, T, e, w),
+        dict(NO_NESTEROV, method_kwargs=dict(base='iad')),
         epoch=60, weights=WEIGHTS),
 )
 
