@@ -67,8 +67,8 @@ def count_student_passes(S):
 
 @pytest.mark.parametrize('name,epoch,lean,faithful', [
     ('adaad', 0, 1, 2), ('adaiad', 0, 1, 3), ('adaiad', 60, 2, 4), ('pgd-at', 0, 1, 2), ('trades', 0, 2, 3),
-    ('ard', 0, 1, 2), ('iad', 0, 1, 2), ('iad', 60, 2, 3), ('rslad', 0, 2, 2), ('akd', 0, 1, 1), ('mmard', 0, 2, 2),
-    ('natural', 0, 1, 1)])
+    ('ard', 0, 1, 2), ('iad', 0, 1, 3), ('iad', 60, 2, 4), ('rslad', 0, 2, 2), ('akd', 0, 1, 1), ('mmard', 0, 2, 2),
+    ('natural', 0, 1, 1), ('igdm', 0, 2, 2), ('saad', 0, 2, 3)])
 def test_outer_passes_lean_and_faithful(setup, name, epoch, lean, faithful):
     "Student forwards after the 10 inner steps: the default runs only what the loss needs, faithful=True the official sequence."
     S, T, x, y = setup
