@@ -173,7 +173,9 @@ PRESETS = {
         scale='reduced scale (the cpu-strong teacher, students and settings; the methods since AdaAD beside PGD-AT, '
               'ARD and AdaAD; 3 seeds; IGDM\'s weight ramped over the 8 epochs, as SAAD\'s; reduced AutoAttack): not '
               'comparable to the paper',
-        methods=('pgd-at', 'ard', 'adaad', 'igdm', 'saad', 'fair-ard', 'peeraid'), variants={},
+        methods=('pgd-at', 'ard', 'adaad', 'igdm', 'saad', 'fair-ard', 'peeraid'),
+        # its Fair-ARD cells were trained before Nesterov's momentum (Fair-ARD's scripts' SGD) was the default
+        variants={'fair-ard': dict(nesterov=False)},
         # igdm.py ramps its term as t/200 in a 200-epoch run (full weight at the end);
         # here it reaches full weight at the end of the 8 epochs too (SAAD's script
         # ramps over its run's epochs, as here); the class keeps the script's 200

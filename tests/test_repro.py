@@ -33,6 +33,15 @@ def test_presets_are_data():
     with pytest.raises(ValueError, match='preset must be one of'): preset_config('huge')
 
 
+def test_cpu_strong_field_keeps_its_fair_ard_cells_without_nesterov():
+    "Its committed Fair-ARD cells were trained with plain momentum: the preset resumes them so; every other row as before."
+    from adaad.train import resolve
+    from adaad.repro import train_config
+    c = preset_config('cpu-strong-field')
+    assert {m: resolve(train_config(c, m, 'resnet18-w8')).nesterov for m in c['methods']} == {m: False for m in c['methods']}
+    assert resolve(train_config(dict(c, variants={}), 'fair-ard', 'resnet18-w8')).nesterov is True   # the default
+
+
 def test_cifar100_preset_has_the_official_settings():
     "paper-cifar100: RobustBench's CIFAR-100 LTD teacher, CIFAR-100 in every training, ARD's batch 256, AdaAD's batchmean KL."
     from adaad.losses import adaad_reduction
