@@ -125,14 +125,16 @@ def test_console_script_installed():
     assert '--eps-ramp-epochs' in out.stdout and '--standard-teacher' in out.stdout
 
 
-@pytest.mark.parametrize('flags, compile_, fold', [([], False, None), (['--compile', '--no-fold-teacher'], True, False),
-                                                  (['--fold-teacher'], False, True)])
-def test_speed_flags_reach_the_config(flags, compile_, fold):
+@pytest.mark.parametrize('flags, compile_, fold, nesterov', [([], False, None, None),
+                                                            (['--compile', '--no-fold-teacher', '--no-nesterov'], True, False, False),
+                                                            (['--fold-teacher', '--nesterov'], False, True, True)])
+def test_speed_flags_reach_the_config(flags, compile_, fold, nesterov):
+    "--fold-teacher and --nesterov: unset, None (fold unless faithful; the method's official momentum); either way when given."
     from adaad.cli import config_from_args
     a = parser().parse_args(['train', '--method', 'adaad', '--student', 'wrn-10-1', '--teacher', 't.pt',
                              '--teacher-arch', 'wrn-10-1', *flags])
     c = config_from_args(a)
-    assert (c.compile, c.fold_teacher) == (compile_, fold)
+    assert (c.compile, c.fold_teacher, c.nesterov) == (compile_, fold, nesterov)
 
 
 def test_every_field_reaches_the_config():
