@@ -84,6 +84,7 @@ def test_dry_run_of_the_methods_since_adaad(data_root, tmp_path):
     conf = {r['method']: r['train']['config'] for r in res['rows'][1:]}
     assert conf['saad']['swa'] and conf['peeraid']['swa'] and not conf['adaad']['swa']
     assert conf['peeraid']['method_kwargs']['peer_arch'] is None and conf['fair-ard']['method_kwargs']['base'] == 'ard'
+    assert conf['fair-ard']['nesterov'] is False and not any(c['nesterov'] for c in conf.values())   # as committed
     fam = res['family']
     assert ('fair-ard', 'ard') in [tuple(p) for p in fam['pairs']] and fam['size'] > 0
 
