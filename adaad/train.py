@@ -92,8 +92,8 @@ class TrainConfig:
     swa_start: int | None = _f(None, "first 0-based epoch in the weight average (None: the method's share of the run, "
                                      "swa_fraction)", _int0)
     awp_gamma: float | None = _f(None, "adversarial weight perturbation (AWP): its size, a share of each perturbed "
-                                       "weight's norm (None: the method's default, off except for trades-awp and "
-                                       "pgd-at-awp; 0: off)",
+                                       "weight's norm (None: the method's default, on only for the AWP methods; "
+                                       "0: off)",
                                  (lambda v: is_real(v) and math.isfinite(v) and v >= 0, 'a finite number >= 0'))
     awp_warmup: int | None = _f(None, "AWP: the epochs trained before it starts, i.e. its first 0-based epoch (None: "
                                       "the method's share of the run, awp_warmup_fraction)", _int0)

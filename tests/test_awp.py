@@ -288,7 +288,8 @@ def test_trains_and_a_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeyp
     assert train(cfg, out_dir=tmp_path / 'paused', device='cpu', progress=False, data=data)['status'] == 'done'
     train(dataclasses.replace(cfg, awp_gamma=0., awp_warmup=None), out_dir=tmp_path / 'plain', device='cpu',
           progress=False, data=data)
-    whole, paused, plain = (read_checkpoint(tmp_path / d / 'final.pt')['state_dict'] for d in ('whole', 'paused', 'plain'))
+    whole, paused, plain = (read_checkpoint(tmp_path / d / 'final.pt')['state_dict']
+                            for d in ('whole', 'paused', 'plain'))
     for k in whole: torch.testing.assert_close(paused[k], whole[k], rtol=0, atol=0, msg=k)
     assert not torch.equal(plain['0.weight'], whole['0.weight'])
     assert json.loads((tmp_path / 'whole' / 'config.json').read_text())['awp_gamma'] == 0.005
