@@ -302,3 +302,31 @@ def test_the_option_is_on_the_command_line():
     c = config_from_args(a)
     assert (c.awp_gamma, c.awp_warmup) == (0.01, 2)
     with pytest.raises(SystemExit): parser().parse_args(['train', '--awp-gamma', '-1'])
+
+
+def _ddp_worker(rank, world, port, out):
+    "One gloo rank training pgd-at-awp on its half of each batch; its final weights saved as rank{rank}.pt."
+    import os
+    from adaad.models import MODELS
+    from test_train import _marked_data, _NoBN
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    MODELS['_nobn'] = lambda num_classes, **kw: _NoBN(num_classes)
+    torch.set_num_threads(1)
+    cfg = TrainConfig(method='pgd-at-awp', student='_nobn', epochs=1, batch_size=32, val_n=32, steps=2,
+                      awp_gamma=0.05)
+    r = train(cfg, out_dir=out, device='cpu', progress=False, data=_marked_data())
+    torch.save(r['model'].state_dict(), f'{out}/rank{rank}.pt')
+    torch.distributed.destroy_process_group()
+
+
+def test_distributed_ranks_perturb_alike(tmp_path):
+    """Two gloo ranks, each with its half of every batch: the proxy's gradients are averaged, so both perturb their
+    weights alike and end on the same weights (a rank-local perturbation would leave the weight decay, taken on the
+    perturbed weights, different on each rank)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    for k in a: assert torch.equal(a[k], b[k]), k
