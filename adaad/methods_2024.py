@@ -155,7 +155,7 @@ class MTARD(Method):
     (`mtard_share`). Official files: `zhaoshiji123/MTARD mtard/mtard_resnet18_cifar10.py`, `mtard/mtard_loss.py`."""
     name = 'mtard'
     source = 'zhaoshiji123/MTARD mtard/mtard_resnet18_cifar10.py (training loop, weight update), mtard/mtard_loss.py'
-    needs_standard_teacher = True
+    needs_natural_teacher = True
     weight_decay, epochs, milestones = 2e-4, 300, (215, 260, 285)
     positive = ('tau',)
     ranges = dict(share_rate=(0., 1., "alpha, the step of the natural teacher's share towards its relative loss"),
@@ -195,7 +195,7 @@ class MTARD(Method):
     def loss(self, lg, y, epoch):
         s_adv, s_nat = lg.s_adv, lg.s_nat
         l_adv = mtard_kl(s_adv, lg.t_adv, self.tau)
-        l_nat = mtard_kl(s_nat, lg.t('nat', standard=True), self.tau)
+        l_nat = mtard_kl(s_nat, lg.t('nat', natural=True), self.tau)
         w_adv, w_nat = self.shares(lg, l_adv, l_nat, epoch)
         return w_adv * l_adv + w_nat * l_nat
     def passes(self, epoch): return ('adv', 'nat')
