@@ -815,28 +815,38 @@ class FairARD(PlugIn):
     class_weight_exponent: float = 2.               # beta (--beta)
     min_class_weight: float = 5/6                   # clip of the normalised weights
     max_class_weight: float = 5/2
+    # base 'mtard' only: its clean term's target; None: Fair-MTARD.py's, 'robust' (T_adv(x~), its line 144)
+    natural_target: str | None = None
     def __post_init__(self):
         super().__post_init__()
         if self.min_class_weight > self.max_class_weight:
             raise ValueError(f'{self.name}: min_class_weight must be <= max_class_weight, got '
                              f'{self.min_class_weight} > {self.max_class_weight}')
-        self.plug_in()
+        if self.natural_target is not None and self.base != 'mtard':
+            raise ValueError(f"{self.name}: natural_target is an option of base 'mtard', got base {self.base!r}")
+        self.plug_in(**({'natural_target': self.natural_target or 'robust'} if self.base == 'mtard' else {}))
+    @property
+    def needs_natural_teacher(self): return self._base.needs_natural_teacher
     def new_state(self, num_classes, device=None):
         z = lambda v: torch.full((num_classes,), v, dtype=torch.float32, device=device)
-        return dict(weights=z(1.), correct=z(0.), count=z(0.))
+        return dict(weights=z(1.), correct=z(0.), count=z(0.), **(self._base.new_state(num_classes, device) or {}))
     def end_epoch(self, state, epoch):
         state['weights'].copy_(class_weights(state['correct'], state['count'], self.class_weight_exponent,
                                              self.min_class_weight, self.max_class_weight))
         state['correct'].zero_(); state['count'].zero_()
+        self._base.end_epoch(state, epoch)
     def objective(self, lg, y):
         f = self._base.objective(lg, y)
         if lg.state is None: return f
         lg.state['count'].index_add_(0, y, torch.ones_like(y, dtype=lg.state['count'].dtype))
         return _counting(f, lg.student, y, lg.state['correct'])
     def loss(self, lg, y, epoch):
-        full = self._base.loss(lg, y, epoch)        # the base's passes on the whole batch, in its order
         w = None if lg.state is None else lg.state['weights']
-        if w is None or bool((w == 1).all()): return full
+        plain = w is None or bool((w == 1).all())
+        if hasattr(self._base, 'weighted_loss'):    # MTARD: each example's terms weighted, its shares moved once
+            return self._base.weighted_loss(lg, y, epoch, None if plain else w[y])
+        full = self._base.loss(lg, y, epoch)        # the base's passes on the whole batch, in its order
+        if plain: return full
         return classwise_weighted(lambda keep: self._base.loss(_rows(lg, keep), y[keep], epoch), y, w)
 
 for _k in _SCHEDULE[:5]:

@@ -250,3 +250,67 @@ def test_cli_trains_mtard_and_records_both_files(tmp_path, data_root, capsys):
     rec = json.loads((tmp_path / 's' / 'teachers.json').read_text())
     assert rec['natural_teacher']['sha256'] == file_sha256(tmp_path / 'n.pt')
     assert rec['teacher']['sha256'] == file_sha256(tmp_path / 't.pt')
+
+
+# ---- Fair-ARD on MTARD ---------------------------------------------------------------------------------------------
+def official_fair_mtard_step(loop, student, teacher, x, y, reweight, step_size=2 / 255, epsilon=8 / 255, steps=10):
+    """NISP-official/Fair-ARD Fair-MTARD.py: the inner loop counting, per example, the steps at which the student is
+    right (lines 42-79), the per-example KL terms multiplied by the class weight, the clean one against the robust
+    teacher at x~ (lines 140-151), then MTARD's share update and loss (lines 153-171). Returns loss and counts."""
+    student.eval()
+    x_adv = x.detach() + 0.001 * torch.randn(x.shape, dtype=x.dtype).detach()
+    kappa = [0 for _ in range(len(x))]
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        logits_adv = student(x_adv)
+        predict = logits_adv.max(1, keepdim=True)[1]
+        for p in range(len(x_adv)):
+            if predict[p] == y[p]: kappa[p] += 1
+        loss_ce = nn.CrossEntropyLoss()(logits_adv, y)
+        grad = torch.autograd.grad(loss_ce, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.clamp(torch.min(torch.max(x_adv, x - epsilon), x + epsilon), 0.0, 1.0)
+    student.train()
+    x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()
+    s_adv = student(x_adv)
+    with torch.no_grad(): t_adv = teacher(x_adv)
+    s_nat = student(x)
+    k1 = [official_kl(F.log_softmax(s_adv[i], dim=0), F.softmax(t_adv[i], dim=0)) * reweight[y[i]]
+          for i in range(len(x))]
+    k2 = [official_kl(F.log_softmax(s_nat[i], dim=0), F.softmax(t_adv[i], dim=0)) * reweight[y[i]]
+          for i in range(len(x))]
+    kl1, kl2 = (1 / len(x)) * sum(k1), (1 / len(x)) * sum(k2)
+    if loop.init_loss_nat is None: loop.init_loss_nat = kl2.item()
+    if loop.init_loss_adv is None: loop.init_loss_adv = kl1.item()
+    r_adv, r_nat = (kl1.item() / loop.init_loss_adv) ** loop.bert, (kl2.item() / loop.init_loss_nat) ** loop.bert
+    w = loop.weight
+    w['nat_loss'] = w['nat_loss'] - loop.weight_learn_rate * (w['nat_loss'] - r_nat / (r_adv + r_nat))
+    w['adv_loss'] = 1 - w['nat_loss']
+    return w['adv_loss'] * kl1 + w['nat_loss'] * kl2, kappa
+
+
+def test_fair_ard_on_mtard_matches_fair_mtard_py(nets):
+    "Two steps with unequal class weights: loss, gradients, share and per-class counts equal Fair-MTARD.py's."
+    S, T, _ = nets
+    S2 = copy.deepcopy(S)
+    m = get_method('fair-ard', base='mtard')
+    assert not m.needs_natural_teacher and m.epochs == 300
+    st = m.new_state(10)
+    st['weights'].copy_(torch.linspace(5 / 6, 5 / 2, 10))
+    ref, rw = OfficialLoop(), st['weights'].double()
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        x = torch.rand(12, 3, 8, 8, generator=g, dtype=torch.float64); y = torch.randint(0, 10, (12,), generator=g)
+        before = st['correct'].clone()
+        torch.manual_seed(100 + i); loss, _ = training_loss(m, S, T, x, y, state=st)
+        torch.manual_seed(100 + i); ref_loss, kappa = official_fair_mtard_step(ref, S2, T, x, y, rw)
+        for n in (S, S2): n.zero_grad()
+        loss.backward(); ref_loss.backward()
+        assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=0), (i, loss, ref_loss)
+        assert torch.allclose(grads(S), grads(S2), rtol=1e-10, atol=1e-14)
+        assert abs(st['nat_share'].item() - ref.weight['nat_loss']) < 1e-12
+        per_class = torch.zeros(10).index_add_(0, y, torch.tensor(kappa, dtype=torch.float32))
+        assert torch.equal(st['correct'] - before, per_class)
+    with pytest.raises(ValueError, match="natural_target is an option of base 'mtard'"):
+        get_method('fair-ard', natural_target='natural')
+    assert get_method('fair-ard', base='mtard', natural_target='natural').needs_natural_teacher
