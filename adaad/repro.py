@@ -54,10 +54,11 @@ _STRONG_T = dict(source='shipped', arch='resnet18-w16', path='teachers/cpu-stron
                  sha256='650dd74bd45124cf214f59dd615a2720ab2a21dd31159c0805beb7d560809c5e',
                  train=dict(method='pgd-at', student='resnet18-w16', epochs=8, milestones=(6,), batch_size=128, lr=0.1,
                             steps=3, step_size=3/255, val_n=1000, val_steps=5))
-# a naturally trained teacher of the robust one's architecture (MTARD, AKD), on the whole training set; 3 epochs
-# keep its training near a quarter of an hour on one CPU thread
+# a naturally trained teacher of the robust one's architecture (MTARD, AKD), on the whole training set
 _STRONG_NAT = dict(source='shipped', arch='resnet18-w16', path='teachers/cpu-strong-natural-resnet18-w16.pt',
-                   sha256=None,
+                   sha256='efebac545fab05052b49e6d1ddee36e2ee4b03e6d9ca70c1f56b555da921112c',
+                   note='3 epochs (LR x0.1 for the last), chosen to keep its training near a quarter of an hour on one '
+                        'CPU thread; a natural teacher far from converged',
                    train=dict(method='natural', student='resnet18-w16', epochs=3, milestones=(2,), batch_size=128,
                               lr=0.1, val_n=1000, val_steps=5))
 
@@ -563,6 +564,7 @@ def build_teacher(preset, run_dir=None, out=None, data_root=None, device=None, p
     r = evaluate(cell['model'].eval(), ctx['test'], suite=list(ev['suite']), batch_size=ev['batch_size'],
                  device=ctx['device'], progress=progress, seed=ev['seed'], **ev['overrides'])
     rec = dict(name=out.stem, arch=spec['arch'], sha256=file_sha256(out), preset=cfg['name'], train=config_dict(tc),
+               **({'note': spec['note']} if spec.get('note') else {}),
                run=str(run_dir), best=cell['best'], train_s_logged=cell['train_s_logged'], trainings=cell['trainings'],
                git=git_info(outputs=[out, out.with_suffix('.json')]),
                hardware=hardware_info(ctx['device']), data=plain(ctx['test'].source), n_test=len(ctx['test']),

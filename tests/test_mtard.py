@@ -12,10 +12,10 @@ from adaad.checkpoint import atomic_save, read_checkpoint
 from adaad.cli import main, parser
 from adaad.core import content_digest, file_sha256
 from adaad.data import CifarSplit
-from adaad.methods import Method, get_method, training_loss
+from adaad.methods import Method, get_method, known_methods, training_loss
 from adaad.methods_2024 import MTARD
 from adaad.models import create_model
-from adaad.train import TrainConfig, resolve, train
+from adaad.train import TrainConfig, build_method, resolve, train
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -140,7 +140,8 @@ def test_without_a_state_the_shares_stay_half(nets):
 
 def test_defaults_are_the_scripts():
     m = get_method('mtard')
-    assert (m.share_rate, m.share_exponent, m.initial_nat_share, m.share_rate_milestones, m.tau) == (.025, 1., .5, None, 1.)
+    assert (m.share_rate, m.share_exponent, m.initial_nat_share, m.share_rate_milestones, m.tau, m.natural_target) == (
+        .025, 1., .5, None, 1., 'natural')
     assert (m.epochs, m.milestones, m.weight_decay) == (300, (215, 260, 285), 2e-4)
     assert (m.budget.eps, m.budget.step_size, m.budget.steps, m.budget.init, m.budget.attack_bn) == (
         8 / 255, 2 / 255, 10, 'gaussian', 'eval')
@@ -314,3 +315,25 @@ def test_fair_ard_on_mtard_matches_fair_mtard_py(nets):
     with pytest.raises(ValueError, match="natural_target is an option of base 'mtard'"):
         get_method('fair-ard', natural_target='natural')
     assert get_method('fair-ard', base='mtard', natural_target='natural').needs_natural_teacher
+
+
+# ---- the shipped natural teacher -----------------------------------------------------------------------------------
+def test_cpu_strong_field2_ships_its_natural_teacher():
+    """The preset's natural teacher is a shipped file whose SHA-256 the preset records, of the robust teacher's
+    architecture, trained naturally as its record says; every preset with a method that needs one gives one."""
+    from adaad.repro import PRESETS, preset_config, shipped_record, shipped_teacher_file, train_config
+    cfg = preset_config('cpu-strong-field2')
+    spec = cfg['standard_teacher']
+    assert spec['source'] == 'shipped' and spec['arch'] == cfg['teacher']['arch']
+    assert spec['train']['method'] == 'natural'
+    p = shipped_teacher_file(spec)                           # refused unless the digest is the preset's
+    rec = shipped_record(p)
+    assert rec['sha256'] == spec['sha256'] == file_sha256(p) and rec['arch'] == spec['arch']
+    assert all(rec['train'][k] == (list(v) if isinstance(v, tuple) else v) for k, v in spec['train'].items())
+    assert rec['train']['epochs'] == 3 and 'quarter of an hour' in rec['note'] and rec['accuracy']['clean'] > 50
+    for name in PRESETS:
+        c = preset_config(name)
+        tcs = [train_config(c, r, 'resnet18') for r in list(c['methods']) + list(c['variants'])]
+        # a method registered by another module (a preset may name one) is left out
+        need = [tc.method for tc in tcs if tc.method in known_methods() and build_method(tc).needs_natural_teacher]
+        assert not need or c.get('standard_teacher'), f'{name}: {need} need a natural teacher'
