@@ -175,15 +175,27 @@ def _load(spec, dataset):
     from adaad.checkpoint import load_teacher
     return None if spec is None else load_teacher(spec[0], arch=spec[1], robustbench=spec[2], dataset=dataset)
 
+_TEACHER_OPTIONS = ('teacher', 'natural-teacher')    # the teacher files of `adaad train`, as their options name them
+
+def _record_teacher_files(specs, out):
+    "Write `<out>/teachers.json`: each teacher file's path and SHA-256, and where its accuracy check is recorded."
+    from adaad.core import file_sha256, write_json
+    rec = {}
+    for spec, role in zip(specs, _TEACHER_OPTIONS):
+        if spec is None: continue
+        check = Path(out) / f'{role}-check.json'
+        rec[role.replace('-', '_')] = dict(path=str(Path(spec[0]).resolve()), sha256=file_sha256(spec[0]),
+                                           **({'robustbench': spec[2]} if spec[2] else {'arch': spec[1]}),
+                                           check=check.name if check.exists() else None)
+    write_json(Path(out) / 'teachers.json', rec)
+
 def _check_teachers(specs, models, a, cfg, out):
-    """Record each teacher file's SHA-256 in `<out>/teachers.json` (`adaad.repro.trust_teacher_file`) and check each
-    whose accuracy is recorded (`adaad.repro.check_file_teacher`) before training; a line each."""
-    from adaad.repro import check_file_teacher, trust_teacher_file
+    "Check each teacher whose accuracy is recorded (`adaad.repro.check_file_teacher`) before training; a line each."
+    from adaad.repro import check_file_teacher
     from adaad.train import process_device
     rank, world, device = process_device(a.device)      # under torchrun: rank 0 checks on its own GPU, the others wait
-    for spec, model, role in zip(specs, models, ('teacher', 'natural-teacher')):
+    for spec, model, role in zip(specs, models, _TEACHER_OPTIONS):
         if spec is None or rank != 0: continue
-        trust_teacher_file(spec[0], role, out)
         c = check_file_teacher(model, spec[0], spec[2], a.dataset, cfg.data_root, out, device, role)
         if c is not None: print(f"{role} check ({c['n']} test images): clean {c['measured']['clean']:.1f}%, PGD-10 "
                                 f"{c['measured']['pgd10']:.1f}% -- {c['verdict']}", file=sys.stderr)
@@ -232,6 +244,7 @@ def _train(ap, a):
     if int(os.environ.get('RANK', 0)) == 0:
         from adaad.repro import record_training
         record_training(out, None, r)         # which code trained which epochs, beside the run (trainings.json)
+        if a.cmd == 'train': _record_teacher_files(specs, out)
     print(json.dumps({k: v for k, v in r.items() if k != 'model'}))
 
 def _eval(ap, a):

@@ -249,8 +249,25 @@ def test_cli_trains_mtard_and_records_both_files(tmp_path, data_root, capsys):
           '--val-n', '16', '--batch-size', '16', '--steps', '1', '--device', 'cpu', '--no-progress'])
     assert (tmp_path / 's' / 'DONE').exists()
     rec = json.loads((tmp_path / 's' / 'teachers.json').read_text())
-    assert rec['natural_teacher']['sha256'] == file_sha256(tmp_path / 'n.pt')
-    assert rec['teacher']['sha256'] == file_sha256(tmp_path / 't.pt')
+    assert rec['natural_teacher']['sha256'] == file_sha256(tmp_path / 'n.pt') != rec['teacher']['sha256']
+    assert rec['teacher']['sha256'] == file_sha256(tmp_path / 't.pt') and rec['natural_teacher']['arch'] == 'wrn-10-1'
+
+
+def test_cli_records_the_natural_teachers_accuracy_check(tmp_path, data_root, capsys):
+    "A natural-teacher file with an accuracy record beside it is checked before training; the check is named."
+    t, tn = _teachers()
+    atomic_save(t.state_dict(), tmp_path / 't.pt'); atomic_save(tn.state_dict(), tmp_path / 'n.pt')
+    (tmp_path / 'n.json').write_text(json.dumps(dict(sha256=file_sha256(tmp_path / 'n.pt'),
+                                                     accuracy=dict(clean=0., pgd10=0.))))
+    main(['train', '--method', 'mtard', '--student', 'wrn-10-1', '--teacher', str(tmp_path / 't.pt'),
+          '--teacher-arch', 'wrn-10-1', '--natural-teacher', str(tmp_path / 'n.pt'), '--natural-teacher-arch',
+          'wrn-10-1', '--out', str(tmp_path / 's'), '--data-root', str(data_root), '--epochs', '1', '--train-n', '16',
+          '--val-n', '16', '--batch-size', '16', '--steps', '1', '--device', 'cpu', '--no-progress'])
+    assert 'natural-teacher check' in capsys.readouterr().err
+    rec = json.loads((tmp_path / 's' / 'teachers.json').read_text())
+    assert rec['natural_teacher']['check'] == 'natural-teacher-check.json' and rec['teacher']['check'] is None
+    assert json.loads((tmp_path / 's' / 'natural-teacher-check.json').read_text())['key']['ckpt_sha256'] == (
+        rec['natural_teacher']['sha256'])
 
 
 # ---- Fair-ARD on MTARD ---------------------------------------------------------------------------------------------
