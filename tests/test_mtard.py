@@ -354,3 +354,19 @@ def test_cpu_strong_field2_ships_its_natural_teacher():
         # a method registered by another module (a preset may name one) is left out
         need = [tc.method for tc in tcs if tc.method in known_methods() and build_method(tc).needs_natural_teacher]
         assert not need or c.get('standard_teacher'), f'{name}: {need} need a natural teacher'
+
+
+def test_run_folders_written_before_the_natural_teacher_name_still_resume(tmp_path):
+    """An AKD folder's identity records its natural teacher under `standard_teacher`, as before; a Fair-ARD folder
+    written before its `natural_target` field existed is the same run now."""
+    from adaad.train import check_identity, run_identity
+    t, tn = _teachers()
+    akd = TrainConfig(method='akd', student='wrn-10-1', epochs=1)
+    ident = run_identity(akd, t, tn, _data())
+    assert set(ident) == {'config', 'teacher', 'standard_teacher', 'data'}
+    assert ident['standard_teacher'] == content_digest(tn.state_dict())
+    fair = TrainConfig(method='fair-ard', student='wrn-10-1', epochs=1)
+    new = run_identity(resolve(fair), t, None, _data(), resolved=True)
+    old = json.loads(json.dumps(new)); del old['config']['method_kwargs']['natural_target']
+    (tmp_path / 'identity.json').write_text(json.dumps(old)); (tmp_path / 'last.pt').touch()
+    check_identity(tmp_path, new)                                         # accepted: the field had its default
