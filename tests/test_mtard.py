@@ -227,9 +227,14 @@ def test_former_names_still_work_with_a_warning(tmp_path, nets):
         r = train(_cfg(), teacher=t, standard_teacher=tn, out_dir=tmp_path, device='cpu', progress=False,
                   data=_data(), time_limit=1e-9)
     assert r['status'] in ('paused', 'done')
-    with pytest.warns(FutureWarning, match='--standard-teacher is deprecated, use --natural-teacher'):
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
         ns = parser().parse_args(['train', '--standard-teacher', 'n.pt', '--standard-teacher-arch', 'wrn-10-1'])
     assert (ns.natural_teacher, ns.natural_teacher_arch) == ('n.pt', 'wrn-10-1')
+    assert [str(w.message) for w in seen if w.category is FutureWarning] == [
+        '--standard-teacher is deprecated, use --natural-teacher',
+        '--standard-teacher-arch is deprecated, use --natural-teacher-arch']
 
 
 # ---- the command line ----------------------------------------------------------------------------------------------
