@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm.auto import tqdm
 from .core import (FolderLock, atomic_write, check_choice, check_device, clean_temporaries, content_digest,
                         first_nonfinite, EPS, UNIT, check_int, int_range, is_int, is_real, is_unit, plain,
-                        tensor_sha256)
+                        renamed_argument, tensor_sha256)
 from .data import DATASETS, balanced_indices, balanced_subset, batches, first_n, load_cifar, to_float
 from .models import create_model
 from .checkpoint import atomic_save, load_resume, read_checkpoint, save_rotating, set_rng_state
@@ -249,11 +249,11 @@ def run_data(cfg, device):
 # %% ../nbs/12_train.ipynb #949a7001
 IDENTITY_SKIP = ('data_root', 'save_every')
 
-def run_identity(cfg, teacher=None, teacher_st=None, data=None, resolved=False):
+def run_identity(cfg, teacher=None, natural_teacher=None, data=None, resolved=False):
     "What a run's results depend on: its resolved config, its teachers' weights and its data, by SHA-256."
     digest = lambda net: None if net is None else content_digest(net.state_dict())
     return dict(config={k: v for k, v in config_dict(cfg, resolved).items() if k not in IDENTITY_SKIP},
-                teacher=digest(teacher), standard_teacher=digest(teacher_st),
+                teacher=digest(teacher), standard_teacher=digest(natural_teacher),
                 data=None if data is None else [tensor_sha256(d.x) + tensor_sha256(d.y) for d in data])
 
 def _differences(old, new, prefix=''):
@@ -379,7 +379,7 @@ class Run:
     net: torch.nn.Module
     opt: torch.optim.Optimizer
     teacher: torch.nn.Module | None
-    teacher_st: torch.nn.Module | None
+    natural_teacher: torch.nn.Module | None
     train_set: object
     val: object
     device: torch.device
@@ -438,7 +438,7 @@ def _trim_log(path, epoch):
     rows = [l for l, r in read_log(path) if not (isinstance(r, dict) and r.get('epoch', -1) >= epoch)]
     atomic_write(path, ''.join(r + '\n' for r in rows))
 
-def _check_args(method, teacher, teacher_st, time_limit, data):
+def _check_args(method, teacher, natural_teacher, time_limit, data):
     "Raise ValueError for a missing or surplus teacher, a bad `time_limit` or bad `data`."
     if time_limit is not None and not (is_real(time_limit) and time_limit > 0):
         raise ValueError(f'time_limit must be a number of seconds > 0 (or None), got {time_limit!r}')
@@ -448,15 +448,15 @@ def _check_args(method, teacher, teacher_st, time_limit, data):
                          f'got {type(data).__name__}')
     if method.uses_teacher and teacher is None:
         raise ValueError(f'method {method.name!r} needs a teacher; pass teacher=')
-    if method.needs_standard_teacher and teacher_st is None:
-        raise ValueError(f"method {method.name!r} needs a naturally trained standard teacher; pass standard_teacher= "
-                         "(or method_kwargs={'robust_as_standard': True} to let the robust teacher stand in)")
-    if teacher_st is not None and not method.needs_standard_teacher:
-        raise ValueError(f'method {method.name!r} (as configured) reads no standard teacher; got standard_teacher=')
+    if method.needs_natural_teacher and natural_teacher is None:
+        raise ValueError(f"method {method.name!r} needs a naturally trained teacher; pass natural_teacher= "
+                         "(AKD: or method_kwargs={'robust_as_standard': True} to let the robust teacher stand in)")
+    if natural_teacher is not None and not method.needs_natural_teacher:
+        raise ValueError(f'method {method.name!r} (as configured) reads no natural teacher; got natural_teacher=')
     if teacher is not None and not method.uses_teacher:
         raise ValueError(f'method {method.name!r} reads no teacher; '
                          'got teacher= (drop it, or choose a distillation method)')
-    for name, net in (('teacher', teacher), ('standard_teacher', teacher_st)):
+    for name, net in (('teacher', teacher), ('natural_teacher', natural_teacher)):
         bad = None if net is None else first_nonfinite(net.state_dict())
         if bad: raise ValueError(f'{name} has non-finite weights (first: {bad!r}); it cannot guide a student: '
                                  'check the checkpoint it came from')
@@ -474,10 +474,13 @@ def gpu_defaults(device):
     if torch.device(device).type == 'cuda': torch.backends.cudnn.benchmark = True
 
 def start_run(cfg, teacher=None, out_dir='runs/run', device=None, time_limit=None, progress=True, data=None,
-              standard_teacher=None):
-    "Set up (or resume, or return finished) the run of `cfg` in `out_dir`, holding its lock (`Run.close` releases it)."
+              natural_teacher=None, standard_teacher=None):
+    """Set up (or resume, or return finished) the run of `cfg` in `out_dir`, holding its lock (`Run.close` releases
+    it); `standard_teacher` is the former name of `natural_teacher` (a FutureWarning)."""
+    natural_teacher = renamed_argument(standard_teacher, natural_teacher, 'standard_teacher', 'natural_teacher',
+                                       'start_run')
     cfg, method = resolve_run(cfg)
-    _check_args(method, teacher, standard_teacher, time_limit, data)
+    _check_args(method, teacher, natural_teacher, time_limit, data)
     rank, world, local = dist_info()
     device = (check_device(device) if device is not None
               else (torch.device('cuda', local) if torch.cuda.is_available() else torch.device('cpu')))
@@ -487,17 +490,17 @@ def start_run(cfg, teacher=None, out_dir='runs/run', device=None, time_limit=Non
                          "drop it (--no-sync-bn)")
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(out, 'training run') if rank == 0 else None
-    try: return _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, local, time_limit, progress,
+    try: return _setup(cfg, method, teacher, natural_teacher, out, device, rank, world, local, time_limit, progress,
                        data, lock)
     except BaseException:
         if lock is not None: lock.release()
         raise
 
-def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, local, time_limit, progress, data, lock):
+def _setup(cfg, method, teacher, natural_teacher, out, device, rank, world, local, time_limit, progress, data, lock):
     "The body of `start_run`, under the folder's lock."
     train_set, val = data if data is not None else run_data(cfg, device)
-    check_identity(out, run_identity(cfg, teacher, standard_teacher, (train_set, val), resolved=True), write=rank == 0)
-    teacher, teacher_st = (_prepare(n, cfg, device, val, train_set.num_classes) for n in (teacher, standard_teacher))
+    check_identity(out, run_identity(cfg, teacher, natural_teacher, (train_set, val), resolved=True), write=rank == 0)
+    teacher, natural = (_prepare(n, cfg, device, val, train_set.num_classes) for n in (teacher, natural_teacher))
     torch.manual_seed(cfg.seed)
     model = sync_batchnorm(create_model(cfg.student, train_set.num_classes).to(device), cfg, world)
     if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
@@ -506,7 +509,7 @@ def _setup(cfg, method, teacher, standard_teacher, out, device, rank, world, loc
     if cfg.channels_last: peers = {k: p.to(memory_format=torch.channels_last) for k, p in peers.items()}
     groups = [{'params': n.parameters()} for n in (model, *peers.values())] if peers else model.parameters()
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    run = Run(cfg, method, out, model, model, opt, teacher, teacher_st, train_set, val, device, rank, world,
+    run = Run(cfg, method, out, model, model, opt, teacher, natural, train_set, val, device, rank, world,
               progress=progress, deadline=None if time_limit is None else time.time() + time_limit, lock=lock,
               peers=peers, peer_nets=peers)
     run.method_state = method.new_state(train_set.num_classes, device)
@@ -572,14 +575,15 @@ def awp_on(cfg, epoch):
     return bool(cfg.awp_gamma) and epoch >= cfg.awp_warmup
 
 def awp_loss(method, net, model, proxy, teacher, x, y, gamma, lr, epoch=0, num_classes=None, faithful=False,
-             teacher_st=None, state=None, peers=None, world=1):
+             natural_teacher=None, state=None, peers=None, world=1):
     """`training_loss` of `method` with AWP: (loss on the perturbed weights of `model`, the direction `v` to remove
     with `add_into_weights(model, v, -gamma)` after the optimiser's step); `net` is `model` as the batches see it."""
-    lg = M.Logits(net, teacher, x, teacher_st=teacher_st, num_classes=num_classes, state=state, peers=peers)
+    lg = M.Logits(net, teacher, x, natural_teacher=natural_teacher, num_classes=num_classes, state=state, peers=peers)
     lg.x_adv = M.inner_point(method, lg, y)
     def proxy_loss(p):
         st = None if state is None else {k: v.clone() for k, v in state.items()}
-        lp = M.Logits(p, teacher, x, lg.x_adv, teacher_st=teacher_st, num_classes=num_classes, state=st, peers=peers)
+        lp = M.Logits(p, teacher, x, lg.x_adv, natural_teacher=natural_teacher, num_classes=num_classes, state=st,
+                      peers=peers)
         lp.cache.update({k: v for k, v in lg.cache.items() if k[0] != 's'})       # the teachers' logits, shared
         lp.replay(method.order(epoch))
         return method.loss(lp, y, epoch)
@@ -595,7 +599,7 @@ def awp_loss(method, net, model, proxy, teacher, x, y, gamma, lr, epoch=0, num_c
 def batch_loss(run, method, x, y, epoch):
     "(loss of one batch of `run`, AWP's direction to remove after the step or None when the epoch has no AWP)."
     kw = dict(epoch=epoch, num_classes=run.train_set.num_classes, faithful=run.cfg.faithful,
-              teacher_st=run.teacher_st, state=run.method_state, peers=run.peer_nets)
+              natural_teacher=run.natural_teacher, state=run.method_state, peers=run.peer_nets)
     if not awp_on(run.cfg, epoch): return M.training_loss(method, run.net, run.teacher, x, y, **kw)[0], None
     return awp_loss(method, run.net, run.model, run.awp_proxy, run.teacher, x, y, run.cfg.awp_gamma,
                     awp_facts(method)[2], world=run.world, **kw)
@@ -707,10 +711,14 @@ def finish_run(run):
 
 # %% ../nbs/12_train.ipynb #73be9319
 def train(cfg, teacher=None, out_dir='runs/run', device=None, time_limit=None, progress=True, data=None,
-          standard_teacher=None):
+          natural_teacher=None, standard_teacher=None):
     """Train a student with `cfg` (resuming from `out_dir/last.pt` if present); returns a summary dict.
-    `time_limit` (seconds) checkpoints and returns early with status 'paused'; run again to continue."""
-    run = start_run(cfg, teacher, out_dir, device, time_limit, progress, data, standard_teacher)
+    `time_limit` (seconds) checkpoints and returns early with status 'paused'; run again to continue.
+    `natural_teacher`: the naturally trained teacher of a method that reads one (AKD, MTARD: `needs_natural_teacher`);
+    `standard_teacher` is its former name (a FutureWarning)."""
+    natural_teacher = renamed_argument(standard_teacher, natural_teacher, 'standard_teacher', 'natural_teacher',
+                                       'train')
+    run = start_run(cfg, teacher, out_dir, device, time_limit, progress, data, natural_teacher)
     try:
         if run.done: return dict(run.summary('done'), wall_s=0.)   # reused: no training in this call
         for epoch in range(run.epoch, run.cfg.epochs):
