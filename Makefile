@@ -96,10 +96,14 @@ repro: install data
 
 # Remake a preset's shipped teacher (teachers/<name>.pt and its record teachers/<name>.json) from the training its preset
 # records: `make teacher PRESET=quick` (about an hour on one core). The new file's SHA-256 then goes into the preset.
+# ROLE=standard_teacher remakes the preset's naturally trained teacher instead (cpu-strong-field2's: about a quarter of
+# an hour on one core).
+ROLE ?= teacher
 teacher: install data
 	@$(CHECK_PRESET)
-	$(BIN)/python -c "import sys; from adaad.repro import build_teacher; r = build_teacher(sys.argv[1], progress=True); \
-	print(r['name'], r['sha256'], r['accuracy'])" "$(PRESET)"
+	$(BIN)/python -c "import sys; from adaad.repro import build_teacher; \
+	r = build_teacher(sys.argv[1], progress=True, role=sys.argv[2]); \
+	print(r['name'], r['sha256'], r['accuracy'])" "$(PRESET)" "$(ROLE)"
 
 # The inner-eps sweep (AdaAD, RN-18 row of the preset) and its figure. Like `repro`, a fresh run goes to the ignored
 # runs/results/<preset>-eps-sweep/; with COMMIT=1 it writes results/<preset>-eps-sweep/ and the figure

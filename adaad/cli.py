@@ -77,11 +77,21 @@ def config_from_args(a):
     return TrainConfig(**kw).validate()
 
 # %% ../nbs/13_cli.ipynb #fd10b39c
-def _teacher_args(p, what, flag):
-    p.add_argument(f'--{flag}', default=None, help=f'{what} checkpoint file')
-    p.add_argument(f'--{flag}-arch', default=None, help=f'registry architecture of --{flag}')
-    p.add_argument(f'--{flag}-robustbench', default=None,
-                   help=f'RobustBench name of --{flag}, e.g. Chen2021LTD_WRN34_20')
+class _FormerFlag(argparse.Action):
+    "Store an option's value; given under its former spelling (`former`), with a FutureWarning naming the new one."
+    def __init__(self, *args, former=(), **kw): super().__init__(*args, **kw); self.former = former
+    def __call__(self, parser, ns, values, option_string=None):
+        if option_string in self.former:
+            import warnings
+            warnings.warn(f'{option_string} is deprecated, use {self.option_strings[0]}', FutureWarning)
+        setattr(ns, self.dest, values)
+
+def _teacher_args(p, what, flag, former=None):
+    "--FLAG, --FLAG-arch and --FLAG-robustbench (also spelt --FORMER... with a FutureWarning)."
+    for tail, h in (('', f'{what} checkpoint file'), ('-arch', f'registry architecture of --{flag}'),
+                    ('-robustbench', f'RobustBench name of --{flag}, e.g. Chen2021LTD_WRN34_20')):
+        old = (f'--{former}{tail}',) if former else ()
+        p.add_argument(f'--{flag}{tail}', *old, default=None, help=h, action=_FormerFlag, former=old)
 
 def _run_args(p):
     p.add_argument('--out', default=None,
@@ -105,7 +115,7 @@ def parser():
     t = sub.add_parser('train', help='distil a student from a teacher (or train a baseline)')
     add_config_options(t); _run_args(t)
     _teacher_args(t, 'robust teacher', 'teacher')
-    _teacher_args(t, "AKD's naturally trained teacher", 'standard-teacher')
+    _teacher_args(t, 'naturally trained teacher (AKD, MTARD)', 'natural-teacher', former='standard-teacher')
     tt = sub.add_parser('teacher', help='train a teacher with a method that reads no teacher '
                                         '(PGD-AT, TRADES, natural, or your own)')
     add_config_options(tt, dict(method='pgd-at')); _run_args(tt)
@@ -165,12 +175,26 @@ def _load(spec, dataset):
     from adaad.checkpoint import load_teacher
     return None if spec is None else load_teacher(spec[0], arch=spec[1], robustbench=spec[2], dataset=dataset)
 
+_TEACHER_OPTIONS = ('teacher', 'natural-teacher')    # the teacher files of `adaad train`, as their options name them
+
+def _record_teacher_files(specs, out):
+    "Write `<out>/teachers.json`: each teacher file's path and SHA-256, and where its accuracy check is recorded."
+    from adaad.core import file_sha256, write_json
+    rec = {}
+    for spec, role in zip(specs, _TEACHER_OPTIONS):
+        if spec is None: continue
+        check = Path(out) / f'{role}-check.json'
+        rec[role.replace('-', '_')] = dict(path=str(Path(spec[0]).resolve()), sha256=file_sha256(spec[0]),
+                                           **({'robustbench': spec[2]} if spec[2] else {'arch': spec[1]}),
+                                           check=check.name if check.exists() else None)
+    write_json(Path(out) / 'teachers.json', rec)
+
 def _check_teachers(specs, models, a, cfg, out):
     "Check each teacher whose accuracy is recorded (`adaad.repro.check_file_teacher`) before training; a line each."
     from adaad.repro import check_file_teacher
     from adaad.train import process_device
     rank, world, device = process_device(a.device)      # under torchrun: rank 0 checks on its own GPU, the others wait
-    for spec, model, role in zip(specs, models, ('teacher', 'standard-teacher')):
+    for spec, model, role in zip(specs, models, _TEACHER_OPTIONS):
         if spec is None or rank != 0: continue
         c = check_file_teacher(model, spec[0], spec[2], a.dataset, cfg.data_root, out, device, role)
         if c is not None: print(f"{role} check ({c['n']} test images): clean {c['measured']['clean']:.1f}%, PGD-10 "
@@ -182,8 +206,8 @@ def _unused(ap, a, m):
     "Refuse the options that method `m` would ignore: a teacher it does not read, a budget with no inner maximisation."
     if not m.uses_teacher and getattr(a, 'teacher', None):
         ap.error(f'--method {a.method} reads no teacher: drop --teacher (or choose a distillation method)')
-    if not m.needs_standard_teacher and getattr(a, 'standard_teacher', None):
-        ap.error(f'--method {a.method} (as configured) reads no standard teacher: drop --standard-teacher')
+    if not m.needs_natural_teacher and getattr(a, 'natural_teacher', None):
+        ap.error(f'--method {a.method} (as configured) reads no natural teacher: drop --natural-teacher')
     given = [f"--{k.replace('_', '-')}" for k in ('eps', 'step_size', 'steps') if getattr(a, k) is not None]
     if m.budget is None and given:
         ap.error(f"--method {a.method} has no inner maximisation: {', '.join(given)} would be ignored; drop it")
@@ -195,21 +219,24 @@ def _train(ap, a):
     if a.cmd == 'teacher':
         if a.student_arch: a.student = a.student_arch
         specs = None, None
-    else: specs = _spec(ap, a, 'teacher'), _spec(ap, a, 'standard-teacher')
+    else: specs = _spec(ap, a, 'teacher'), _spec(ap, a, 'natural-teacher')
     cfg = config_from_args(a)
     m = build_method(cfg)
-    if a.cmd == 'teacher' and (m.uses_teacher or m.needs_standard_teacher):
+    if a.cmd == 'teacher' and (m.uses_teacher or m.needs_natural_teacher):
         ap.error(f"--method for a teacher must be a method that reads no teacher"
                  f"{' (with its --inner)' if a.inner else ''}: one of {teacherless_methods()}, got {a.method!r}")
     _unused(ap, a, m)
     if m.uses_teacher and specs[0] is None:
         ap.error(f'--method {a.method} needs --teacher (a checkpoint) and --teacher-arch or --teacher-robustbench')
+    if m.needs_natural_teacher and specs[1] is None:
+        ap.error(f'--method {a.method} needs a naturally trained teacher: --natural-teacher (a checkpoint) and '
+                 '--natural-teacher-arch or --natural-teacher-robustbench')
     check_device(a.device, '--device')
     a.run_dir = out = check_writable(a.out or f'runs/{a.method}-{cfg.student}', '--out', folder=True)
-    teacher, standard = (_load(s, a.dataset) for s in specs)
-    _check_teachers(specs, (teacher, standard), a, cfg, out)
+    teacher, natural = (_load(s, a.dataset) for s in specs)
+    _check_teachers(specs, (teacher, natural), a, cfg, out)
     try: r = train(cfg, teacher=teacher, out_dir=out, device=a.device, time_limit=a.time_limit,
-                   progress=not a.no_progress, standard_teacher=standard)
+                   progress=not a.no_progress, natural_teacher=natural)
     except OSError as e:   # a write that names no file (a log line on a full disk): name the run folder
         if e.filename is None and e.errno is not None:
             raise OSError(e.errno, e.strerror or str(e), f'{out} (the run folder)') from e
@@ -217,6 +244,7 @@ def _train(ap, a):
     if int(os.environ.get('RANK', 0)) == 0:
         from adaad.repro import record_training
         record_training(out, None, r)         # which code trained which epochs, beside the run (trainings.json)
+        if a.cmd == 'train': _record_teacher_files(specs, out)
     print(json.dumps({k: v for k, v in r.items() if k != 'model'}))
 
 def _eval(ap, a):
@@ -560,7 +588,7 @@ def _compare(ap, a):
 def teacherless_methods():
     "The registered methods that read no teacher (the ones `adaad teacher` trains), asked of each method."
     from adaad.methods import METHODS, get_method
-    return [n for n in METHODS if not (get_method(n).uses_teacher or get_method(n).needs_standard_teacher)]
+    return [n for n in METHODS if not (get_method(n).uses_teacher or get_method(n).needs_natural_teacher)]
 
 # %% ../nbs/13_cli.ipynb #829c1736
 #| eval: false

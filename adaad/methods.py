@@ -13,7 +13,7 @@ import dataclasses, math, numbers, types, typing, warnings
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 import torch
-from .core import check_choice, check_int, is_int, is_real
+from .core import check_choice, check_int, is_int, is_real, renamed_argument
 from .attacks import frozen_eval
 from .inner import (Budget, find_inner, adaad_objective, fixed_target_objective, ce_objective, mmard_objective,
                          saad_objective)
@@ -26,9 +26,11 @@ from .losses import (natural_loss, adaad_reduction, adaad_loss, adaiad_loss, iad
 class Logits:
     ("The logits of one batch for the outer loss, each computed on first use and cached: student with a "
      "graph, teachers without.")
-    def __init__(self, student, teacher, x, x_adv=None, teacher_st=None, num_classes=None, state=None, peers=None):
-        (self.student, self.teacher, self.teacher_st, self.x, self.x_adv,
-         self.cache) = student, teacher, teacher_st, x, x_adv, {}
+    def __init__(self, student, teacher, x, x_adv=None, natural_teacher=None, num_classes=None, state=None, peers=None,
+                 teacher_st=None):
+        natural_teacher = renamed_argument(teacher_st, natural_teacher, 'teacher_st', 'natural_teacher', 'Logits')
+        (self.student, self.teacher, self.natural_teacher, self.x, self.x_adv,
+         self.cache) = student, teacher, natural_teacher, x, x_adv, {}
         # state: the method's tensors across batches (Method.new_state)
         self.num_classes, self.state = num_classes, state
         self.peers = peers or {}                             # networks trained beside the student (Method.peer_archs)
@@ -44,13 +46,20 @@ class Logits:
         if ('s', at) not in self.cache: self.cache['s', at] = self.student(self.input(at))
         return self.cache['s', at]
 
-    def t(self, at, standard=False):
-        "The teacher's logits $T(x)$ or $T(\\tilde x)$ (the standard teacher's with `standard=True`), without a graph."
-        key = ('t_st' if standard else 't', at)
+    @property
+    def teacher_st(self):
+        "The former name of `natural_teacher` (a FutureWarning)."
+        warnings.warn('Logits: teacher_st is deprecated, use natural_teacher', FutureWarning, stacklevel=2)
+        return self.natural_teacher
+
+    def t(self, at, natural=None, standard=None):
+        "The teacher's logits $T(x)$ or $T(\\tilde x)$ (the natural teacher's with `natural=True`), without a graph."
+        natural = bool(renamed_argument(standard, natural, 'standard', 'natural', 'Logits.t'))
+        key = ('t_st' if natural else 't', at)
         if key not in self.cache:
-            net = self.teacher_st if standard else self.teacher
+            net = self.natural_teacher if natural else self.teacher
             if net is None:
-                raise ValueError(f"this loss needs a {'standard teacher (teacher_st)' if standard else 'teacher'}; "
+                raise ValueError(f"this loss needs a {'natural teacher (natural_teacher)' if natural else 'teacher'}; "
                                  f"got None")
             with torch.no_grad(), frozen_eval(net): self.cache[key] = net(self.input(at))
         return self.cache[key]
@@ -100,6 +109,13 @@ _BEGIN = (0, math.inf, 'the first epoch, 0-based, with the introspection term')
 _BEGIN_FRACTION = (0., 1., 'the share of the run before the introspection term, used when begin is None; '
                            'official 60/200')
 
+def _former_natural_fact(cls):
+    "A subclass that sets the former fact `needs_standard_teacher` sets `needs_natural_teacher` (a FutureWarning)."
+    if 'needs_standard_teacher' not in vars(cls): return
+    warnings.warn(f'{cls.__name__}: needs_standard_teacher is deprecated, set needs_natural_teacher',
+                  FutureWarning, stacklevel=4)
+    cls.needs_natural_teacher = vars(cls)['needs_standard_teacher']; delattr(cls, 'needs_standard_teacher')
+
 class _FormerNames(type):
     "Metaclass of `Method`: a former field name given to the constructor sets the field it became (a FutureWarning)."
     def __call__(cls, *args, **kw): return super().__call__(*args, **_current_names(cls, kw, stacklevel=3))
@@ -112,7 +128,7 @@ class Method(metaclass=_FormerNames):
     needs_teacher: ClassVar[bool] = True           # the outer loss reads the robust teacher
     # the inner objective queries the teacher (matters only with needs_teacher=False)
     teacher_in_inner: ClassVar[bool] = False
-    needs_standard_teacher: ClassVar[bool] = False # the loss reads a naturally trained teacher too (AKD)
+    needs_natural_teacher: ClassVar[bool] = False  # the loss reads a naturally trained teacher too (AKD, MTARD)
     epochs: ClassVar[int] = 200                    # official schedule (trainer defaults)
     milestones: ClassVar[tuple] = (100, 150)
     single_decay: ClassVar[bool] = False
@@ -133,6 +149,7 @@ class Method(metaclass=_FormerNames):
         ("Refuse a subclass that annotates a class fact (`epochs: int = 50` would make the schedule a "
          "hyper-parameter field).")
         super().__init_subclass__(**kw)
+        _former_natural_fact(cls)
         facts = [k for k, a in Method.__annotations__.items() if typing.get_origin(a) is ClassVar]
         bad = [k for k, a in vars(cls).get('__annotations__', {}).items() if k in facts and 'ClassVar' not in str(a)]
         if bad: raise TypeError(f"{cls.__name__}: {', '.join(bad)} {'is a fact' if len(bad) == 1 else 'are facts'} of "
@@ -199,6 +216,12 @@ class Method(metaclass=_FormerNames):
         return None
     def end_epoch(self, state, epoch):
         "Update `state` after the last batch of epoch `epoch` (its `state_sums` entries summed over processes)."
+
+    @property
+    def needs_standard_teacher(self):
+        "The former name of `needs_natural_teacher` (a FutureWarning)."
+        warnings.warn('needs_standard_teacher is deprecated, use needs_natural_teacher', FutureWarning, stacklevel=2)
+        return self.needs_natural_teacher
 
     @property
     def uses_teacher(self):
@@ -450,7 +473,7 @@ class AKD(Method):
     ("""AKD of Chen et al. (ICLR 2021) as `ZFancy/IAD AKD2.py` runs it. Inner: ARD's. Outer, all at $\\tilde x$:
     $(1-\\alpha_1-\\alpha_2)\\mathrm{CE} + \\alpha_1\\tau^2\\mathrm{KL}_\\tau(T\\|S) + """
      """\\alpha_2\\tau^2\\mathrm{KL}_\\tau(T_{st}\\|S)$ with a
-    naturally trained teacher $T_{st}$ (`standard_teacher=` of `train`).""")
+    naturally trained teacher $T_{st}$ (`natural_teacher=` of `train`).""")
     name = 'akd'
     renamed = dict(alpha='robust_kl_weight', alpha2='standard_kl_weight', robust_kl_weight='robust_kl_share',
                    standard_kl_weight='standard_kl_share')
@@ -471,13 +494,13 @@ class AKD(Method):
             raise ValueError(f'akd: robust_kl_share + standard_kl_share must be <= 1 (the cross-entropy has the share '
                              f'1 minus both), got {self.robust_kl_share} + {self.standard_kl_share}')
     @property
-    def needs_standard_teacher(self): return not self.robust_as_standard
+    def needs_natural_teacher(self): return not self.robust_as_standard
     def objective(self, lg, y): return ce_objective(lg.student, y, 'sum')
     def loss(self, lg, y, epoch):
-        if lg.teacher_st is None and not self.robust_as_standard:
-            raise ValueError("akd needs a naturally trained standard teacher (teacher_st / standard_teacher=); "
+        if lg.natural_teacher is None and not self.robust_as_standard:
+            raise ValueError("akd needs a naturally trained standard teacher (natural_teacher=); "
                              "set robust_as_standard=True to let the robust teacher stand in (a different objective)")
-        t_st = lg.t('adv', standard=True) if lg.teacher_st is not None else None
+        t_st = lg.t('adv', natural=True) if lg.natural_teacher is not None else None
         s_adv, t_adv = lg.s_adv, lg.t_adv
         return akd_chen_loss(s_adv, t_adv, y, t_adv if t_st is None else t_st, self.tau, self.robust_kl_share,
                              self.standard_kl_share)
@@ -604,7 +627,7 @@ class MMARD(Method):
 
 # %% ../nbs/09_methods.ipynb #80cf7aaf
 _SCHEDULE = ('epochs', 'milestones', 'single_decay', 'weight_decay', 'batch_sizes', 'needs_teacher',
-             'needs_standard_teacher', 'swa', 'swa_fraction', 'nesterov')
+             'needs_natural_teacher', 'swa', 'swa_fraction', 'nesterov')
 
 @dataclass(frozen=True)
 class Combo(Method):
@@ -658,11 +681,13 @@ def _check_reads(m, lg, declared, epoch):
                          f"declare (passes: {m.passes(epoch)}, needs: {sorted(m.needs(epoch))}); list every pass the "
                          f"loss reads in `passes` (in the official order) and in `needs`")
 
-def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, faithful=False, teacher_st=None,
-                  inner=None, state=None, peers=None, **overrides):
+def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, faithful=False, natural_teacher=None,
+                  inner=None, state=None, peers=None, teacher_st=None, **overrides):
     ("""One batch of `method`: inner maximisation, student in train mode, outer loss; """
      """returns `(loss, logs)`. `state`: the
-    method's `new_state`; `peers`: the networks it trains beside the student (`peer_archs`), by name.""")
+    method's `new_state`; `peers`: the networks it trains beside the student (`peer_archs`), by name;
+    `natural_teacher`: the naturally trained teacher of a method that reads one (`needs_natural_teacher`).""")
+    natural_teacher = renamed_argument(teacher_st, natural_teacher, 'teacher_st', 'natural_teacher', 'training_loss')
     m = get_method(method, inner, **overrides)
     if m.budget is not None and m.budget.steps < 1:
         raise ValueError(f"method {m.name!r}: steps must be an integer >= 1 for a method with an inner maximisation, "
@@ -674,7 +699,8 @@ def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, fai
                          f"pass peers={{name: network}}")
     check_int(epoch, 'epoch', 0)
     if teacher is None and m.uses_teacher: raise ValueError(f"method {m.name!r} needs a teacher; got teacher=None")
-    lg = Logits(student, teacher, x, teacher_st=teacher_st, num_classes=num_classes, state=state, peers=peers)
+    lg = Logits(student, teacher, x, natural_teacher=natural_teacher, num_classes=num_classes, state=state,
+                peers=peers)
     lg.x_adv = inner_point(m, lg, y)
     student.train()
     declared = m.passes(epoch) if faithful else m.order(epoch)
@@ -769,7 +795,7 @@ def _counting(objective, student, y, correct):
 
 def _rows(lg, keep):
     "A view of `lg` with the rows `keep` of its cached logits (so the base's loss recomputes no pass)."
-    sub = Logits(lg.student, lg.teacher, lg.x[keep], None if lg.x_adv is None else lg.x_adv[keep], lg.teacher_st,
+    sub = Logits(lg.student, lg.teacher, lg.x[keep], None if lg.x_adv is None else lg.x_adv[keep], lg.natural_teacher,
                  lg.num_classes)
     sub.cache = {k: v[keep] for k, v in lg.cache.items()}
     return sub
@@ -786,7 +812,7 @@ class FairARD(PlugIn):
     name = 'fair-ard'
     source = ('NISP-official/Fair-ARD Fair-ARD.py, Fair-IAD.py, Fair-RSLAD.py (AttackPGD / rslad_inner_loss Kappa, '
               'weight_assign, train)')
-    nesterov = True                                 # Fair-ARD.py:160, Fair-IAD.py:214, Fair-RSLAD.py:85
+    nesterov = True                         # Fair-ARD.py:160, Fair-IAD.py:214, Fair-RSLAD.py:85, Fair-MTARD.py:84
     state_sums = ('correct', 'count')
     renamed_state = dict(kappa='correct')
     ranges = dict(class_weight_exponent=(0., math.inf, "beta, the exponent of a class's difficulty in its weight; "
@@ -797,28 +823,38 @@ class FairARD(PlugIn):
     class_weight_exponent: float = 2.               # beta (--beta)
     min_class_weight: float = 5/6                   # clip of the normalised weights
     max_class_weight: float = 5/2
+    # base 'mtard' only: its clean term's target; None: Fair-MTARD.py's, 'robust' (T_adv(x~), its line 144)
+    natural_target: str | None = None
     def __post_init__(self):
         super().__post_init__()
         if self.min_class_weight > self.max_class_weight:
             raise ValueError(f'{self.name}: min_class_weight must be <= max_class_weight, got '
                              f'{self.min_class_weight} > {self.max_class_weight}')
-        self.plug_in()
+        if self.natural_target is not None and self.base != 'mtard':
+            raise ValueError(f"{self.name}: natural_target is an option of base 'mtard', got base {self.base!r}")
+        self.plug_in(**({'natural_target': self.natural_target or 'robust'} if self.base == 'mtard' else {}))
+    @property
+    def needs_natural_teacher(self): return self._base.needs_natural_teacher
     def new_state(self, num_classes, device=None):
         z = lambda v: torch.full((num_classes,), v, dtype=torch.float32, device=device)
-        return dict(weights=z(1.), correct=z(0.), count=z(0.))
+        return dict(weights=z(1.), correct=z(0.), count=z(0.), **(self._base.new_state(num_classes, device) or {}))
     def end_epoch(self, state, epoch):
         state['weights'].copy_(class_weights(state['correct'], state['count'], self.class_weight_exponent,
                                              self.min_class_weight, self.max_class_weight))
         state['correct'].zero_(); state['count'].zero_()
+        self._base.end_epoch(state, epoch)
     def objective(self, lg, y):
         f = self._base.objective(lg, y)
         if lg.state is None: return f
         lg.state['count'].index_add_(0, y, torch.ones_like(y, dtype=lg.state['count'].dtype))
         return _counting(f, lg.student, y, lg.state['correct'])
     def loss(self, lg, y, epoch):
-        full = self._base.loss(lg, y, epoch)        # the base's passes on the whole batch, in its order
         w = None if lg.state is None else lg.state['weights']
-        if w is None or bool((w == 1).all()): return full
+        plain = w is None or bool((w == 1).all())
+        if hasattr(self._base, 'weighted_loss'):    # MTARD: each example's terms weighted, its shares moved once
+            return self._base.weighted_loss(lg, y, epoch, None if plain else w[y])
+        full = self._base.loss(lg, y, epoch)        # the base's passes on the whole batch, in its order
+        if plain: return full
         return classwise_weighted(lambda keep: self._base.loss(_rows(lg, keep), y[keep], epoch), y, w)
     def passes(self, epoch):
         "The base's passes; on IAD, Fair-IAD.py's (lines 164-170): S(x~), S(x), then a dead S(x~), at every epoch."

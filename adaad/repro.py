@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'PAPER_SCALE', 'PAPER_REFERENCES', 'LAUNCH', 'PACKAGES', 'KERNEL_LIMITS', 'TEACHER_CHECK',
-           'TEACHERS_RECORD', 'DRY_RUN', 'TRAININGS', 'AMP_LIMIT', 'EXECUTORS', 'unknown_preset', 'dataset_of',
-           'preset_config', 'train_config', 'repo_root', 'default_data_root', 'git_info', 'package_versions',
-           'kernel_limits', 'hardware_info', 'describe_device', 'precision_of', 'cached_eval', 'eval_suite',
-           'teacher_file', 'shipped_teacher_file', 'shipped_record', 'obtain_teacher', 'teacher_record',
+           'TEACHERS_RECORD', 'TEACHER_ROLES', 'DRY_RUN', 'TRAININGS', 'AMP_LIMIT', 'EXECUTORS', 'unknown_preset',
+           'dataset_of', 'preset_config', 'train_config', 'repo_root', 'default_data_root', 'git_info',
+           'package_versions', 'kernel_limits', 'hardware_info', 'describe_device', 'precision_of', 'cached_eval',
+           'eval_suite', 'teacher_file', 'shipped_teacher_file', 'shipped_record', 'obtain_teacher', 'teacher_record',
            'teacher_expectation', 'check_teacher', 'trust_teacher_file', 'check_file_teacher', 'build_teacher',
            'dry_run_config', 'dry_run_teacher', 'selected_checkpoint', 'logged_curve', 'logged_train_s',
            'record_training', 'is_rank0', 'run_cell', 'scale_changes', 'check_results_folder', 'check_rows',
@@ -54,6 +54,13 @@ _STRONG_T = dict(source='shipped', arch='resnet18-w16', path='teachers/cpu-stron
                  sha256='650dd74bd45124cf214f59dd615a2720ab2a21dd31159c0805beb7d560809c5e',
                  train=dict(method='pgd-at', student='resnet18-w16', epochs=8, milestones=(6,), batch_size=128, lr=0.1,
                             steps=3, step_size=3/255, val_n=1000, val_steps=5))
+# a naturally trained teacher of the robust one's architecture (MTARD, AKD), on the whole training set
+_STRONG_NAT = dict(source='shipped', arch='resnet18-w16', path='teachers/cpu-strong-natural-resnet18-w16.pt',
+                   sha256='efebac545fab05052b49e6d1ddee36e2ee4b03e6d9ca70c1f56b555da921112c',
+                   note='3 epochs (LR x0.1 for the last), chosen to keep its training near a quarter of an hour on one '
+                        'CPU thread; a natural teacher far from converged',
+                   train=dict(method='natural', student='resnet18-w16', epochs=3, milestones=(2,), batch_size=128,
+                              lr=0.1, val_n=1000, val_steps=5))
 
 # family: the comparisons a table's verdicts are corrected over (Holm),
 # declared before a run (adaad.report.add_comparisons)
@@ -187,8 +194,11 @@ PRESETS = {
         scale='reduced scale (the cpu-strong teacher, students and settings; DGAD, MTARD, ABSLD and TRADES-AWP '
               'beside PGD-AT and AdaAD; 3 seeds; reduced AutoAttack): not comparable to the paper',
         methods=('pgd-at', 'trades-awp', 'adaad', 'dgad', 'mtard', 'absld'), variants={},
-        # ABSLD lowers its temperature step with the learning rate: at this preset's milestone, not the script's
-        method_kwargs={'absld': dict(step_milestones=(6,))},
+        # MTARD's natural teacher (clean images), the robust teacher on the adversarial ones
+        standard_teacher=_STRONG_NAT,
+        # ABSLD and MTARD lower their temperature / share steps with the learning rate: at this preset's milestone,
+        # not their scripts' (215, 260, 285)
+        method_kwargs={'absld': dict(step_milestones=(6,)), 'mtard': dict(share_rate_milestones=(6,))},
         # every row against the teacher-free baselines (PGD-AT, and TRADES-AWP, the strongest training without a
         # teacher) and against AdaAD (the inner maximisation DGAD builds on): what a teacher adds, and what each
         # method adds to AdaAD
@@ -532,14 +542,19 @@ def check_file_teacher(model, path, robustbench=None, dataset='cifar10', data_ro
                          Path(out_dir) / f'{role}-check.json', device)
 
 # %% ../nbs/15_repro.ipynb #caa25e0e
-def build_teacher(preset, run_dir=None, out=None, data_root=None, device=None, progress=False):
-    """Train (or reuse the finished run of) `preset`'s shipped teacher, write its weights to `out` (default: the spec's
-    path under the repository) and its record beside them; returns the record."""
-    cfg = preset_config(preset); spec = cfg['teacher']
+TEACHER_ROLES = ('teacher', 'standard_teacher')   # a preset's robust teacher and its naturally trained one
+
+def build_teacher(preset, run_dir=None, out=None, data_root=None, device=None, progress=False, role='teacher'):
+    """Train (or reuse the finished run of) `preset`'s shipped teacher of `role` ('teacher', the robust one, or
+    'standard_teacher', the naturally trained one), write its weights to `out` (default: the spec's path under the
+    repository) and its record beside them; returns the record."""
+    check_choice('role', role, TEACHER_ROLES)
+    cfg = preset_config(preset); spec = cfg.get(role)
     if not spec or spec.get('source') != 'shipped':
-        raise ValueError(f"preset {cfg['name']!r} has no shipped teacher (its teacher source is "
+        raise ValueError(f"preset {cfg['name']!r} has no shipped {role} (its {role} source is "
                          f"{(spec or {}).get('source')!r})")
-    run_dir = Path(run_dir or repo_root() / 'runs' / 'teachers' / f"{cfg['name']}-{spec['arch']}")
+    kind = '' if role == 'teacher' else 'natural-'
+    run_dir = Path(run_dir or repo_root() / 'runs' / 'teachers' / f"{cfg['name']}-{kind}{spec['arch']}")
     ctx = _context(cfg, run_dir.parent, run_dir.parent, device, data_root, None, progress)
     tc = TrainConfig(**{'data_root': ctx['data_root'], **spec['train']})
     cell = run_cell(tc, run_dir, None, dict(checkpoint='best_pgd'), data=_data_of(ctx, tc), device=ctx['device'],
@@ -552,10 +567,12 @@ def build_teacher(preset, run_dir=None, out=None, data_root=None, device=None, p
     r = evaluate(cell['model'].eval(), ctx['test'], suite=list(ev['suite']), batch_size=ev['batch_size'],
                  device=ctx['device'], progress=progress, seed=ev['seed'], **ev['overrides'])
     rec = dict(name=out.stem, arch=spec['arch'], sha256=file_sha256(out), preset=cfg['name'], train=config_dict(tc),
+               **({'note': spec['note']} if spec.get('note') else {}),
                run=str(run_dir), best=cell['best'], train_s_logged=cell['train_s_logged'], trainings=cell['trainings'],
                git=git_info(outputs=[out, out.with_suffix('.json')]),
                hardware=hardware_info(ctx['device']), data=plain(ctx['test'].source), n_test=len(ctx['test']),
-               accuracy={k: round(v, 2) for k, v in r.accuracy.items()}, command=f'make teacher PRESET={cfg["name"]}')
+               accuracy={k: round(v, 2) for k, v in r.accuracy.items()},
+               command=f'make teacher PRESET={cfg["name"]}' + ('' if role == 'teacher' else f' ROLE={role}'))
     write_json(out.with_suffix('.json'), rec)
     return rec
 
@@ -673,7 +690,7 @@ def run_cell(tc, run_dir, eval_path, cfg, data, device=None, teacher=None, stand
     that trained it."""
     m, before = build_method(tc), len(logged_curve(run_dir))
     tr = train(tc, teacher=teacher if m.uses_teacher else None, out_dir=run_dir, device=device, time_limit=time_limit,
-               progress=progress, data=data, standard_teacher=standard_teacher if m.needs_standard_teacher else None)
+               progress=progress, data=data, natural_teacher=standard_teacher if m.needs_natural_teacher else None)
     _barrier()   # under torchrun: rank 0's checkpoints are written before any process reads them
     cell = dict(run=str(run_dir), status=tr['status'], train_wall_s=tr['wall_s'],
                 train_s_logged=logged_train_s(run_dir), trainings=record_training(run_dir, before, tr), best=tr['best'],
@@ -968,7 +985,7 @@ def training_flops(tc, images, teacher_flops=0, standard_flops=0):
     tc, m = resolve(tc), build_method(tc)
     with torch.device('meta'): fs = forward_flops(create_model(tc.student, DATASETS[tc.dataset][-1]))
     ft, k = teacher_flops if m.uses_teacher else 0, tc.steps or 0
-    per_image = 2 * k * (fs + ft) + 3 * fs + ft + (standard_flops if m.needs_standard_teacher else 0)
+    per_image = 2 * k * (fs + ft) + 3 * fs + ft + (standard_flops if m.needs_natural_teacher else 0)
     return tc.epochs * images * per_image
 
 def _cell_costs(ctx, cells, tmodel, smodel):

@@ -59,7 +59,7 @@ def test_eval_help_documents_every_option_with_default():
     (['train', '--method', 'adaad'], '--method adaad needs --teacher'),
     (['train', '--teacher', 'x.pt'], 'exactly one of --teacher-arch or --teacher-robustbench'),
     (['teacher', '--method', 'adaad'], r"--method for a teacher must be a method that reads no teacher: one of \[.*'pgd-at', 'trades'.*\], got 'adaad'"),
-    (['train', '--method', 'akd', '--teacher', 'x.pt', '--teacher-arch', 'wrn-10-1', '--standard-teacher-arch', 'wrn-10-1'], '--standard-teacher-arch / --standard-teacher-robustbench need --standard-teacher'),
+    (['train', '--method', 'akd', '--teacher', 'x.pt', '--teacher-arch', 'wrn-10-1', '--natural-teacher-arch', 'wrn-10-1'], '--natural-teacher-arch / --natural-teacher-robustbench need --natural-teacher'),
     (['--import', 'no_such_module_xyz', 'train'], '--import no_such_module_xyz'),
     (['eval', '--ckpt', 'x.pt'], 'exactly one of --arch or --robustbench'),
 ])
@@ -122,7 +122,7 @@ def test_console_script_installed():
     out = subprocess.run([str(exe), '--help'], capture_output=True, text=True)
     assert out.returncode == 0 and all(c in out.stdout for c in COMMANDS), out.stderr
     out = subprocess.run([str(exe), 'train', '--help'], capture_output=True, text=True)
-    assert '--eps-ramp-epochs' in out.stdout and '--standard-teacher' in out.stdout
+    assert '--eps-ramp-epochs' in out.stdout and '--natural-teacher' in out.stdout
 
 
 @pytest.mark.parametrize('flags, compile_, fold, nesterov', [([], False, None, None),

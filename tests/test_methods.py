@@ -47,7 +47,7 @@ def test_training_loss_runs_for_every_method(setup, name, epoch, faithful):
     S, T, x, y = setup
     S.eval()
     peers = {k: tiny(seed=3) for k in get_method(name).peer_archs('tiny')}   # PeerAiD trains a peer beside the student
-    loss, logs = training_loss(name, S, T, x, y, epoch=epoch, num_classes=10, faithful=faithful, teacher_st=tiny(seed=2).eval(),
+    loss, logs = training_loss(name, S, T, x, y, epoch=epoch, num_classes=10, faithful=faithful, natural_teacher=tiny(seed=2).eval(),
                                peers=peers)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
     loss.backward()
@@ -74,7 +74,7 @@ def test_outer_passes_lean_and_faithful(setup, name, epoch, lean, faithful):
     S, T, x, y = setup
     for f, n in ((False, lean), (True, faithful)):
         s = fresh(S); calls = count_student_passes(s)
-        training_loss(name, s, T, x, y, epoch=epoch, faithful=f, teacher_st=T)
+        training_loss(name, s, T, x, y, epoch=epoch, faithful=f, natural_teacher=T)
         extra = 1 if name == 'trades' else 0                                 # TRADES' inner computes p_S(x) once
         assert len(calls) == (0 if name == 'natural' else 10) + extra + n, (name, f, len(calls))
 
@@ -155,10 +155,10 @@ def test_akd_needs_a_standard_teacher_unless_told_otherwise(setup):
         training_loss('akd', fresh(S), T, x, y)
     T2 = tiny(seed=2).eval()
     torch.manual_seed(2); a, _ = training_loss('akd', fresh(S), T, x, y, robust_as_standard=True)
-    torch.manual_seed(2); b, _ = training_loss('akd-chen', fresh(S), T, x, y, teacher_st=T2)
-    torch.manual_seed(2); c, _ = training_loss('akd2', fresh(S), T, x, y, teacher_st=T)
+    torch.manual_seed(2); b, _ = training_loss('akd-chen', fresh(S), T, x, y, natural_teacher=T2)
+    torch.manual_seed(2); c, _ = training_loss('akd2', fresh(S), T, x, y, natural_teacher=T)
     assert not torch.allclose(a, b) and torch.allclose(a, c)
-    assert get_method('akd').needs_standard_teacher and not get_method('akd', robust_as_standard=True).needs_standard_teacher
+    assert get_method('akd').needs_natural_teacher and not get_method('akd', robust_as_standard=True).needs_natural_teacher
     assert type(get_method('akd-maroto')).loss is not type(get_method('akd')).loss
 
 
@@ -167,7 +167,7 @@ def test_akd_loss_matches_the_official_formula(setup):
     S, T, x, y = setup
     T2 = tiny(seed=2).eval()
     s = fresh(S)
-    torch.manual_seed(9); loss, _ = training_loss('akd', s, T, x, y, teacher_st=T2, tau=2.)
+    torch.manual_seed(9); loss, _ = training_loss('akd', s, T, x, y, natural_teacher=T2, tau=2.)
     xt = point('akd', fresh(S), T, x, y, 9)
     s2 = fresh(S).train()                      # train-mode BN normalises with the batch: its running statistics do not matter
     with torch.no_grad():
@@ -265,8 +265,8 @@ def test_logits_cache(setup):
         lg.s_adv
     lg.x_adv = x.flip(0)
     assert lg.s_nat is lg.s_nat and not lg.t_nat.requires_grad
-    with pytest.raises(ValueError, match='teacher_st'):
-        lg.t('adv', standard=True)
+    with pytest.raises(ValueError, match='natural_teacher'):
+        lg.t('adv', natural=True)
 
 
 def test_rslad_shares_the_teachers_clean_logits_between_inner_and_loss(setup):

@@ -30,6 +30,24 @@ def test_every_module_comes_from_a_notebook():
         assert src and (ROOT / 'adaad' / src).resolve().is_file(), f'{f.name} is not exported from a notebook'
 
 
+def long_lines(text, limit=120):
+    "Line numbers longer than `limit`, outside the `__all__ = [...]` block that nbdev writes itself."
+    out, in_all = [], False
+    for i, line in enumerate(text.splitlines(), 1):
+        in_all = in_all or line.startswith('__all__')
+        if not in_all and len(line) > limit: out.append(i)
+        if in_all and line.rstrip().endswith(']'): in_all = False
+    return out
+
+
+def test_library_lines_fit_in_120_characters():
+    "Every line of the library is at most 120 characters (fix the notebook cell it is exported from)."
+    assert long_lines('__all__ = [' + "'a', " * 40 + "\n    'b']\nx = 1\n" + 'y' * 121) == [4]
+    bad = {f.name: n for f in sorted((ROOT / 'adaad').glob('*.py')) if f.name != '_modidx.py'
+           if (n := long_lines(f.read_text()))}
+    assert not bad, f'lines over 120 characters (module: line numbers): {bad}'
+
+
 def test_wheel_builds(tmp_path):
     out = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(tmp_path), str(ROOT)],
                          capture_output=True, text=True)
