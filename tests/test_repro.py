@@ -24,11 +24,14 @@ def _outputs(nb_json):
 
 
 def test_presets_are_data():
-    assert set(PRESETS) == {'quick', 'smoke', 'cpu-small', 'cpu-long', 'cpu-strong', 'cpu-strong-long', 'cpu-strong-field', 'gpu-small', 'paper', 'paper-cifar100'}
+    assert set(PRESETS) == {'quick', 'smoke', 'cpu-small', 'cpu-long', 'cpu-strong', 'cpu-strong-long', 'cpu-strong-field',
+                            'cpu-strong-field2', 'gpu-small', 'paper', 'paper-cifar100'}
     assert json.dumps(PRESETS)  # plain data only
     assert PRESETS['paper']['n_test'] == 10000 and PRESETS['paper']['teacher']['name'] == 'Chen2021LTD_WRN34_20'
-    assert {k: v for k, v in PRESETS['cpu-strong-field'].items() if k not in ('scale', 'methods', 'variants', 'method_kwargs', 'family')} == \
-        {k: v for k, v in PRESETS['cpu-strong'].items() if k not in ('scale', 'methods', 'variants', 'method_kwargs', 'family')}   # the same runs
+    own = ('scale', 'methods', 'variants', 'method_kwargs', 'family')
+    for p in ('cpu-strong-field', 'cpu-strong-field2'):   # the same teacher, students and settings as cpu-strong
+        assert {k: v for k, v in PRESETS[p].items() if k not in own + ('standard_teacher',)} == \
+            {k: v for k, v in PRESETS['cpu-strong'].items() if k not in own + ('standard_teacher',)}, p
     assert sum(len(v) for v in PAPER_TABLE.values()) == 16
     with pytest.raises(ValueError, match='preset must be one of'): preset_config('huge')
 
