@@ -17,17 +17,9 @@ from adaad.methods_2024 import MTARD
 from adaad.models import create_model
 from adaad.train import TrainConfig, build_method, resolve, train
 
+from test_field_methods import grads, tiny  # noqa: E402  (the same toy network and checks)
+
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def tiny(c=10, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                         nn.Flatten(), nn.Linear(32, c))
-
-
-def grads(net):
-    return torch.cat([p.grad.flatten() for p in net.parameters()])
 
 
 # ---- the official loop -------------------------------------------------------------------------------------------
