@@ -192,7 +192,7 @@ PRESETS = {
         family=dict(references=('pgd-at', 'adaad'), pairs=(('fair-ard', 'ard'), ('saad', 'igdm')), attacks=('aa',))),
     'cpu-strong-field2': dict(_STRONG,
         scale='reduced scale (the cpu-strong teacher, students and settings; DGAD, MTARD, ABSLD and TRADES-AWP '
-              'beside PGD-AT and AdaAD; 3 seeds; reduced AutoAttack): not comparable to the paper',
+              'beside PGD-AT and AdaAD; the seeds listed below; reduced AutoAttack): not comparable to the paper',
         methods=('pgd-at', 'trades-awp', 'adaad', 'dgad', 'mtard', 'absld'), variants={},
         # MTARD's natural teacher (clean images), the robust teacher on the adversarial ones
         standard_teacher=_STRONG_NAT,
