@@ -13,6 +13,7 @@ __all__ = ['PAPER_COLUMNS', 'PAPER_TABLE', 'PAPER_METHODS', 'PAPER_TEACHER', 'CI
            'pairs_file', 'pairs_summary']
 
 # %% ../nbs/14_report.ipynb #0395b413
+import itertools
 import json
 from pathlib import Path
 import numpy as np
@@ -546,7 +547,8 @@ def plot_training_curves(res, out_prefix=None, student=None, show=False):
     res = load_results(res) if not isinstance(res, dict) else res
     g = {k: v for k, v in groups(res).items() if student is None or k[0] == student}
     fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4 * len(CURVE_PANELS), 3.2))
-    colours = dict(zip(dict.fromkeys(m for _, m in g), plt.get_cmap('tab10').colors))
+    names = list(dict.fromkeys(m for _, m in g))
+    colours = dict(zip(names, itertools.cycle(plt.get_cmap('tab10' if len(names) <= 10 else 'tab20').colors)))
     for (s, m), rows in g.items():
         for i, r in enumerate(rows):
             curve = r.get('train', {}).get('curve') or []

@@ -21,6 +21,7 @@ def pgd_correct(model, data, n=500):
     return _CACHE[id(model)]
 
 
+@pytest.mark.timeout(1800)   # the first test to ask trains the zoo: a few CPU minutes; room for a shared machine
 @pytest.mark.parametrize('method', ['adaad', 'rslad'])
 def test_a_distilled_student_is_more_robust_than_a_natural_one(robust_zoo, cifar_test, method):
     """PGD-10 on 500 exact test images: the student distilled from the PGD-AT teacher beats the naturally trained one
@@ -32,6 +33,7 @@ def test_a_distilled_student_is_more_robust_than_a_natural_one(robust_zoo, cifar
     assert c['diff'] >= 3 and c['p'] < 0.01, c
 
 
+@pytest.mark.timeout(1800)
 def test_bf16_autocast_keeps_the_attack_as_strong(robust_zoo, cifar_test):
     """On the PGD-AT teacher (a model PGD does not break completely), PGD-10 under bf16 autocast leaves the same accuracy
     within a point as in fp32, while the input gradients' signs differ at some pixels: the autocast is real (a no-op

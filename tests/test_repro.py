@@ -25,7 +25,7 @@ def _outputs(nb_json):
 
 def test_presets_are_data():
     assert set(PRESETS) == {'quick', 'smoke', 'cpu-small', 'cpu-long', 'cpu-strong', 'cpu-strong-long', 'cpu-strong-field',
-                            'cpu-strong-field2', 'gpu-small', 'paper', 'paper-cifar100'}
+                            'cpu-strong-field2', 'cpu-faithful', 'gpu-small', 'paper', 'paper-cifar100'}
     assert json.dumps(PRESETS)  # plain data only
     assert PRESETS['paper']['n_test'] == 10000 and PRESETS['paper']['teacher']['name'] == 'Chen2021LTD_WRN34_20'
     own = ('scale', 'methods', 'variants', 'method_kwargs', 'family')
@@ -280,3 +280,14 @@ def test_a_dry_run_through_submitit_equals_the_process_pool(tmp_path, data_root)
     assert [(r['method'], {k: c['acc'] for k, c in r['cells'].items()}) for r in pool['rows']] == \
            [(r['method'], {k: c['acc'] for k, c in r['cells'].items()}) for r in jobs['rows']]
     assert all(r['eval_cached'] for r in jobs['rows']) and all(r['train']['train_wall_s'] == 0. for r in jobs['rows'][1:])
+
+
+def test_training_curves_of_a_table_with_more_rows_than_colours(tmp_path):
+    "plot_training_curves draws every row of a 22-row table (cpu-faithful's), 20 colours before any repeats."
+    from adaad.report import plot_training_curves
+    rows = [dict(student='RN-18', method=f'm{i}', train=dict(curve=[dict(epoch=e, val_clean=10. + i, val_pgd=5.)
+                                                                   for e in range(2)])) for i in range(22)]
+    fig = plot_training_curves(dict(rows=rows, preset='cpu-faithful'), tmp_path / 'curves')
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 22 and len({l.get_color() for l in lines[:20]}) == 20
+    assert (tmp_path / 'curves.png').exists()

@@ -1,0 +1,33 @@
+"""`python -m adaad.faithful`: the measured departures of the default from `faithful=True`, as README documents it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adaad.core import read_sealed
+
+
+def _run(*args, data_root):
+    return subprocess.run([sys.executable, '-m', 'adaad.faithful', *args, '--data-root', str(data_root)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def test_the_documented_command_writes_sealed_departures(data_root, tmp_path):
+    "PGD-AT's default drops a dead train-mode pass: one step leaves the weights equal and the BatchNorm statistics not."
+    out = tmp_path / 'fs'
+    r = _run('--out', str(out), '--methods', 'pgd-at', '--steps', '1', data_root=data_root)
+    assert r.returncode == 0, r.stderr
+    res = read_sealed(out / 'results.json', 'results file')
+    (step,) = res['departures']['pgd-at']
+    assert step['weights'] < 1e-5 < step['bn'] and res['git']['commit'] and res['hardware']['torch']
+    assert '| pgd-at |' in (out / 'table.md').read_text()
+    again = _run('--out', str(out), '--methods', 'pgd-at', '--steps', '1', data_root=data_root)   # never written over
+    assert again.returncode != 0 and 'exists: choose another --out' in again.stderr
+    assert json.loads((out / 'results.json').read_text())['departures'] == res['departures']
+
+
+def test_bad_steps_are_refused(data_root, tmp_path):
+    r = _run('--out', str(tmp_path / 'x'), '--steps', '0', data_root=data_root)
+    assert r.returncode == 2 and '--steps must be an integer >= 1, got 0' in r.stderr
