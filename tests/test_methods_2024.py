@@ -342,3 +342,23 @@ def test_absld_resumes_exactly(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     ca, cb = (read_checkpoint(tmp_path / d / 'last.pt')['method_state'] for d in 'ab')
     assert all(torch.equal(ca[k], cb[k]) for k in ca) and ca['temp_nat'].unique().numel() > 1
+
+
+@pytest.mark.parametrize('method,field', [('absld', 'step_milestones'), ('mtard', 'share_rate_milestones')])
+def test_step_milestones_that_do_not_fit_the_run_warn(method, field):
+    """ABSLD's temperature step and MTARD's share step drop at their scripts' epochs (215, 260, 285 of 300) unless told:
+    a run of another length is warned once (also under Fair-ARD), milestones past its end are named, fitting ones are
+    silent."""
+    import warnings
+    with pytest.warns(UserWarning, match=rf"{method}: .* drops at its script's epochs \(215, 260, 285\) of 300, but "
+                                         rf"this run has 8 epochs: pass {field}="):
+        resolve(TrainConfig(method=method, epochs=8))
+    with pytest.warns(UserWarning, match=rf"{field} \[9\] lie past the run's 8 epochs"):
+        resolve(TrainConfig(method=method, epochs=8, method_kwargs={field: (6, 9)}))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        resolve(TrainConfig(method=method, epochs=8, method_kwargs={field: (6,)}))
+        resolve(TrainConfig(method=method))                                   # the script's 300 epochs
+    if method == 'mtard':
+        with pytest.warns(UserWarning, match=f'pass {field}='):
+            resolve(TrainConfig(method='fair-ard', epochs=8, method_kwargs=dict(base='mtard')))

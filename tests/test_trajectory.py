@@ -338,6 +338,18 @@ def fair_ard_step(S, T, reweight):
     return step
 
 
+def fair_mtard_step(S, T, reweight):
+    """NISP-official/Fair-ARD Fair-MTARD.py (`official_fair_mtard_step` of test_mtard: lines 42-79, 140-171), MTARD's
+    shares kept by one loop over the steps; x~ read as S's first train-mode input, the counts summed per class."""
+    from test_mtard import OfficialLoop, official_fair_mtard_step
+    loop, (kept, new_step) = OfficialLoop(), first_train_input_after(S, 0)
+    def step(x, y):
+        new_step()
+        loss, kappa = official_fair_mtard_step(loop, S, T, x, y, reweight)
+        return loss, kept[0], torch.zeros(10, dtype=torch.float64).index_add_(0, y, torch.tensor(kappa).double())
+    return step
+
+
 def peeraid_step(S, P):
     """jaewonalive/PeerAiD main.py:315-404 (`official_peeraid_step`, the CIFAR-10 settings); x~ read as the peer's first
     train-mode input. Its two SGDs (lines 219-220) have the same lr (configs/PeerAiD_resnet18_cifar10.json)."""
@@ -404,6 +416,8 @@ CASES = dict(
                     dict(method_kwargs=dict(base='rslad')), nesterov=True, weights=WEIGHTS),
     fair_rslad_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e, w: fair_rslad_step(S, T, w),
                                      dict(NO_NESTEROV, method_kwargs=dict(base='rslad')), weights=WEIGHTS),
+    fair_mtard=Case('fair-ard', lambda S, T, P, mp, e, w: fair_mtard_step(S, T, w),      # Fair-MTARD.py:84 Nesterov
+                    dict(method_kwargs=dict(base='mtard')), nesterov=True, weights=WEIGHTS),
     fair_iad=Case('fair-ard', lambda S, T, P, mp, e, w: fair_iad_step(S, T, e, w),
                   dict(method_kwargs=dict(base='iad')), nesterov=True, weights=WEIGHTS),
     fair_iad_without_nesterov=Case('fair-ard', lambda S, T, P, mp, e, w: fair_iad_step(S, T, e, w),
