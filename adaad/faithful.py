@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import read_checkpoint
-from .core import write_sealed
+from .core import atomic_write, write_sealed
 from .data import load_cifar
 from .methods import get_method
 from .train import TrainConfig, split_run_data, start_run, train
@@ -71,12 +71,16 @@ def faithful_step_table(methods=None, preset='cpu-faithful', steps=3, seed=0, da
     with the preset's teacher: {method: [{step, weights, bn}]}."""
     from adaad.repro import FAITHFUL_ROWS, default_data_root, obtain_teacher, preset_config, train_config
     cfg = preset_config(preset)
+    if cfg['teacher']['source'] == 'train':
+        raise ValueError(f'preset {preset!r} trains its own teacher; choose a preset whose teacher is a file '
+                         "(e.g. 'cpu-faithful')")
     arch = next(iter(cfg['students'].values()))
     teacher, _ = obtain_teacher(cfg['teacher'], None, None, 'cpu')
-    out = {}
+    train_set, out = None, {}
     for m in methods or FAITHFUL_ROWS:
         tc = train_config(cfg, m, arch, seed=seed, data_root=default_data_root(data_root), device='cpu')
-        data = split_run_data(tc, load_cifar(tc.dataset, 'train', root=tc.data_root))
+        train_set = train_set or load_cifar(tc.dataset, 'train', root=tc.data_root)
+        data = split_run_data(tc, train_set)
         out[m] = faithful_departures(tc, teacher, data, steps)
         if progress: print(m, ', '.join(f"step {r['step']}: weights {r['weights']:.2e}, BN {r['bn']:.2e}"
                                         for r in out[m]), flush=True)
@@ -95,11 +99,11 @@ def departures_markdown(table):
 # %% ../nbs/17_faithful.ipynb #8dda671c
 def run_faithful_steps(out, methods=None, preset='cpu-faithful', steps=3, seed=0, data_root=None):
     """Measure `faithful_step_table` and write `out`/results.json (sealed, with its provenance) and `out`/table.md;
-    refuses an `out` that already holds results."""
+    refuses an `out` that already holds anything."""
     from adaad.repro import git_info, hardware_info
     out = Path(out)
-    if (out / 'results.json').exists():
-        raise FileExistsError(f'{out}/results.json exists: choose another --out (results are never written over)')
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f'{out} exists and is not empty: choose another --out (nothing is written over)')
     git = git_info(outputs=[out])
     t0 = time.time()
     table = faithful_step_table(methods, preset, steps, seed, data_root)
@@ -108,8 +112,8 @@ def run_faithful_steps(out, methods=None, preset='cpu-faithful', steps=3, seed=0
                measure='||w_default - w_faithful|| / ||w_faithful - w_start|| after each step, over the learned '
                        'parameters (weights) and over the BatchNorm running statistics (bn)')
     write_sealed(out / 'results.json', res)
-    (out / 'table.md').write_text(f"Preset {preset}, seed {seed}, commit {git.get('commit')}: {res['measure']}.\n\n"
-                                  + departures_markdown(table))
+    atomic_write(out / 'table.md', f"Preset {preset}, seed {seed}, commit {git.get('commit')}: {res['measure']}.\n\n"
+                                   + departures_markdown(table))
     return res
 
 # %% ../nbs/17_faithful.ipynb #d237dc62
@@ -124,7 +128,8 @@ def main(argv=None):
     ap.add_argument('--data-root', default=None)
     a = ap.parse_args(argv)
     if a.steps < 1: ap.error(f'--steps must be an integer >= 1, got {a.steps}')
-    run_faithful_steps(a.out, a.methods.split(',') if a.methods else None, a.preset, a.steps, a.seed, a.data_root)
+    try: run_faithful_steps(a.out, a.methods.split(',') if a.methods else None, a.preset, a.steps, a.seed, a.data_root)
+    except (ValueError, FileExistsError, FileNotFoundError) as e: ap.error(str(e))
 
 # %% ../nbs/17_faithful.ipynb #5027faf7
 #| eval: false

@@ -24,10 +24,14 @@ def test_the_documented_command_writes_sealed_departures(data_root, tmp_path):
     assert step['weights'] < 1e-5 < step['bn'] and res['git']['commit'] and res['hardware']['torch']
     assert '| pgd-at |' in (out / 'table.md').read_text()
     again = _run('--out', str(out), '--methods', 'pgd-at', '--steps', '1', data_root=data_root)   # never written over
-    assert again.returncode != 0 and 'exists: choose another --out' in again.stderr
+    assert again.returncode != 0 and 'exists and is not empty: choose another --out' in again.stderr
     assert json.loads((out / 'results.json').read_text())['departures'] == res['departures']
 
 
-def test_bad_steps_are_refused(data_root, tmp_path):
-    r = _run('--out', str(tmp_path / 'x'), '--steps', '0', data_root=data_root)
-    assert r.returncode == 2 and '--steps must be an integer >= 1, got 0' in r.stderr
+@pytest.mark.parametrize('args,msg', [(('--steps', '0'), '--steps must be an integer >= 1, got 0'),
+                                      (('--preset', 'smoke'), "preset 'smoke' trains its own teacher"),
+                                      (('--preset', 'papr'), 'preset must be one of'),
+                                      (('--methods', 'adad'), "'adad'")])
+def test_bad_input_is_refused_by_name(data_root, tmp_path, args, msg):
+    r = _run('--out', str(tmp_path / 'x'), *args, data_root=data_root)
+    assert r.returncode == 2 and msg in r.stderr and not (tmp_path / 'x').exists(), r.stderr[-500:]

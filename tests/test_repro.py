@@ -32,6 +32,8 @@ def test_presets_are_data():
     for p in ('cpu-strong-field', 'cpu-strong-field2'):   # the same teacher, students and settings as cpu-strong
         assert {k: v for k, v in PRESETS[p].items() if k not in own + ('standard_teacher',)} == \
             {k: v for k, v in PRESETS['cpu-strong'].items() if k not in own + ('standard_teacher',)}, p
+    assert {k: PRESETS['cpu-faithful'][k] for k in ('teacher', 'students', 'train', 'n_test', 'suite')} == \
+        {k: PRESETS['quick'][k] for k in ('teacher', 'students', 'train', 'n_test', 'suite')}   # quick's trainings
     assert sum(len(v) for v in PAPER_TABLE.values()) == 16
     with pytest.raises(ValueError, match='preset must be one of'): preset_config('huge')
 
