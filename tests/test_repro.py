@@ -25,15 +25,17 @@ def _outputs(nb_json):
 
 def test_presets_are_data():
     assert set(PRESETS) == {'quick', 'smoke', 'cpu-small', 'cpu-long', 'cpu-strong', 'cpu-strong-long', 'cpu-strong-field',
-                            'cpu-strong-field2', 'cpu-faithful', 'gpu-small', 'paper', 'paper-cifar100'}
+                            'cpu-strong-field2', 'cpu-faithful', 'cpu-faithful-2', 'gpu-small', 'paper', 'paper-cifar100'}
     assert json.dumps(PRESETS)  # plain data only
     assert PRESETS['paper']['n_test'] == 10000 and PRESETS['paper']['teacher']['name'] == 'Chen2021LTD_WRN34_20'
     own = ('scale', 'methods', 'variants', 'method_kwargs', 'family')
     for p in ('cpu-strong-field', 'cpu-strong-field2'):   # the same teacher, students and settings as cpu-strong
         assert {k: v for k, v in PRESETS[p].items() if k not in own + ('standard_teacher',)} == \
             {k: v for k, v in PRESETS['cpu-strong'].items() if k not in own + ('standard_teacher',)}, p
-    assert {k: PRESETS['cpu-faithful'][k] for k in ('teacher', 'students', 'train', 'n_test', 'suite')} == \
-        {k: PRESETS['quick'][k] for k in ('teacher', 'students', 'train', 'n_test', 'suite')}   # quick's trainings
+    for p in ('cpu-faithful', 'cpu-faithful-2'):                                             # quick's trainings
+        assert {k: PRESETS[p][k] for k in ('teacher', 'students', 'train', 'n_test', 'suite')} == \
+            {k: PRESETS['quick'][k] for k in ('teacher', 'students', 'train', 'n_test', 'suite')}, p
+    assert PRESETS['cpu-faithful-2']['standard_teacher'] == PRESETS['cpu-strong-field2']['standard_teacher']
     assert sum(len(v) for v in PAPER_TABLE.values()) == 16
     with pytest.raises(ValueError, match='preset must be one of'): preset_config('huge')
 
