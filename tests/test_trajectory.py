@@ -52,14 +52,15 @@ def snapshot(student, peers=None, x_adv=None, kappa=None):
     return {**out, **{f'{n}.{k}': v.detach().clone() for n, net in nets.items() for k, v in net.state_dict().items()}}
 
 
-def library_run(monkeypatch, method, S, T, batches, epoch=0, peers=None, weights=None, **cfg):
+def library_run(monkeypatch, method, S, T, batches, epoch=0, peers=None, weights=None, natural=None, **cfg):
     """The library's snapshots after each step, run as `train_epoch` runs a batch: method and schedule from
-    `resolve_run`, the teacher as `_prepare` hands it over (`prepare_teacher`, folded unless faithful), one SGD over
-    student and peers (Nesterov's momentum as resolved), `faithful=True` unless `cfg` says otherwise."""
+    `resolve_run`, the teachers (`natural`: the naturally trained one) as `_prepare` hands them over (`prepare_teacher`,
+    folded unless faithful), one SGD over student and peers (Nesterov's momentum as resolved), `faithful=True` unless
+    `cfg` says otherwise."""
     cfg, m = resolve_run(TrainConfig(method=method, faithful=cfg.pop('faithful', True), **cfg))
     m = method_at(m, cfg, epoch)
-    frozen = None if T is None else copy.deepcopy(T).eval().requires_grad_(False)
-    teacher = None if T is None else prepare_teacher(frozen, fold_bn=cfg.fold_teacher)
+    teacher, natural = (None if t is None else prepare_teacher(copy.deepcopy(t).eval().requires_grad_(False),
+                                                               fold_bn=cfg.fold_teacher) for t in (T, natural))
     groups = [{'params': n.parameters()} for n in (S, *peers.values())] if peers else S.parameters()   # as train._setup
     opt = torch.optim.SGD(groups, lr=lr_at(epoch, cfg.lr, cfg.milestones, cfg.single_decay), momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
@@ -70,7 +71,7 @@ def library_run(monkeypatch, method, S, T, batches, epoch=0, peers=None, weights
     for p in (peers or {}).values(): p.train()
     for x, y in batches:
         loss, _ = M.training_loss(m, S, teacher, x, y, epoch=epoch, num_classes=10, faithful=cfg.faithful, state=state,
-                                  peers=peers)
+                                  peers=peers, natural_teacher=natural)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         out.append(snapshot(S, peers, points[-1], None if state is None else state['correct'].double()))
     return out
@@ -192,6 +193,21 @@ def ard_step(S, T, temp=30., alpha=1.):
         basic_outputs = S(x)
         kl = kl_mean_all(outputs, teacher_outputs, temp)
         return alpha * temp * temp * kl + (1.0 - alpha) * F.cross_entropy(basic_outputs, y), xa
+    return step
+
+
+def akd_step(S, T, Tn, temp=1., alpha1=0.5, alpha2=0.25):
+    """ZFancy/IAD AKD2.py:97-108 (AttackPGD, train mode: `net.train()` of line 169, its last line S(x~)) and 175-179:
+    T(x~) and the standard teacher's Tn(x~), both in eval mode (lines 156, 161); the KLs summed per row, over B."""
+    def step(x, y):
+        S.train()
+        xa, _ = train_mode_pgd(S, x, y)
+        outputs = S(xa)
+        teacher_outputs, st_outputs = T(xa), Tn(xa)
+        loss = ((1 - alpha1 - alpha2) * F.cross_entropy(outputs, y)
+                + alpha1 * temp * temp * kl_rows(outputs, teacher_outputs, temp).sum() / len(outputs)
+                + alpha2 * temp * temp * kl_rows(outputs, st_outputs, temp).sum() / len(outputs))
+        return loss, xa
     return step
 
 
@@ -391,12 +407,14 @@ class Case:
     weight_decay: float = 2e-4                               # the script's (5e-4: boyellow/AdaAD main.py:64)
     peer: bool = False
     weights: object = None                                   # Fair-ARD's class weights in the method's state
+    natural: bool = False                                    # a naturally trained teacher too: reference(natural=Tn)
 
 
 CASES = dict(
     pgd_at=Case('pgd-at', lambda S, T, P, mp, e, w: pgd_at_step(S), weight_decay=5e-4),
     trades=Case('trades', lambda S, T, P, mp, e, w: trades_step(S)),
     ard=Case('ard', lambda S, T, P, mp, e, w: ard_step(S, T)),
+    akd=Case('akd', lambda S, T, P, mp, e, w, natural: akd_step(S, T, natural), natural=True),
     iad=Case('iad', lambda S, T, P, mp, e, w: iad_step(S, T, e)),
     iad_introspection=Case('iad', lambda S, T, P, mp, e, w: iad_step(S, T, e, begin=0),
                            dict(method_kwargs=dict(begin=0))),
@@ -449,10 +467,11 @@ def test_three_steps_match_the_official_loop(batch, monkeypatch, case):
     s1, s2 = copy.deepcopy(S), copy.deepcopy(S)
     p1, p2 = ({'peer': tiny(seed=3).double()} for _ in range(2)) if case.peer else (None, None)
     teacher = T if M.get_method(case.method, **case.cfg.get('method_kwargs', {})).uses_teacher else None
+    natural = {'natural': tiny(seed=5).double().eval()} if case.natural else {}
     torch.manual_seed(7)
     ours = library_run(monkeypatch, case.method, s1, teacher, xy, case.epoch, peers=p1, weights=case.weights,
-                       **copy.deepcopy(case.cfg))
-    step = case.reference(s2, T, p2 and p2['peer'], monkeypatch, case.epoch, case.weights)
+                       **natural, **copy.deepcopy(case.cfg))
+    step = case.reference(s2, T, p2 and p2['peer'], monkeypatch, case.epoch, case.weights, **natural)
     torch.manual_seed(7); theirs = official_run(step, s2, xy, case.weight_decay, case.nesterov, peers=p2)
     assert_same_trajectory(ours, theirs)
 
@@ -479,13 +498,14 @@ def trainer_data(n=48, val=8):
     return CifarSplit(x[:n], y[:n], 10, split='train'), CifarSplit(x[n:], y[n:], 10, split='test')
 
 
-def trainer_run(tmp_path, case, teacher, data, steps=3):
+def trainer_run(tmp_path, case, teacher, data, steps=3, natural=None):
     """`train` itself, paused after every batch (`time_limit`) and resumed, for `steps` batches; the weights, BatchNorm
     buffers (student's and peers') and Fair-ARD's counts its `last.pt` holds after each."""
     cfg = TrainConfig(method=case.method, student='toy', batch_size=16, val_n=8, **{'faithful': True, **case.cfg})
     out = []
     for _ in range(steps):
-        r = train(cfg, teacher=teacher, out_dir=tmp_path, device='cpu', progress=False, data=data, time_limit=1e-9)
+        r = train(cfg, teacher=teacher, out_dir=tmp_path, device='cpu', progress=False, data=data, time_limit=1e-9,
+                  natural_teacher=natural)
         assert r['status'] == 'paused'
         st = read_checkpoint(tmp_path / 'last.pt')
         snap = {} if st.get('method_state') is None else {'kappa': st['method_state']['correct'].double()}
@@ -502,11 +522,12 @@ def test_the_trainer_takes_the_official_steps(tmp_path, monkeypatch, float64_def
     BatchNorm buffers (and Fair-ARD's counts) after each of three steps. Fair-ARD starts from equal class weights."""
     monkeypatch.setattr(adaad.train, 'create_model', toy)
     T = tiny(seed=1).eval()
+    natural = {'natural': tiny(seed=5).eval()} if case.natural else {}
     data = trainer_data()
     uses_teacher = M.get_method(case.method, **case.cfg.get('method_kwargs', {})).uses_teacher
-    ours, cfg = trainer_run(tmp_path, case, T if uses_teacher else None, data)
+    ours, cfg = trainer_run(tmp_path, case, T if uses_teacher else None, data, **natural)
     torch.manual_seed(cfg.seed); S = toy(); P = toy() if case.peer else None   # as train._setup draws them
-    step = case.reference(S, T, P, monkeypatch, 0, torch.ones(10))
+    step = case.reference(S, T, P, monkeypatch, 0, torch.ones(10), **natural)
     xy = list(batches(data[0], cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, epoch=0))
     torch.manual_seed(cfg.seed + 1)                                          # a fresh run's training RNG
     theirs = official_run(step, S, xy, case.weight_decay, case.nesterov, peers=None if P is None else {'peer': P})
