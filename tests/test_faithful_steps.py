@@ -28,10 +28,21 @@ def test_the_documented_command_writes_sealed_departures(data_root, tmp_path):
     assert json.loads((out / 'results.json').read_text())['departures'] == res['departures']
 
 
+def test_a_method_with_a_natural_teacher_gets_the_presets(data_root, tmp_path):
+    "AKD reads cpu-faithful-2's natural teacher; its default only folds the teachers: one step leaves both nearly equal."
+    out = tmp_path / 'fs'
+    r = _run('--out', str(out), '--preset', 'cpu-faithful-2', '--methods', 'akd', '--steps', '1', data_root=data_root)
+    assert r.returncode == 0, r.stderr
+    (step,) = read_sealed(out / 'results.json', 'results file')['departures']['akd']
+    assert step['weights'] < 1e-4 and step['bn'] < 1e-4, step
+
+
 @pytest.mark.parametrize('args,msg', [(('--steps', '0'), '--steps must be an integer >= 1, got 0'),
                                       (('--preset', 'smoke'), "preset 'smoke' trains its own teacher"),
                                       (('--preset', 'papr'), 'preset must be one of'),
-                                      (('--methods', 'adad'), "'adad'")])
+                                      (('--methods', 'adad'), "'adad'"),
+                                      (('--methods', 'akd'), "preset 'cpu-faithful' has no standard teacher"),
+                                      (('--preset', 'quick'), "preset 'quick' trains no method both ways")])
 def test_bad_input_is_refused_by_name(data_root, tmp_path, args, msg):
     r = _run('--out', str(tmp_path / 'x'), *args, data_root=data_root)
     assert r.returncode == 2 and msg in r.stderr and not (tmp_path / 'x').exists(), r.stderr[-500:]
