@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['is_bn_statistic', 'relative_distance', 'student_steps', 'faithful_departures', 'faithful_rows',
-           'faithful_step_table', 'departures_markdown', 'run_faithful_steps', 'main']
+           'faithful_step_table', 'departures_markdown', 'run_faithful_steps', 'measured_effects',
+           'effect_cell', 'main']
 
 # %% ../nbs/17_faithful.ipynb #e646c327
 import argparse
@@ -137,6 +138,28 @@ def run_faithful_steps(out, methods=None, preset='cpu-faithful', steps=3, seed=0
     atomic_write(out / 'table.md', f"Preset {preset}, seed {seed}, commit {git.get('commit')}: {res['measure']}.\n\n"
                                    + departures_markdown(table))
     return res
+
+# %% ../nbs/17_faithful.ipynb #6a0e51f3
+def measured_effects(steps, table, attack='pgd10'):
+    """{method: {weights_apart, diff, seed_p, p_holm}} for the methods both results hold: the departure after the last
+    step of `steps` (a `run_faithful_steps` result) and the trained difference, faithful minus default, under `attack`
+    in `table` (the results of a preset that trains each method both ways)."""
+    out = {}
+    for m, rows in steps['departures'].items():
+        found = [c for c in table.get('comparisons', [])
+                 if (c['method'], c['reference'], c['attack']) == (f'{m}-faithful', m, attack)]
+        if len(found) > 1: raise ValueError(f'{m}: {len(found)} students compare faithful with default; expected one')
+        if found:
+            c = found[0]
+            out[m] = dict(weights_apart=rows[-1]['weights'], diff=c['diff'], seed_p=c['seed_p'], p_holm=c['p_holm'])
+    return out
+
+
+def effect_cell(e):
+    "One `measured_effects` entry as README's table prints it: the weights apart after the steps; diff (seed-level p)."
+    w = e['weights_apart']
+    w = f'{w:.0%}' if w >= 0.005 else f'{w:.0e}'.replace('e-0', 'e-')
+    return f"{w}; {e['diff']:+.1f} (p {e['seed_p']:.2f})"
 
 # %% ../nbs/17_faithful.ipynb #d237dc62
 def main(argv=None):

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from adaad.core import read_sealed
+from adaad.faithful import effect_cell, measured_effects
 
 
 def _run(*args, data_root):
@@ -46,3 +47,15 @@ def test_a_method_with_a_natural_teacher_gets_the_presets(data_root, tmp_path):
 def test_bad_input_is_refused_by_name(data_root, tmp_path, args, msg):
     r = _run('--out', str(tmp_path / 'x'), *args, data_root=data_root)
     assert r.returncode == 2 and msg in r.stderr and not (tmp_path / 'x').exists(), r.stderr[-500:]
+
+
+def test_effect_cell_prints_what_results_hold():
+    "Percent of the faithful run's movement from 0.5% up, else one significant digit; the difference signed; p to 0.01."
+    assert effect_cell(dict(weights_apart=0.4449, diff=0.2, seed_p=0.779)) == '44%; +0.2 (p 0.78)'
+    assert effect_cell(dict(weights_apart=4.05e-6, diff=-0.6, seed_p=0.66)) == '4e-6; -0.6 (p 0.66)'
+    steps = dict(departures={'a': [dict(weights=0.1), dict(weights=0.3)], 'b': [dict(weights=0.2)]})
+    table = dict(comparisons=[dict(method='a-faithful', reference='a', attack='pgd10', diff=1., seed_p=.5, p_holm=1.),
+                              dict(method='a-faithful', reference='a', attack='clean', diff=9., seed_p=.1, p_holm=1.)])
+    assert measured_effects(steps, table) == {'a': dict(weights_apart=0.3, diff=1., seed_p=.5, p_holm=1.)}
+    with pytest.raises(ValueError, match='2 students'):
+        measured_effects(steps, dict(comparisons=table['comparisons'][:1] * 2))
