@@ -6,7 +6,8 @@
 __all__ = ['BUDGET_KEYS', 'METHODS', 'ALIASES', 'Logits', 'InnerView', 'Method', 'register', 'known_methods',
            'method_class', 'field_names', 'current_name', 'recorded_fields', 'get_method', 'Natural', 'PGDAT',
            'TRADES', 'ARD', 'IAD', 'RSLAD', 'AKD', 'AKDMaroto', 'AdaAD', 'AdaIAD', 'MMARD', 'Combo',
-           'inner_point', 'training_loss', 'BaseBudget', 'PlugIn', 'IGDM', 'FairARD', 'SAAD', 'PeerAiD']
+           'inner_point', 'training_loss', 'after_step', 'BaseBudget', 'PlugIn', 'IGDM', 'FairARD', 'SAAD',
+           'PeerAiD']
 
 # %% ../nbs/09_methods.ipynb #06fae0b5
 import dataclasses, math, numbers, types, typing, warnings
@@ -71,6 +72,11 @@ class Logits:
             if ('s', at) in self.cache:
                 with torch.no_grad(): self.student(self.input(at))
             else: self.s(at)
+
+    def dead(self, passes):
+        "Run the student on `passes` without a graph, in its current mode: outputs unused, BatchNorm statistics moved."
+        with torch.no_grad():
+            for at in passes: self.student(self.input(at))
 
     s_nat = property(lambda self: self.s('nat'), doc="$S(x)$")
     s_adv = property(lambda self: self.s('adv'), doc="$S(\\tilde x)$")
@@ -204,6 +210,14 @@ class Method(metaclass=_FormerNames):
          "(the BatchNorm order).")
         need = self.needs(epoch)
         return tuple(at for at in dict.fromkeys(self.passes(epoch)) if at in need)
+    def inner_passes(self, epoch):
+        ("Student passes the official script runs right after its inner maximisation, in the mode that ran the "
+         "student, their outputs unused (with `faithful=True` only; none by default).")
+        return ()
+    def after_step_passes(self, epoch):
+        ("Clean passes ('nat') the official script runs in train mode after the optimiser's step, their outputs "
+         "unused (with `faithful=True` only; none by default).")
+        return ()
     state_sums: ClassVar[tuple] = ()               # entries of the state summed over processes before `end_epoch`
     # former key of `new_state` -> its key now (read from older checkpoints)
     renamed_state: ClassVar[dict] = {}
@@ -646,6 +660,8 @@ class Combo(Method):
     def loss(self, lg, y, epoch): return self.outer.loss(lg, y, epoch)
     def passes(self, epoch): return self.outer.passes(epoch)
     def needs(self, epoch): return self.outer.needs(epoch)
+    def inner_passes(self, epoch): return self.inner.inner_passes(epoch)
+    def after_step_passes(self, epoch): return self.outer.after_step_passes(epoch)
     def with_budget(self, **changes): return replace(self, inner=self.inner.with_budget(**changes))
     def for_run(self, epochs): return replace(self, inner=self.inner.for_run(epochs), outer=self.outer.for_run(epochs))
     def for_dataset(self, dataset):
@@ -702,12 +718,23 @@ def training_loss(method, student, teacher, x, y, epoch=0, num_classes=None, fai
     lg = Logits(student, teacher, x, natural_teacher=natural_teacher, num_classes=num_classes, state=state,
                 peers=peers)
     lg.x_adv = inner_point(m, lg, y)
+    if faithful: lg.dead(m.inner_passes(epoch))
     student.train()
     declared = m.passes(epoch) if faithful else m.order(epoch)
     lg.replay(declared)
     loss = m.loss(lg, y, epoch)
     _check_reads(m, lg, declared, epoch)
     return loss, _logs(loss, lg, y)
+
+def after_step(method, student, x, epoch=0):
+    ("Run `method`'s `after_step_passes` of `epoch` on the clean batch `x`, in train mode without a graph (the "
+     "trainer calls it after the optimiser's step when `faithful=True`).")
+    passes = method.after_step_passes(epoch)
+    if set(passes) - {'nat'}:
+        raise ValueError(f"{method.name}: after_step_passes may only hold 'nat' (the clean batch), got {passes}")
+    student.train()
+    with torch.no_grad():
+        for _ in passes: student(x)
 
 # %% ../nbs/09_methods.ipynb #36fa9b78
 @dataclass(frozen=True)
@@ -737,6 +764,8 @@ class PlugIn(Method):
     def objective(self, lg, y): return self._base.objective(lg, y)
     def passes(self, epoch): return self._base.passes(epoch)
     def needs(self, epoch): return self._base.needs(epoch)
+    def inner_passes(self, epoch): return self._base.inner_passes(epoch)
+    def after_step_passes(self, epoch): return self._base.after_step_passes(epoch)
     for_run, for_dataset, run_warnings = _base_for_run, _base_for_dataset, _base_run_warnings
 
 def _mirror_logits(lg):

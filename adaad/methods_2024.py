@@ -183,6 +183,10 @@ class PGDATAWP(PGDAT):
     awp_gamma, awp_warmup_fraction, awp_lr = 0.01, 0., 0.01      # --awp-gamma, --awp-warmup 0, proxy_opt's lr
     budget: Budget | None = Budget(init='uniform', attack_bn='train')
     def passes(self, epoch): return ('adv',)
+    # train_cifar10.py:122, attack_pgd's pick of the best restart, S(x~) in train mode (its output unread with one
+    # restart); :365, S(x) after the step for the log
+    def inner_passes(self, epoch): return ('adv',)
+    def after_step_passes(self, epoch): return ('nat',)
 
 # %% ../nbs/16_methods_2024.ipynb #b45f00a2
 def mtard_kl(s_logits, t_logits, tau=1., example_weights=None):

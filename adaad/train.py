@@ -601,6 +601,7 @@ def awp_loss(method, net, model, proxy, teacher, x, y, gamma, lr, epoch=0, num_c
     with `add_into_weights(model, v, -gamma)` after the optimiser's step); `net` is `model` as the batches see it."""
     lg = M.Logits(net, teacher, x, natural_teacher=natural_teacher, num_classes=num_classes, state=state, peers=peers)
     lg.x_adv = M.inner_point(method, lg, y)
+    if faithful: lg.dead(method.inner_passes(epoch))
     def proxy_loss(p):
         st = None if state is None else {k: v.clone() for k, v in state.items()}
         lp = M.Logits(p, teacher, x, lg.x_adv, natural_teacher=natural_teacher, num_classes=num_classes, state=st,
@@ -671,6 +672,7 @@ def train_epoch(run, epoch):
             loss, diff = batch_loss(run, method, x, y, epoch)
         run.opt.zero_grad(set_to_none=True); loss.backward(); run.opt.step()
         if diff is not None: add_into_weights(run.model, diff, -cfg.awp_gamma)     # AWP: the perturbation removed
+        if cfg.faithful: M.after_step(method, run.net, x, epoch)
         losses.append(loss.detach()); run.watch.update(loss, step)
         if step % 50 == 0 and run.progress and run.rank == 0:
             run.watch.check(epoch, run.out / 'last.pt'); bar.set_postfix(loss=f'{loss.item():.4f}')

@@ -21,11 +21,6 @@ from test_field_methods import tiny
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 RTOL, ATOL = 1e-10, 1e-13
-PICK_AND_LOG = ("AT_AWP/train_cifar10.py:122 runs the train-mode model once more at x~ to pick the best restart, and "
-                ":365 once at x after the step for its log; both move the BatchNorm running statistics, which the "
-                "library's pgd-at-awp does not replay")
-
-
 # ---- the official step, from the files ----------------------------------------------------------------------------
 def diff_in_weights(model, proxy, eps=1e-20):
     "utils_awp.py:8-18: over the state dicts, each 'weight' of more than one axis: ||w|| / (||d|| + EPS) * d."
@@ -113,9 +108,10 @@ def official_at_awp_step(model, proxy, opt, x, y, gamma=0.01, eps=8/255, alpha=2
 
 
 # ---- the library's step, as train_epoch runs a batch ----------------------------------------------------------------
-def library_step(method, model, opt, x, y, epoch=0, **cfg):
-    "resolve_run, awp_loss (or training_loss before the warm-up), the SGD step, the direction removed: snapshots."
-    c, m = resolve_run(TrainConfig(method=method, faithful=True, **cfg))
+def library_step(method, model, opt, x, y, epoch=0, faithful=True, **cfg):
+    """resolve_run, awp_loss (or training_loss before the warm-up), the SGD step, the direction removed and the passes
+    after the step (`after_step`, when faithful), as train_epoch runs a batch: snapshots."""
+    c, m = resolve_run(TrainConfig(method=method, faithful=faithful, **cfg))
     points = []
     inner = M.inner_point
     def record(*a):
@@ -124,13 +120,14 @@ def library_step(method, model, opt, x, y, epoch=0, **cfg):
     try:
         if adaad.train.awp_on(c, epoch):
             loss, diff = awp_loss(m, model, model, copy.deepcopy(model), None, x, y, c.awp_gamma, awp_facts(m)[2],
-                                  epoch=epoch, num_classes=10, faithful=True)
-        else: (loss, _), diff = M.training_loss(m, model, None, x, y, epoch=epoch, faithful=True), None
+                                  epoch=epoch, num_classes=10, faithful=faithful)
+        else: (loss, _), diff = M.training_loss(m, model, None, x, y, epoch=epoch, faithful=faithful), None
     finally: M.inner_point = inner
     perturbed = weights(model)
     opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     updated = weights(model)
     if diff is not None: add_into_weights(model, diff, -c.awp_gamma)
+    if faithful: M.after_step(m, model, x, epoch)
     return dict(x_adv=points[-1], perturbed=perturbed, updated=updated, restored=weights(model))
 
 
@@ -153,15 +150,17 @@ def compare(ours, theirs):
         for n in b: torch.testing.assert_close(a[n], b[n], rtol=RTOL, atol=ATOL, msg=lambda m: f'{k} {n}: {m}')
 
 
-def two_steps(method, official, **kw):
-    "Two consecutive steps (epoch 0, AWP on) of the library and of the official code from one float64 start and RNG."
+def two_steps(method, official, faithful=True, **kw):
+    """Two consecutive steps (epoch 0, AWP on) of the library (`faithful=True` unless said) and of the official code
+    from one float64 start and RNG."""
     S = tiny(seed=0).double()
     ours_net, theirs_net = copy.deepcopy(S), copy.deepcopy(S)
     o_opt, t_opt, proxy = sgd(ours_net), sgd(theirs_net), tiny(seed=5).double()
     ours, theirs = [], []
     for i in range(2):
         x, y = batch(seed=i)
-        torch.manual_seed(10 + i); ours.append(library_step(method, ours_net, o_opt, x, y, steps=3, awp_warmup=0))
+        torch.manual_seed(10 + i); ours.append(library_step(method, ours_net, o_opt, x, y, faithful=faithful, steps=3,
+                                                         awp_warmup=0))
         torch.manual_seed(10 + i); theirs.append(official(theirs_net, proxy, t_opt, x, y, steps=3, **kw))
     return ours, theirs
 
@@ -175,15 +174,35 @@ def test_trades_awp_takes_the_official_step():
 
 
 def test_at_awp_takes_the_official_step():
-    "Two AT-AWP steps (train-mode ascent, uniform start) likewise, without the script's pick and log passes."
-    ours, theirs = two_steps('pgd-at-awp', official_at_awp_step)
-    for o, t in zip(ours, theirs): compare(o, t)
-
-
-@pytest.mark.xfail(strict=True, reason=PICK_AND_LOG)
-def test_at_awp_with_the_scripts_extra_passes():
+    """Two AT-AWP steps (train-mode ascent, uniform start) with `faithful=True`: the script's train-mode pass at x~ that
+    picks the best restart (AT_AWP/train_cifar10.py:122) and its pass at x after the step for the log (:365) included,
+    so the BatchNorm buffers agree too."""
     ours, theirs = two_steps('pgd-at-awp', official_at_awp_step, pick_and_log=True)
     for o, t in zip(ours, theirs): compare(o, t)
+
+
+def test_at_awp_by_default_drops_the_pick_and_log_passes():
+    "The default runs neither extra pass: the script without them is its trajectory, the script with them is not."
+    ours, theirs = two_steps('pgd-at-awp', official_at_awp_step, faithful=False)
+    for o, t in zip(ours, theirs): compare(o, t)
+    _, with_passes = two_steps('pgd-at-awp', official_at_awp_step, faithful=False, pick_and_log=True)
+    with pytest.raises(AssertionError, match='running_mean'): compare(ours[0], with_passes[0])
+
+
+def test_the_trainer_runs_the_extra_passes_when_faithful(tmp_path, monkeypatch):
+    """`train` with pgd-at-awp: after one batch, faithful=True has counted two more train-mode BatchNorm passes than the
+    default (the pick at x~ and the pass at x after the step), on top of the inner steps' and the loss's."""
+    monkeypatch.setattr(adaad.train, 'create_model', toy)
+    cfg = TrainConfig(method='pgd-at-awp', student='toy', epochs=1, batch_size=16, steps=2, val_n=8, val_steps=1,
+                      diagnostics=False)
+    counts = {}
+    for faithful in (False, True):
+        out = tmp_path / str(faithful)
+        r = train(dataclasses.replace(cfg, faithful=faithful), out_dir=out, device='cpu', progress=False,
+                  data=toy_data(), time_limit=1e-9)
+        assert r['status'] == 'paused'
+        counts[faithful] = int(read_checkpoint(out / 'last.pt')['state_dict']['1.num_batches_tracked'])
+    assert counts == {False: 2 + 1, True: 2 + 1 + 2}, counts
 
 
 def test_the_reference_sees_a_missing_perturbation():
