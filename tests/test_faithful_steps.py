@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,42 @@ def test_a_method_with_a_natural_teacher_gets_the_presets(data_root, tmp_path):
 def test_bad_input_is_refused_by_name(data_root, tmp_path, args, msg):
     r = _run('--out', str(tmp_path / 'x'), *args, data_root=data_root)
     assert r.returncode == 2 and msg in r.stderr and not (tmp_path / 'x').exists(), r.stderr[-500:]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+MEASURED = 'measured: 3 steps; trained'                         # README's column of the measured effects
+
+
+def readme_methods():
+    "README's table of methods: {--method: {column: cell}}."
+    lines = (ROOT / 'README.md').read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('| method | `--method` |'))
+    head = [c.strip() for c in lines[start].strip('|').split('|')]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith('|'): break
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        rows[cells[1].strip('`')] = dict(zip(head, cells))
+    return rows
+
+
+def committed_effects():
+    "`measured_effects` of the committed step measurements beside the presets that train each method both ways."
+    res = lambda name: read_sealed(ROOT / 'results' / name / 'results.json', 'results file')
+    return {**measured_effects(res('faithful-steps'), res('cpu-faithful')),
+            **measured_effects(res('faithful-steps-2'), res('cpu-faithful-2'))}
+
+
+def test_readme_quotes_each_methods_measured_effect():
+    """Every method README's table lists has its measured cell from the committed results (`effect_cell`): the weights
+    apart after three steps, then faithful minus default trained over three seeds (PGD-10, seed-level p); a method
+    without official code says '—', one not measured says so."""
+    rows, effects = readme_methods(), committed_effects()
+    assert set(effects) <= set(rows), sorted(set(effects) - set(rows))
+    for m, row in rows.items():
+        cell = row[MEASURED]
+        if m in effects: assert cell.startswith(effect_cell(effects[m])), (m, cell, effect_cell(effects[m]))
+        else: assert cell == ('—' if row['official scripts'].startswith('none public') else 'not measured'), (m, cell)
 
 
 def test_effect_cell_prints_what_results_hold():
