@@ -584,7 +584,8 @@ def prediction_interval(values, level=0.95):
     return m, sd, m - half, m + half
 
 def place_in_spread(x, values, level=0.95):
-    "Where accuracy `x` lies against the committed seeds' `values`: in their range or outside by how much; interval."
+    ("Where accuracy `x` (%) lies against the committed seeds' `values`: in their range or outside by how much; "
+     "the prediction interval, printed within [0, 100].")
     if not values: return 'no committed seed of this row'
     m, sd, lo, hi = prediction_interval(values, level)
     if sd is None: return f'one committed seed ({values[0]:.1f}): no spread to place it in'
@@ -592,7 +593,7 @@ def place_in_spread(x, values, level=0.95):
     where = ('within the seeds\' range' if a <= x <= b
              else f"{'below' if x < a else 'above'} their range by {min(abs(x - a), abs(x - b)):.1f}")
     inside = 'inside' if lo <= x <= hi else 'OUTSIDE'
-    return f'{where}; {inside} the {level:.0%} prediction interval [{lo:.1f}, {hi:.1f}]'
+    return f'{where}; {inside} the {level:.0%} prediction interval [{max(lo, 0.):.1f}, {min(hi, 100.):.1f}]'
 
 def run_conditions(res):
     "Device, CPU kind, torch, precision and threads a results dict's trainings ran under (its rows, where recorded)."

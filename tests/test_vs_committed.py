@@ -26,6 +26,9 @@ def test_a_value_is_placed_inside_or_outside_with_its_distance():
     assert place_in_spread(40.0, [21.8, 23.0, 20.7]).startswith('above their range by 17.0; OUTSIDE')
     assert place_in_spread(5.0, [7.0]).startswith('one committed seed (7.0)')
     assert place_in_spread(5.0, []) == 'no committed seed of this row'
+    assert prediction_interval([0.5, 1.0, 6.0])[2] < 0                            # an accuracy's interval printed
+    assert place_in_spread(0.8, [0.5, 1.0, 6.0]).endswith('inside the 95% prediction interval [0.0, 17.6]')  # from 0
+    assert place_in_spread(99.5, [99.9, 99.0, 94.0]).endswith('interval [81.8, 100.0]')
 
 
 def test_a_fresh_run_of_committed_seeds_is_placed_in_their_spread():
