@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ABSLD_TEMPERATURES', 'MTARD_TARGETS', 'epochs_or_none', 'milestones_warning', 'swap_true_top', 'dgad_loss',
            'DGAD', 'absld_targets', 'absld_loss', 'absld_update', 'ABSLD', 'TRADESAWP', 'PGDATAWP',
-           'mtard_kl', 'mtard_share', 'MTARD']
+           'mtard_kl', 'mtard_share', 'process_means', 'MTARD']
 
 # %% ../nbs/16_methods_2024.ipynb #4f3f3a83
 import math
@@ -203,6 +203,15 @@ def mtard_share(nat_share, loss_adv, loss_nat, init_adv, init_nat, rate, exponen
     r_adv, r_nat = (loss_adv / init_adv) ** exponent, (loss_nat / init_nat) ** exponent
     return nat_share - rate * (nat_share - r_nat / (r_adv + r_nat))
 
+def process_means(means, n):
+    ("The batch means `means` (0-d tensors) of this process, averaged over the processes of a distributed run "
+     "weighted by their `n` examples: what one process would compute on the whole batch; unchanged in one process.")
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return tuple(means)
+    t = torch.stack([m.detach().double() * n for m in means] + [means[0].new_tensor(float(n), dtype=torch.float64)])
+    dist.all_reduce(t)
+    return tuple(t[:-1] / t[-1])
+
 # %% ../nbs/16_methods_2024.ipynb #1e289eb5
 @register
 @dataclass(frozen=True)
@@ -245,7 +254,7 @@ class MTARD(Method):
     def shares(self, lg, l_adv, l_nat, epoch):
         "$(w_{adv}, w_{nat})$ of this step, the state moved first (the script's order); $\\frac12$ each without one."
         if lg.state is None: return 1 - self.initial_nat_share, self.initial_nat_share
-        st, la, ln = lg.state, l_adv.detach().double(), l_nat.detach().double()
+        st, (la, ln) = lg.state, process_means((l_adv.detach().double(), l_nat.detach().double()), len(lg.x))
         for k, v in (('init_adv', la), ('init_nat', ln)):
             if torch.isnan(st[k]): st[k].copy_(v)
         st['nat_share'].copy_(mtard_share(st['nat_share'], la, ln, st['init_adv'], st['init_nat'], self.rate_at(epoch),

@@ -367,3 +367,43 @@ def test_run_folders_written_before_the_natural_teacher_name_still_resume(tmp_pa
     old = json.loads(json.dumps(new)); del old['config']['method_kwargs']['natural_target']
     (tmp_path / 'identity.json').write_text(json.dumps(old)); (tmp_path / 'last.pt').touch()
     check_identity(tmp_path, new)                                         # accepted: the field had its default
+
+
+# ---- a distributed run ----------------------------------------------------------------------------------------------
+def _ddp_shares_worker(rank, world, port, out):
+    """One gloo rank: `process_means` of (rank + 1) over rank + 1 examples, then one epoch of MTARD on its half of
+    each batch; the rank's MTARD state after the epoch and the first step's, saved as shares{rank}.pt."""
+    import os
+    from adaad.methods_2024 import process_means
+    from adaad.models import MODELS
+    from adaad.train import start_run, train_epoch
+    from test_train import _marked_data, _NoBN
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    MODELS['_nobn'] = lambda num_classes, **kw: _NoBN(num_classes)
+    torch.set_num_threads(1)
+    cfg = TrainConfig(method='mtard', student='_nobn', epochs=1, batch_size=32, val_n=32, steps=2, milestones=(1,),
+                      method_kwargs=dict(share_rate_milestones=(1,)))
+    torch.manual_seed(7); teacher = _NoBN().eval()
+    torch.manual_seed(8); natural = _NoBN().eval()
+    run = start_run(cfg, teacher, out, device='cpu', progress=False, data=_marked_data(), natural_teacher=natural)
+    try:
+        means = process_means((torch.tensor(rank + 1.),), rank + 1)
+        train_epoch(run, 0)
+        torch.save(dict(means=means[0], **{k: v.clone() for k, v in run.method_state.items()}),
+                   f'{out}/shares{rank}.pt')
+    finally: run.close()
+    torch.distributed.destroy_process_group()
+
+
+def test_distributed_ranks_move_the_same_shares(tmp_path):
+    """Two gloo ranks, each with its half of every batch: the shares move with the whole batch's losses (the ranks'
+    means weighted by their examples), so both ranks hold the same shares; rank-local losses would part them."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    mp.spawn(_ddp_shares_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f'shares{r}.pt', weights_only=True) for r in (0, 1))
+    assert a['means'].item() == b['means'].item() == pytest.approx((1 * 1 + 2 * 2) / 3)
+    assert a['nat_share'].item() != 0.5
+    for k in ('nat_share', 'init_adv', 'init_nat'): assert torch.equal(a[k], b[k]), (k, a[k], b[k])
