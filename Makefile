@@ -52,14 +52,16 @@ test-slow: install data
 # down for the notebook tests; here students and methods are the preset's (None). A
 # fresh run goes to the ignored folder runs/results/<preset>/ (the executed notebook, the numbers, the figures) and is
 # compared with the committed results/<preset>/ (vs_committed.md there); `make repro PRESET=... COMMIT=1` writes into
-# results/<preset>/ itself (and the training-curve figure into figures/) (see nbs/15_repro.ipynb).
+# results/<preset>/ itself (and the training-curve figure into figures/) (see nbs/15_repro.ipynb; the presets:
+# nbs/14b_presets.ipynb).
 # `make repro PRESET=paper DRY_RUN=1` runs every code path of the preset at toy size (a few images, one epoch of two
 # steps, attacks cut to two steps) into runs/results/<preset>-dry-run/: minutes on a CPU, numbers meaningless.
 # `make repro IMPORT=mymod` (or IMPORT=mod1,mod2) imports your own modules first (the notebook's `imports`), so the
 # methods, attacks and architectures they register can be rows, attacks and students (REPRO_ARGS='-y ...' sets them);
 # the modules are looked for on PYTHONPATH and in this folder. `DEVICE=cuda` (or cpu, cuda:1) picks the device; left
 # empty, CUDA where visible, else the CPU (every progress line names it). The command for each preset:
-# adaad.repro.LAUNCH. The same table by parallel one-thread workers: `adaad table --preset P --workers N` (notebook 13).
+# adaad.presets.LAUNCH. The same table by parallel one-thread workers: `adaad table --preset P --workers N`
+# (notebooks 13 and 15b_jobs).
 # `PRECISION=fp32` or `PRECISION=bf16` overrides the preset's precision (bf16 is refused where it weakens PGD-10 on the
 # teacher); `adaad table --precision` does the same. `CPU_KERNELS=avx2` holds ATen, MKL and oneDNN to AVX2 on a CPU with
 # AVX512: the float32 trainings of an AVX2 machine of the same model bit for bit (tests/test_golden.py checks it), so a
@@ -86,7 +88,7 @@ endif
 REPRO_OUT = $(if $(DRY_RUN),runs/results/$(PRESET)-dry-run,$(if $(COMMIT),results/$(PRESET),runs/results/$(PRESET)))
 REPRO_RUNS = runs/repro/$(PRESET)$(if $(DRY_RUN),-dry-run)
 REPRO_CURVES = $(if $(COMMIT),$(if $(filter smoke,$(PRESET)),$(CURDIR)/$(REPRO_OUT)/training_curves,$(CURDIR)/figures/training_curves_$(PRESET)),$(CURDIR)/$(REPRO_OUT)/training_curves)
-CHECK_PRESET = $(BIN)/python -c "import sys; from adaad.repro import unknown_preset; sys.exit(unknown_preset(sys.argv[1], 'PRESET'))" "$(PRESET)"
+CHECK_PRESET = $(BIN)/python -c "import sys; from adaad.presets import unknown_preset; sys.exit(unknown_preset(sys.argv[1], 'PRESET'))" "$(PRESET)"
 repro: install data
 	@$(CHECK_PRESET)
 	mkdir -p $(REPRO_OUT)

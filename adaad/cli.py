@@ -446,7 +446,7 @@ def _repro_commands(sub):
     "The `table` and `compare` subcommands on subparsers `sub`."
     t = sub.add_parser('table', help="a preset's table, its cells trained by parallel worker processes "
                                      "(one per GPU, or CPU workers of cores // N threads) or cluster jobs")
-    t.add_argument('--preset', default='quick', help='(default: %(default)s; the presets of adaad.repro.PRESETS)')
+    t.add_argument('--preset', default='quick', help='(default: %(default)s; the presets of adaad.presets.PRESETS)')
     t.add_argument('--workers', type=_checked(int, _N), default=2,
                    help='worker processes: on GPU w mod the GPU count, or with cores // workers CPU threads each '
                         '(default: %(default)s)')
@@ -509,7 +509,8 @@ def _repro_commands(sub):
 def _table(ap, a):
     "`adaad table`."
     from adaad.core import check_device
-    from adaad.repro import run_table_cell, run_table_parallel, unknown_preset
+    from adaad.jobs import run_table_cell, run_table_parallel
+    from adaad.presets import unknown_preset
     from adaad.report import plot_training_curves
     if msg := unknown_preset(a.preset, '--preset'): ap.error(msg)
     _check_executor(ap, a)

@@ -89,7 +89,8 @@ def faithful_step_table(methods=None, preset='cpu-faithful', steps=3, seed=0, da
     """The departures of `methods` (default: the preset's rows trained both ways, `faithful_rows`) as the preset trains
     them, seed `seed`, with the preset's teacher (and its natural teacher where a method reads one):
     {method: [{step, weights, bn}]}."""
-    from adaad.repro import default_data_root, preset_config, train_config
+    from adaad.presets import preset_config, train_config
+    from adaad.repro import default_data_root
     cfg = preset_config(preset)
     teachers = {'teacher': _file_teacher(cfg, 'teacher', preset)}
     methods = list(methods or faithful_rows(cfg))

@@ -28,8 +28,9 @@ from adaad.core import check_device, write_json  # noqa: E402
 from adaad.data import balanced_subset, load_cifar  # noqa: E402
 from adaad.fast import prepare_teacher  # noqa: E402
 from adaad.models import create_model  # noqa: E402
+from adaad.presets import preset_config, train_config  # noqa: E402
 from adaad.repro import (DRY_RUN, default_data_root, describe_device, git_info, hardware_info, precision_of,  # noqa: E402
-                         preset_config, run_table, train_config)
+                         run_table)
 from adaad.train import gpu_defaults, resolve  # noqa: E402
 
 TRAIN_IMAGES = 49_000   # the paper preset's training images an epoch (50,000 less its 1,000 held-out validation images)

@@ -15,7 +15,7 @@ the per-epoch validation (1,000 images, PGD-10 and the diagnostics: a few percen
 Precision: fp32 presets (the paper's) run their convolutions as TF32 (PyTorch's default for cuDNN), so their GPU time is
 priced at the TF32 peak; presets that train in bf16 at the bf16 peak. Schedule on eight GPUs as `run_table_parallel` runs a
 preset: the teachers it trains first (each on one GPU), then the students' cells (training and evaluation) assigned by
-`adaad.repro.schedule_cells` (longest first by FLOPs), then the teacher's evaluation on one GPU.
+`adaad.jobs.schedule_cells` (longest first by FLOPs), then the teacher's evaluation on one GPU.
 """
 import argparse, json, sys
 from pathlib import Path
@@ -27,7 +27,8 @@ sys.path.insert(0, str(HERE))
 import bench  # noqa: E402
 from adaad.models import ROBUSTBENCH, create_model, create_robustbench  # noqa: E402
 from adaad.attacks import ATTACKS  # noqa: E402
-from adaad.repro import dataset_of, preset_config, schedule_cells, train_config  # noqa: E402
+from adaad.jobs import schedule_cells  # noqa: E402
+from adaad.presets import dataset_of, preset_config, train_config  # noqa: E402
 from adaad.train import TrainConfig, resolve  # noqa: E402
 
 TRAIN_IMAGES = 50_000                 # CIFAR-10 and CIFAR-100 training sets
@@ -84,7 +85,7 @@ def trainings(preset):
 
 
 def longest_first(durations, gpus):
-    "Wall time of independent cells on `gpus` devices, each on one, as `adaad.repro.schedule_cells` assigns them."
+    "Wall time of independent cells on `gpus` devices, each on one, as `adaad.jobs.schedule_cells` assigns them."
     return max((sum(durations[i] for i in w) for w in schedule_cells([(i, d) for i, d in enumerate(durations)], gpus)), default=0.)
 
 

@@ -16,7 +16,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from adaad.checkpoint import load_teacher  # noqa: E402
 from adaad.core import atomic_write  # noqa: E402
-from adaad.repro import PRESETS, default_data_root, git_info, hardware_info, preset_config, shipped_teacher_file, train_config  # noqa: E402
+from adaad.presets import PRESETS, preset_config, train_config  # noqa: E402
+from adaad.repro import default_data_root, git_info, hardware_info, shipped_teacher_file  # noqa: E402
 from adaad.train import train  # noqa: E402
 
 SETTINGS = [(amp, threads) for threads in (1, 2) for amp in (False, True)]

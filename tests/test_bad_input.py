@@ -339,7 +339,8 @@ def test_cli_config_errors_name_the_option_given(tmp_path, capsys, data_root, ar
 
 def test_preset_teacher_file_of_another_architecture_names_the_file(tmp_path):
     "The CIFAR-100 preset's teacher spec pointed at a file of another network and class count: the file and the model are named."
-    from adaad.repro import obtain_teacher, preset_config
+    from adaad.presets import preset_config
+    from adaad.repro import obtain_teacher
     torch.save(create_model('wrn-10-1').state_dict(), tmp_path / 'teacher.pt')
     spec = dict(preset_config('paper-cifar100')['teacher'], path=str(tmp_path / 'teacher.pt'))
     with pytest.raises(ValueError, match=r"teacher file .*teacher\.pt cannot be loaded as RobustBench model 'Chen2021LTD_WRN34_10' for "

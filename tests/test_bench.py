@@ -214,7 +214,7 @@ def test_projection_states_its_precision_and_counts_the_teachers_evaluation_and_
     evaluation (AutoAttack standard and CW2 on 10,000 images) is counted, and eight GPUs take the cells as schedule_cells assigns them."""
     import project
     from adaad.models import ROBUSTBENCH
-    from adaad.repro import schedule_cells
+    from adaad.jobs import schedule_cells
     assert (project.precision('paper'), project.precision('paper-cifar100'), project.precision('gpu-small')) == ('tf32', 'tf32', 'bf16')
     ev = project.evaluations('paper')
     t = ev[0]

@@ -95,7 +95,8 @@ def test_train_distils_into_the_new_architecture(tmp_path):
 def test_presets_name_them():
     "A preset's suite and students are names: the new attack is a column, the new architecture a student."
     from adaad.evaluate import resolve_suite
-    from adaad.repro import eval_suite, preset_config, train_config
+    from adaad.presets import preset_config, train_config
+    from adaad.repro import eval_suite
     cfg = preset_config('quick', suite=('clean', 'user-pgd2'), students={'RN-18': 'user-cnn'})
     assert [s.name for s in resolve_suite(eval_suite(cfg))] == ['clean', 'user-pgd2']
     assert train_config(cfg, 'pgd-at', cfg['students']['RN-18'], device='cpu').validate().student == 'user-cnn'

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from adaad.report import PAPER_TABLE
-from adaad.repro import DRY_RUN, PRESETS, run_table
+from adaad.presets import PRESETS
+from adaad.repro import DRY_RUN, run_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,7 +238,8 @@ def test_dry_run_cuts_every_multi_step_attack_of_the_suite(tmp_path):
     """Built-in attacks and a user's registered attack that takes `steps` run DRY_RUN['attack_steps'] steps (or queries)
     in a dry run; AutoAttack is cut through the preset's `aa`; an attack without steps or queries is left as it is."""
     import user_methods  # noqa: F401  (registers user-pgd2, which takes `steps`)
-    from adaad.repro import dry_run_config, preset_config
+    from adaad.presets import preset_config
+    from adaad.repro import dry_run_config
     cfg = preset_config('smoke')
     cfg['suite'] = ('clean', 'fgsm', 'pgd10', 'cw2', 'user-pgd2', 'square', 'aa')
     d, k = dry_run_config(cfg, tmp_path), DRY_RUN['attack_steps']
@@ -266,7 +268,7 @@ def test_a_cell_trained_under_torchrun_is_reused_by_the_table(data_root, tmp_pat
     assert rows['pgd-at']['train']['train_wall_s'] == 0. and rows['pgd-at']['eval_cached']             # reused, not retrained
     assert rows['natural']['train']['train_wall_s'] > 0. and not rows['natural']['eval_cached']
     with pytest.raises(ValueError, match="cell row must be one of 'pgd-at', 'natural'"):
-        from adaad.repro import run_table_cell
+        from adaad.jobs import run_table_cell
         run_table_cell('smoke', 'RN-18/adaad/0', dry_run=True, methods=['pgd-at', 'natural'], data_root=str(data_root),
                        out_dir=str(tmp_path / 'res'), runs_dir=str(tmp_path / 'runs'))
 

@@ -328,7 +328,7 @@ def test_every_torch_load_is_weights_only():
             assert re.search(r'weights_only\s*=\s*True', args), f'{f.name}: torch.load({args}'
             calls += 1
         # the one pickle read outside data.py: a table worker reading the job its own parent wrote into its stdin pipe
-        text = text.replace('job = pickle.load(sys.stdin.buffer)', '') if f.name == 'repro.py' else text
+        text = text.replace('job = pickle.load(sys.stdin.buffer)', '') if f.name == 'jobs.py' else text
         assert not re.search(r'\bpickle\.loads?\(|\bdill\b|\bjoblib\.load', text) or f.name == 'data.py', f.name
     assert calls >= 1 and unsafe <= 1
 
@@ -339,9 +339,9 @@ def test_no_shell_in_the_package():
     the parallel table's worker: the running interpreter with one fixed line of code."""
     pat = re.compile(r'\bos\.(system|popen|exec\w*|spawn\w*)\b|shell\s*=\s*True|(?<![.\w])(eval|exec)\(|\bcommands\.')
     sub = re.compile(r'''\bsubprocess\.(run|call|check_call|check_output|Popen|getoutput|getstatusoutput)\((?!\s*\[\s*['"])''')
-    worker = "subprocess.Popen([sys.executable, '-c', 'from adaad.repro import _worker_main; _worker_main()']"   # the running interpreter, a fixed line
+    worker = "subprocess.Popen([sys.executable, '-c', 'from adaad.jobs import _worker_main; _worker_main()']"   # the running interpreter, a fixed line
     hits = [f'{f.name}:{i}: {l.strip()}' for f in _sources() for i, l in enumerate(f.read_text().splitlines(), 1)
-            if (pat.search(l) or sub.search(l)) and not l.lstrip().startswith('#') and not (f.name == 'repro.py' and worker in l)]
+            if (pat.search(l) or sub.search(l)) and not l.lstrip().startswith('#') and not (f.name == 'jobs.py' and worker in l)]
     assert not hits, hits
 
 

@@ -1,4 +1,4 @@
-"""The documented launch commands (adaad.repro.LAUNCH, quoted by README) run each preset at its own scale: each command,
+"""The documented launch commands (adaad.presets.LAUNCH, quoted by README) run each preset at its own scale: each command,
 and `make repro` for the same preset, is prepared by papermill (nothing runs) and the run it asks for is checked."""
 import json, shlex, shutil, subprocess, sys
 from pathlib import Path
@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaad.repro import LAUNCH, PRESETS, _table_plan, preset_config, scale_changes
+from adaad.presets import LAUNCH, PRESETS, preset_config, train_config
+from adaad.repro import _table_plan, scale_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_KEYS = ('preset', 'methods', 'students', 'epochs', 'train_n', 'n_test', 'suite', 'teacher', 'seeds', 'out_dir', 'scratch', 'device')
@@ -119,7 +120,7 @@ def test_paper_presets_train_channels_last_in_fp32_unless_amp_passes_its_check(m
     import adaad.repro as R
     from adaad.data import CifarSplit
     for p in ('paper', 'paper-cifar100'):
-        tc = R.train_config(preset_config(p), 'adaad', 'resnet18', device='cuda')
+        tc = train_config(preset_config(p), 'adaad', 'resnet18', device='cuda')
         assert tc.channels_last and not tc.amp
     assert R._table_plan('paper', None, None, False, amp=True)[0]['train']['amp'] is True
     with pytest.raises(ValueError, match='amp must be True, False or None'): R.run_table('paper', amp='bf16')

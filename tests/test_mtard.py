@@ -335,7 +335,8 @@ def test_fair_ard_on_mtard_matches_fair_mtard_py(nets):
 def test_cpu_strong_field2_ships_its_natural_teacher():
     """The preset's natural teacher is a shipped file whose SHA-256 the preset records, of the robust teacher's
     architecture, trained naturally as its record says; every preset with a method that needs one gives one."""
-    from adaad.repro import PRESETS, preset_config, shipped_record, shipped_teacher_file, train_config
+    from adaad.presets import PRESETS, preset_config, train_config
+    from adaad.repro import shipped_record, shipped_teacher_file
     cfg = preset_config('cpu-strong-field2')
     spec = cfg['standard_teacher']
     assert spec['source'] == 'shipped' and spec['arch'] == cfg['teacher']['arch']

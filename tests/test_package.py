@@ -12,7 +12,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in {"nbdev", "jupyter", "jupyter_client", "ipykernel", "IPython", "papermill", "execnb", "matplotlib", "seaborn"}:
             raise ImportError("blocked for this test: " + name)
 sys.meta_path.insert(0, Block())
-import adaad, adaad.core, adaad.data, adaad.models, adaad.checkpoint, adaad.attacks, adaad.evaluate, adaad.inner, adaad.losses, adaad.methods, adaad.diagnostics, adaad.fast, adaad.train, adaad.cli, adaad.repro
+import adaad, adaad.core, adaad.data, adaad.models, adaad.checkpoint, adaad.attacks, adaad.evaluate, adaad.inner, adaad.losses, adaad.methods, adaad.diagnostics, adaad.fast, adaad.train, adaad.cli, adaad.presets, adaad.repro, adaad.jobs
 print(adaad.__version__)
 '''
 

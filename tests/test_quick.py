@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaad.repro import PRESETS, preset_config, train_config, shipped_teacher_file, shipped_record
+from adaad.presets import PRESETS, preset_config, train_config
+from adaad.repro import shipped_teacher_file, shipped_record
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = PRESETS['quick']['teacher']

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from adaad.report import PAPER_TABLE, load_results, paper_comparison
-from adaad.repro import PRESETS, preset_config
+from adaad.presets import PRESETS, preset_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_presets_are_data():
 def test_cpu_strong_field_keeps_its_fair_ard_cells_without_nesterov():
     "Its committed Fair-ARD cells were trained with plain momentum: the preset resumes them so; every other row as before."
     from adaad.train import resolve
-    from adaad.repro import train_config
+    from adaad.presets import train_config
     c = preset_config('cpu-strong-field')
     assert {m: resolve(train_config(c, m, 'resnet18-w8')).nesterov for m in c['methods']} == {m: False for m in c['methods']}
     assert resolve(train_config(dict(c, variants={}), 'fair-ard', 'resnet18-w8')).nesterov is True   # the default
@@ -53,7 +53,7 @@ def test_cifar100_preset_has_the_official_settings():
     "paper-cifar100: RobustBench's CIFAR-100 LTD teacher, CIFAR-100 in every training, ARD's batch 256, AdaAD's batchmean KL."
     from adaad.losses import adaad_reduction
     from adaad.models import ROBUSTBENCH
-    from adaad.repro import dataset_of, train_config
+    from adaad.presets import dataset_of, train_config
     from adaad.train import TrainConfig, build_method, resolve
     c = preset_config('paper-cifar100')
     assert dataset_of(c) == 'cifar100' and c['n_test'] == 10000 and c['aa'] is None and c['eval_shard'] == 1000
@@ -111,7 +111,8 @@ def test_table_and_sweep_notebooks(tmp_path, data_root):
 
 def test_natural_rows_are_selected_by_clean_accuracy():
     "Selecting a naturally trained network by PGD accuracy picks its barely trained first epoch; clean accuracy is used."
-    from adaad.repro import preset_config, selected_checkpoint, train_config
+    from adaad.presets import preset_config, train_config
+    from adaad.repro import selected_checkpoint
     cfg = preset_config('cpu-small')
     tc = lambda m: train_config(cfg, m, 'wrn-10-1')
     assert selected_checkpoint('best_pgd', tc('natural')) == 'best_clean'
@@ -121,7 +122,7 @@ def test_natural_rows_are_selected_by_clean_accuracy():
 
 def test_preset_train_dicts_are_trainconfig_arguments():
     "Every preset's train dict, variants, method_kwargs and teacher configs build valid TrainConfigs."
-    from adaad.repro import preset_config, train_config
+    from adaad.presets import preset_config, train_config
     from adaad.train import TrainConfig, resolve
     for name in PRESETS:
         cfg = preset_config(name)
@@ -216,9 +217,36 @@ def test_record_training_keeps_the_epochs_of_a_call_that_ended_without_recording
     assert record_training(other, None, dict(wall_s=0., status='done', epochs=[8, 8])) == [] and not (other / 'trainings.json').exists()
 
 
+def test_the_former_import_paths_still_work():
+    """adaad.repro's names of the job engine forward to adaad.jobs with a FutureWarning naming it; its preset names are
+    adaad.presets' own, imported without a warning and listed in its __all__."""
+    import warnings
+    import adaad.jobs, adaad.presets, adaad.repro
+    with pytest.warns(FutureWarning, match=r'adaad\.repro\.run_table_parallel moved to adaad\.jobs\.run_table_parallel'):
+        from adaad.repro import run_table_parallel
+    assert run_table_parallel is adaad.jobs.run_table_parallel
+    with pytest.warns(FutureWarning, match=r'adaad\.repro\.schedule_cells moved to adaad\.jobs\.schedule_cells'):
+        assert adaad.repro.schedule_cells is adaad.jobs.schedule_cells
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        from adaad.repro import PRESETS, preset_config, train_config
+    assert (PRESETS, preset_config, train_config) == (adaad.presets.PRESETS, adaad.presets.preset_config, adaad.presets.train_config)
+    assert {'PRESETS', 'preset_config', 'train_config', 'LAUNCH'} <= set(adaad.repro.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"): adaad.repro.no_such_name
+
+
+def test_the_modules_import_one_way_jobs_repro_presets():
+    "adaad.presets imports neither adaad.repro nor adaad.jobs, and adaad.repro does not import adaad.jobs."
+    import subprocess, sys
+    code = ("import sys, adaad.presets; assert not {'adaad.repro', 'adaad.jobs'} & set(sys.modules), 'presets'\n"
+            "import adaad.repro; assert 'adaad.jobs' not in sys.modules, 'repro'")
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 def test_schedule_cells_puts_the_costliest_first_onto_the_least_loaded_worker():
     "Longest processing time first: ties go to the lowest worker, every cell placed once (here every worker ends at 16)."
-    from adaad.repro import schedule_cells
+    from adaad.jobs import schedule_cells
     cells = [(f'c{i}', c) for i, c in enumerate([7, 7, 6, 6, 5, 5, 4, 4, 4])]
     plan = schedule_cells(cells, 3)
     assert plan == [['c0', 'c4', 'c6'], ['c1', 'c5', 'c7'], ['c2', 'c3', 'c8']]
@@ -229,7 +257,7 @@ def test_schedule_cells_puts_the_costliest_first_onto_the_least_loaded_worker():
 
 
 def test_workers_get_their_own_gpu_and_a_share_of_the_cores():
-    from adaad.repro import worker_devices, worker_threads
+    from adaad.jobs import worker_devices, worker_threads
     assert worker_devices('cuda', 8, gpus=8) == [f'cuda:{w}' for w in range(8)]
     assert worker_devices('cuda', 5, gpus=2) == ['cuda:0', 'cuda:1', 'cuda:0', 'cuda:1', 'cuda:0']
     assert worker_devices('cpu', 2) == ['cpu', 'cpu'] and worker_devices('cuda:1', 2, gpus=4) == ['cuda:1', 'cuda:1']
@@ -239,7 +267,8 @@ def test_workers_get_their_own_gpu_and_a_share_of_the_cores():
 
 def test_the_heavy_cells_are_spread_over_the_workers_longest_first():
     "Training FLOPs put AdaAD and AdaIAD (teacher queried at every inner step) on different workers, ahead of the cheap rows, where round-robin dealing put both on one."
-    from adaad.repro import training_flops, worker_plan, preset_config, train_config
+    from adaad.jobs import training_flops, worker_plan
+    from adaad.presets import preset_config, train_config
     cfg = preset_config('smoke', methods=['natural', 'adaad', 'pgd-at', 'adaiad'], seeds=[0, 1])   # dealt round-robin: both heavy rows on worker 1
     cells = [('RN-18', 'wrn-10-1', m, s) for s in (0, 1) for m in cfg['methods']]
     costs = [(c, training_flops(train_config(cfg, c[2], c[1], seed=c[3]), 1000, teacher_flops=5e7)) for c in cells]
@@ -253,7 +282,7 @@ def test_the_heavy_cells_are_spread_over_the_workers_longest_first():
 def test_the_slurm_script_asks_for_a_gpu_the_time_the_partition_and_a_requeue_signal(tmp_path, monkeypatch):
     "What sbatch would receive for each cell's job: written by submitit without a cluster (an `srun` stand-in on PATH)."
     pytest.importorskip('submitit')
-    from adaad.repro import table_executor
+    from adaad.jobs import table_executor
     (tmp_path / 'bin').mkdir(); (tmp_path / 'bin' / 'srun').write_text('#!/bin/sh\nexit 0\n'); (tmp_path / 'bin' / 'srun').chmod(0o755)
     monkeypatch.setenv('PATH', f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     ex = table_executor('slurm', tmp_path / 'jobs', gpus_per_job=1, cpus_per_job=8, timeout_min=1440, partition='gpu-long')
@@ -266,7 +295,7 @@ def test_the_slurm_script_asks_for_a_gpu_the_time_the_partition_and_a_requeue_si
 def test_a_table_job_requeues_itself_to_resume():
     pytest.importorskip('submitit')
     from submitit.helpers import DelayedSubmission
-    from adaad.repro import TableJob
+    from adaad.jobs import TableJob
     again = TableJob(dict(cells=[('RN-18', 'wrn-10-1', 'adaad', 0)])).checkpoint()
     assert isinstance(again, DelayedSubmission) and isinstance(again.function, TableJob) and again.function.job['cells'][0][2] == 'adaad'
 
@@ -275,7 +304,7 @@ def test_a_table_job_requeues_itself_to_resume():
 def test_a_dry_run_through_submitit_equals_the_process_pool(tmp_path, data_root):
     "The smoke preset's dry run, its cells as submitit jobs (debug executor, in this process), gives the pool's rows."
     pytest.importorskip('submitit')
-    from adaad.repro import run_table_parallel
+    from adaad.jobs import run_table_parallel
     kw = dict(dry_run=True, data_root=str(data_root), methods=['pgd-at', 'adaad'], students={'RN-18': 'wrn-10-1'}, suite=['clean', 'pgd10'])
     pool = run_table_parallel('smoke', workers=2, out_dir=str(tmp_path / 'a'), runs_dir=str(tmp_path / 'ra'), **kw)
     lines = []

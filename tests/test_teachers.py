@@ -114,7 +114,8 @@ def test_a_normalisation_the_model_does_not_have_is_refused(tmp_path, small_entr
 
 def _table(tmp_path, data_root, teacher, tag='a', **check):
     "A one-cell smoke table (natural student, 1 epoch on 64 images, 20 test images) with teacher spec `teacher`; the results dict."
-    from adaad.repro import preset_config, run_table
+    from adaad.presets import preset_config
+    from adaad.repro import run_table
     cfg = preset_config('smoke', teacher=None, standard_teacher=None)
     cfg.update(teacher=teacher, teacher_check=dict(n=50, **check))
     return run_table(cfg, students={'RN-18': 'wrn-10-1'}, methods=['natural'], train_n=64, epochs=1, n_test=20, data_root=str(data_root),

@@ -59,7 +59,8 @@ def test_one_option_chooses_the_precision_of_make_repro_and_adaad_table():
 
 def test_the_parallel_table_trains_its_cells_in_the_precision_asked(tmp_path, data_root):
     "run_table_parallel(amp=False) on a preset that asks for 'auto': every worker-trained row records fp32."
-    from adaad.repro import preset_config, run_table_parallel
+    from adaad.jobs import run_table_parallel
+    from adaad.presets import preset_config
     res = run_table_parallel(preset_config('quick', train=dict(amp='auto')), workers=1, dry_run=True, amp=False, methods=['pgd-at'], data_root=str(data_root),
                              out_dir=str(tmp_path / 'out'), runs_dir=str(tmp_path / 'runs'))
     rows = [r for r in res['rows'] if r['method'] != 'teacher']
@@ -85,7 +86,7 @@ def test_bf16_is_checked_whenever_a_table_trains_in_it():
 
 def test_a_slurm_table_whose_teacher_would_train_on_this_cpu_is_refused(tmp_path, data_root):
     "--executor slurm from a machine without a GPU: a teacher still to be trained here is named, with the way out."
-    from adaad.repro import run_table_parallel
+    from adaad.jobs import run_table_parallel
     with pytest.raises(ValueError, match=r"this process trains the table's teacher \(wrn-10-1, pgd-at\).*srun --gpus-per-node 1"):
         run_table_parallel('smoke', executor='slurm', device='cpu', data_root=str(data_root),
                            out_dir=str(tmp_path / 'out'), runs_dir=str(tmp_path / 'runs'))
