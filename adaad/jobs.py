@@ -8,7 +8,7 @@ __all__ = ['EXECUTORS', 'schedule_cells', 'forward_flops', 'training_flops', 'wo
            'run_table_cell']
 
 # %% ../nbs/15b_jobs.ipynb #639ff02d
-import json, os, subprocess, time
+import contextlib, json, os, subprocess, time
 from pathlib import Path
 import torch
 
@@ -276,29 +276,53 @@ def _worker_env(threads=1):
     path = [p or os.getcwd() for p in sys.path] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
     return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(dict.fromkeys(path)))
 
+def _stop_workers(procs, grace=10.):
+    "Terminate the workers of `procs` ((w, process, log file) triples) still running: SIGTERM, SIGKILL after `grace` s."
+    for _, p, _ in procs:
+        if p.poll() is None: p.terminate()
+    for _, p, _ in procs:
+        try: p.wait(grace)
+        except subprocess.TimeoutExpired: p.kill(); p.wait()
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    "Within the block, SIGTERM to this process raises SystemExit (so `finally` clauses run); in the main thread only."
+    import signal, sys, threading
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try: yield
+    finally: signal.signal(signal.SIGTERM, old)
+
 def _run_workers(setup, plan, deadline, devices, log):
     """Train and evaluate the cells of `plan` (one list per worker) in one process each, worker w on `devices[w]`;
-    {cell: status}. A failed worker is an error naming its log."""
+    {cell: status}. A failed worker is an error naming its log; interrupted (Ctrl-C, SIGTERM), the workers are stopped
+    with it (each cell resumes from its last checkpoint on the next run)."""
     import pickle, sys, threading
     procs, status, n = [], {}, sum(len(c) for c in plan)
-    for w, cells in enumerate(plan):
-        if not cells: continue
-        err = open(Path(setup['out']) / f'worker{w}.log', 'a')
-        p = subprocess.Popen([sys.executable, '-c', 'from adaad.jobs import _worker_main; _worker_main()'],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                             env=_worker_env(setup['threads']), text=False)
-        p.stdin.write(pickle.dumps(dict(setup, cells=cells, deadline=deadline, device=devices[w]))); p.stdin.close()
-        procs.append((w, p, err))
     def read(p):
         for line in p.stdout:
             d = json.loads(line); label, arch, row, seed = c = tuple(d['cell'])
             status[c] = d['status']
             log(f"[{len(status)}/{n}] {label} {row} seed {seed}: {d['status']} ({d['seconds']:.0f} s in a worker)")
-    readers = [threading.Thread(target=read, args=(p,)) for _, p, _ in procs]
-    for t in readers: t.start()
-    for t in readers: t.join()
-    codes = [(w, p.wait()) for w, p, _ in procs]
-    for _, _, err in procs: err.close()
+    try:
+        with _sigterm_as_exit():
+            for w, cells in enumerate(plan):
+                if not cells: continue
+                err = open(Path(setup['out']) / f'worker{w}.log', 'a')
+                p = subprocess.Popen([sys.executable, '-c', 'from adaad.jobs import _worker_main; _worker_main()'],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                     env=_worker_env(setup['threads']), text=False)
+                procs.append((w, p, err))
+                p.stdin.write(pickle.dumps(dict(setup, cells=cells, deadline=deadline, device=devices[w])))
+                p.stdin.close()
+            readers = [threading.Thread(target=read, args=(p,), daemon=True) for _, p, _ in procs]
+            for t in readers: t.start()
+            for t in readers: t.join()
+            codes = [(w, p.wait()) for w, p, _ in procs]
+    except BaseException:
+        _stop_workers(procs); raise
+    finally:
+        for _, _, err in procs: err.close()
     failed = [f"worker{w}.log ({(Path(setup['out']) / f'worker{w}.log').read_text().strip().splitlines()[-1:]})"
               for w, c in codes if c]
     if failed:

@@ -324,3 +324,35 @@ def test_training_curves_of_a_table_with_more_rows_than_colours(tmp_path):
     lines = fig.axes[0].get_lines()
     assert len(lines) == 22 and len({l.get_color() for l in lines[:20]}) == 20
     assert (tmp_path / 'curves.png').exists()
+
+
+def _children(pid):
+    "The pids of the live processes whose parent is `pid` (from /proc)."
+    out = []
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        try: fields = stat.read_text().rsplit(')', 1)[1].split()
+        except OSError: continue
+        if int(fields[1]) == pid and fields[0] != 'Z': out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path('/proc/self/stat').exists(), reason='reads the process table from /proc')
+def test_a_terminated_table_stops_its_workers(data_root, tmp_path):
+    """SIGTERM to `adaad table` while its two workers train: it stops them before it exits (orphaned, they would train
+    on until their cell ended)."""
+    import signal, subprocess, sys, time
+    cmd = [sys.executable, '-m', 'adaad.cli', 'table', '--preset', 'cpu-faithful', '--dry-run', '--workers', '2',
+           '--out', str(tmp_path / 'out'), '--runs', str(tmp_path / 'runs'), '--data-root', str(data_root)]
+    err = open(tmp_path / 'stderr.txt', 'w')
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    try:
+        t0, workers = time.time(), []
+        while len(workers) < 2 and p.poll() is None and time.time() - t0 < 300:
+            workers = _children(p.pid); time.sleep(0.05)
+        assert len(workers) == 2, (workers, p.poll(), (tmp_path / 'stderr.txt').read_text()[-2000:])
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 128 + signal.SIGTERM
+        assert not [w for w in workers if Path(f'/proc/{w}').exists()], workers      # stopped and reaped by then
+    finally:
+        if p.poll() is None: p.kill()
+        err.close()
