@@ -75,6 +75,24 @@ _STRONG = dict(
     suite=('clean', 'fgsm', 'pgd10', 'aa'), attack_overrides={},
     aa=dict(attacks=['apgd-ce', 'apgd-t'], n_iter=50, n_restarts=1, n_target_classes=3), eval_batch=250)
 
+# the quick scale (quick, cpu-faithful, cpu-faithful-2). fp32 on every machine: bf16 was 1.1-1.4x faster on an
+# AVX512-BF16 CPU and indistinguishable over three seeds, but emulated (slower) on AVX2, and one precision everywhere
+# lets a fresh run be placed among the committed seeds
+_QUICK_TRAIN = dict(epochs=6, train_n=2000, batch_size=128, lr=0.1, milestones=(5,), steps=3, step_size=3/255,
+                    val_n=200, val_steps=3, amp=False)
+_QUICK_EVAL = dict(checkpoint='final', n_test=1000, suite=('clean', 'fgsm', 'pgd10'), attack_overrides={}, aa=None,
+                   eval_batch=250)
+
+def _both_ways(rows, **changes):
+    ("A preset at the quick scale that trains each method of `rows` by default and with faithful=True on the same "
+     "three seeds, its family one PGD-10 pair per method (the quick suite has no AutoAttack); `changes` set the rest.")
+    return dict(scale=None, teacher=_QUICK_T, standard_teacher=None, students={'RN-18': 'resnet18-w4'},
+                methods=tuple(r for m in rows for r in (m, f'{m}-faithful')),
+                variants={f'{m}-faithful': dict(method=m, faithful=True) for m in rows}, seeds=(0, 1, 2),
+                train=_QUICK_TRAIN, method_kwargs={},
+                family=dict(references=(), pairs=tuple((f'{m}-faithful', m) for m in rows), attacks=('pgd10',)),
+                **_QUICK_EVAL) | changes
+
 PRESETS = {
     'quick': dict(
         scale='quick CPU run (a shipped ResNet-18 teacher of base width 8; students of base width 4 on 2,000 images, '
@@ -85,17 +103,12 @@ PRESETS = {
         methods=('natural', 'pgd-at', 'adaad', 'adaad-batchmean', 'adaiad'),
         variants={'adaad-batchmean': dict(method='adaad', method_kwargs=dict(reduction='batchmean'))},
         seeds=(0,),
-        # fp32 on every machine: bf16 was 1.1-1.4x faster on an AVX512-BF16 CPU and
-        # indistinguishable over three seeds, but emulated (slower) on AVX2, and one
-        # precision everywhere lets a fresh run be placed among the committed seeds
-        train=dict(epochs=6, train_n=2000, batch_size=128, lr=0.1, milestones=(5,), steps=3, step_size=3/255, val_n=200,
-                   val_steps=3, amp=False),
+        train=_QUICK_TRAIN,
         method_kwargs={},
         family=dict(references=('pgd-at',),
                     pairs=(('adaad', 'natural'), ('adaad-batchmean', 'natural'), ('adaiad', 'natural'),
                            ('adaad-batchmean', 'adaad')), attacks=('pgd10',)),
-        checkpoint='final', n_test=1000,
-        suite=('clean', 'fgsm', 'pgd10'), attack_overrides={}, aa=None, eval_batch=250,
+        **_QUICK_EVAL,
         caveat='each seed is one training per method on 2,000 images for 6 epochs: with one seed the paired tests say '
                'only that these trained networks differ on these 1,000 test images; with several (the committed '
                'results have three) the seed-level tests say whether a difference holds when the methods are trained '
@@ -194,40 +207,21 @@ PRESETS = {
         # teacher) and against AdaAD (the inner maximisation DGAD builds on): what a teacher adds, and what each
         # method adds to AdaAD
         family=dict(references=('pgd-at', 'trades-awp', 'adaad'), pairs=(), attacks=('aa',))),
-    'cpu-faithful': dict(
+    'cpu-faithful': _both_ways(
+        FAITHFUL_ROWS,
         scale='quick CPU scale (the quick preset\'s teacher, students and settings; IAD\'s and AdaIAD\'s introspection '
               'from epoch 3, IGDM\'s weight ramped over the 6 epochs; the seeds listed below; no AutoAttack): each '
               'method with official code trained twice on the same seeds, by default and with faithful=True, to '
               'measure what the default\'s departures do to a trained student; not comparable to the paper',
-        teacher=_QUICK_T, standard_teacher=None,
-        students={'RN-18': 'resnet18-w4'},
-        methods=tuple(r for m in FAITHFUL_ROWS for r in (m, f'{m}-faithful')),
-        variants={f'{m}-faithful': dict(method=m, faithful=True) for m in FAITHFUL_ROWS},
-        seeds=(0, 1, 2),
-        train=dict(epochs=6, train_n=2000, batch_size=128, lr=0.1, milestones=(5,), steps=3, step_size=3/255, val_n=200,
-                   val_steps=3, amp=False),
-        method_kwargs={'iad': dict(begin=3), 'adaiad': dict(begin=3), 'igdm': dict(ramp_epochs=6)},
-        # one comparison per method: faithful=True against the default, on PGD-10 (the quick suite has no AutoAttack)
-        family=dict(references=(), pairs=tuple((f'{m}-faithful', m) for m in FAITHFUL_ROWS), attacks=('pgd10',)),
-        checkpoint='final', n_test=1000,
-        suite=('clean', 'fgsm', 'pgd10'), attack_overrides={}, aa=None, eval_batch=250),
-    'cpu-faithful-2': dict(
+        method_kwargs={'iad': dict(begin=3), 'adaiad': dict(begin=3), 'igdm': dict(ramp_epochs=6)}),
+    'cpu-faithful-2': _both_ways(
+        FAITHFUL_ROWS_2,
         scale='quick CPU scale (the quick preset\'s teacher, students and settings; the cpu-strong natural teacher for '
               'AKD and MTARD; ABSLD\'s and MTARD\'s steps lowered at the learning rate\'s milestone; the seeds listed '
               'below; no AutoAttack): the methods with official code that cpu-faithful leaves out, each trained twice '
               'on the same seeds, by default and with faithful=True; not comparable to the paper',
-        teacher=_QUICK_T, standard_teacher=_STRONG_NAT,
-        students={'RN-18': 'resnet18-w4'},
-        methods=tuple(r for m in FAITHFUL_ROWS_2 for r in (m, f'{m}-faithful')),
-        variants={f'{m}-faithful': dict(method=m, faithful=True) for m in FAITHFUL_ROWS_2},
-        seeds=(0, 1, 2),
-        train=dict(epochs=6, train_n=2000, batch_size=128, lr=0.1, milestones=(5,), steps=3, step_size=3/255, val_n=200,
-                   val_steps=3, amp=False),
-        method_kwargs={'absld': dict(step_milestones=(5,)), 'mtard': dict(share_rate_milestones=(5,))},
-        # one comparison per method: faithful=True against the default, on PGD-10 (the quick suite has no AutoAttack)
-        family=dict(references=(), pairs=tuple((f'{m}-faithful', m) for m in FAITHFUL_ROWS_2), attacks=('pgd10',)),
-        checkpoint='final', n_test=1000,
-        suite=('clean', 'fgsm', 'pgd10'), attack_overrides={}, aa=None, eval_batch=250),
+        standard_teacher=_STRONG_NAT,
+        method_kwargs={'absld': dict(step_milestones=(5,)), 'mtard': dict(share_rate_milestones=(5,))}),
     'paper': dict(
         scale='paper scale (official settings)',
         teacher=dict(source='robustbench', name='Chen2021LTD_WRN34_20',
