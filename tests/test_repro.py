@@ -326,13 +326,13 @@ def test_training_curves_of_a_table_with_more_rows_than_colours(tmp_path):
     assert (tmp_path / 'curves.png').exists()
 
 
-def _children(pid):
-    "The pids of the live processes whose parent is `pid` (from /proc)."
+def _children(pid, marker=b'adaad.jobs'):
+    "The pids of the live processes whose parent is `pid` and whose command line holds `marker` (from /proc)."
     out = []
     for stat in Path('/proc').glob('[0-9]*/stat'):
-        try: fields = stat.read_text().rsplit(')', 1)[1].split()
+        try: fields, cmd = stat.read_text().rsplit(')', 1)[1].split(), (stat.parent / 'cmdline').read_bytes()
         except OSError: continue
-        if int(fields[1]) == pid and fields[0] != 'Z': out.append(int(stat.parent.name))
+        if int(fields[1]) == pid and fields[0] != 'Z' and marker in cmd: out.append(int(stat.parent.name))
     return out
 
 
