@@ -4,9 +4,8 @@
 
 # %% auto #0
 __all__ = ['LOSSES', 'AA_VERSIONS', 'AA_ATTACKS', 'NORMS', 'ATTACKS', 'project_linf', 'frozen_eval', 'check_images',
-           'check_labels', 'check_eps', 'check_attack_args', 'ce_loss', 'cw_margin', 'input_grad', 'fgsm',
-           'pgd', 'cw_l2', 'autoattack', 'square', 'autoattack_reduced', 'AttackSpec', 'register_attack',
-           'attack_names']
+           'check_labels', 'check_eps', 'check_attack_args', 'ce_loss', 'cw_margin', 'input_grad', 'fgsm', 'pgd',
+           'cw_l2', 'autoattack', 'square', 'autoattack_reduced', 'AttackSpec', 'register_attack', 'attack_names']
 
 # %% ../nbs/04_attacks.ipynb #ec7ee26c
 import dataclasses, inspect, math, numbers, re, sys, warnings

@@ -6,9 +6,8 @@
 __all__ = ['UNIT', 'EPS', 'REDUCTIONS', 'LOCK_NAME', 'DIGEST', 'is_real', 'is_int', 'int_range', 'check_int', 'is_unit',
            'check_unit', 'check_positive', 'check_choice', 'as_float', 'reduce_batch', 'kl', 'atomic_write',
            'clean_temporaries', 'write_json', 'FolderBusy', 'FolderLock', 'check_writable', 'same_file',
-           'check_outputs', 'check_device', 'default_device', 'first_nonfinite', 'file_sha256',
-           'tensor_sha256', 'content_digest', 'plain', 'sealed', 'write_sealed', 'read_sealed',
-           'renamed_argument']
+           'check_outputs', 'check_device', 'default_device', 'first_nonfinite', 'file_sha256', 'tensor_sha256',
+           'content_digest', 'plain', 'sealed', 'write_sealed', 'read_sealed', 'renamed_argument']
 
 # %% ../nbs/00_core.ipynb #1b4042a9
 import errno, hashlib, json, math, numbers, os, socket, tempfile, time, warnings

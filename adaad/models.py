@@ -4,9 +4,8 @@
 
 # %% auto #0
 __all__ = ['MBV2_CFG', 'CIFAR10_MEAN', 'CIFAR10_STD', 'MODELS', 'PARAM_COUNTS', 'ROBUSTBENCH', 'BasicBlock', 'ResNet',
-           'PreActBlock', 'PreActResNet', 'InvertedResidual', 'MobileNetV2', 'WideBlock', 'NetworkBlock',
-           'WideResNet', 'Normalized', 'register_model', 'model_names', 'create_model', 'count_params',
-           'create_robustbench']
+           'PreActBlock', 'PreActResNet', 'InvertedResidual', 'MobileNetV2', 'WideBlock', 'NetworkBlock', 'WideResNet',
+           'Normalized', 'register_model', 'model_names', 'create_model', 'count_params', 'create_robustbench']
 
 # %% ../nbs/02_models.ipynb #c8c3d9c2
 import inspect, math, re

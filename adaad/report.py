@@ -4,14 +4,13 @@
 
 # %% auto #0
 __all__ = ['PAPER_COLUMNS', 'PAPER_TABLE', 'PAPER_METHODS', 'PAPER_TEACHER', 'CIFAR10_CLASSES', 'DEFAULT_REFERENCES',
-           'COLUMN_NAMES', 'DIAG_COLUMNS', 'METHOD_PAPERS', 'CURVE_PANELS', 'PAIR_ATTACKS', 'eval_path',
-           'row_result', 'groups', 'declared_family', 'correct_family', 'verdict', 'add_comparisons',
-           'add_per_class', 'markdown_table', 'resolution_sentence', 'latex_table', 'paper_comparison',
-           'last_diagnostics', 'diagnostics_table', 'robustbench_arch', 'eps_text', 'model_info',
-           'write_model_infos', 'write_outputs', 'load_results', 'rewrite_tables', 'plot_eps_sweep',
-           'plot_training_curves', 'prediction_interval', 'place_in_spread', 'run_conditions',
-           'compare_results', 'preset_differences', 'seed_rows', 'compare_pairs', 'pairs_file',
-           'pairs_summary']
+           'COLUMN_NAMES', 'DIAG_COLUMNS', 'METHOD_PAPERS', 'CURVE_PANELS', 'PAIR_ATTACKS', 'eval_path', 'row_result',
+           'groups', 'declared_family', 'correct_family', 'verdict', 'add_comparisons', 'add_per_class',
+           'markdown_table', 'resolution_sentence', 'latex_table', 'paper_comparison', 'last_diagnostics',
+           'diagnostics_table', 'robustbench_arch', 'eps_text', 'model_info', 'write_model_infos', 'write_outputs',
+           'load_results', 'rewrite_tables', 'plot_eps_sweep', 'plot_training_curves', 'prediction_interval',
+           'place_in_spread', 'run_conditions', 'compare_results', 'preset_differences', 'seed_rows', 'compare_pairs',
+           'pairs_file', 'pairs_summary']
 
 # %% ../nbs/14_report.ipynb #0395b413
 import itertools

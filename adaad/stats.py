@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['SIGNIFICANCE', 'mcnemar_exact', 'sign_flip_pvalue', 'bootstrap_ci', 'seed_ttest', 'two_level_bootstrap',
-           'two_level_bootstrap_ci', 'probability_of_improvement', 'holm', 'compare', 'interaction',
-           'ttest_power', 'seeds_needed', 'per_class']
+           'two_level_bootstrap_ci', 'probability_of_improvement', 'holm', 'compare', 'interaction', 'ttest_power',
+           'seeds_needed', 'per_class']
 
 # %% ../nbs/06_stats.ipynb #9aecf3d0
 import numpy as np

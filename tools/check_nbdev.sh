@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Fail when the export (tools/export.py: nbdev_export, with __all__ within 120 characters) or nbdev_clean would
-# change the library or the notebooks (the notebooks are the source of truth and are committed clean), when adaad/
-# holds a module that no notebook exports, or when README.md is not what nbs/index.ipynb renders to (tools/readme.py).
+# Fail when nbdev_export or nbdev_clean would change the library or the notebooks (the notebooks are the source
+# of truth and are committed clean), when adaad/ holds a module that no notebook exports, or when README.md is not what
+# nbs/index.ipynb renders to (tools/readme.py).
 set -euo pipefail
 bin=${1:-.venv/bin}
 snap() { find adaad nbs -type f -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' -not -name '.last_checked' -print0 | sort -z | xargs -0 sha1sum; }
 before=$(snap)
-"$bin/python" tools/export.py   # nbdev_export, with __all__ within 120 characters
+"$bin/nbdev_export"
 "$bin/nbdev_clean"
 after=$(snap)
 if [ "$before" != "$after" ]; then
-  echo "check-nbdev: the export/nbdev_clean changed these files (now rewritten in your tree; commit them):"
+  echo "check-nbdev: nbdev_export/nbdev_clean changed these files (now rewritten in your tree; commit them):"
   diff <(echo "$before") <(echo "$after") | grep '^>' | awk '{print "  " $3}'
   exit 1
 fi
